@@ -1,0 +1,170 @@
+"""
+Throughput and profiling: the same model, precision, compile and optimiser step as train.py, timed.
+
+    python bench.py config/shapes.py                         # the CPU demo model on the real shapes data
+    python bench.py --size=B/2 --resolution=32 --channels=4  # DiT-B/2 on 32x32x4 random latents (GPU)
+    python bench.py config/shapes.py --profile=True          # + a torch.profiler trace in bench_trace.json
+
+Prints one table: train img/s, MFU (analytic FLOPs from torch.utils.flop_counter / the peak FLOP/s it
+names), peak memory, the data-loading share of step time, and sampling img/s.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from model import DIT_SIZES, Diffusion, build_model, flops_per_image, guess_peak_flops, setup_device
+from sample import dpm_solver_pp, guided
+from train import Data
+
+# -----------------------------------------------------------------------------
+# the model keys mean what they mean in train.py, so `python bench.py config/x.py` measures that config
+data_dir = ''                # a prepare.py dataset (times the real loader); '' = random data of the shape below
+resolution = 32
+channels = 4
+num_classes = 1000
+size = ''                    # a DiT size from the paper, e.g. 'B/2' (overrides the arch keys below)
+arch = 'dit'
+patch_size = 2
+n_layer = 12
+n_head = 6
+n_embd = 384
+unet_channels = 64
+unet_mult = (1, 2, 2)
+unet_blocks = 1
+objective = 'flow'
+schedule = 'cosine'
+prediction = 'v'
+num_timesteps = 1000
+batch_size = 64
+warmup = 5                   # untimed steps first (compile, allocator, cudnn autotune)
+iters = 20                   # timed steps
+sample_steps = 20
+sample_batch = 64
+cfg_scale = 4.0
+device = 'auto'
+dtype = 'auto'
+compile = True               # CUDA only, as in train.py
+peak_flops = 0.0             # 0 = guess from the GPU name
+profile = False
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def sync(dev):
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+
+
+def main():
+    dev, ptdtype, autocast = setup_device(device, dtype)
+    torch.manual_seed(seed)
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(dev)
+    if data_dir:
+        data = Data(data_dir, 'train', dev)
+        with open(os.path.join(data_dir, 'meta.json')) as f:
+            meta = json.load(f)
+        c, res, ncls = meta['channels'], meta['resolution'], meta['num_classes']
+        get_batch = lambda: data.get(np.random.randint(0, len(data), batch_size))
+    else:  # random data, held on the host like the memmap, so the host->device copy is still timed
+        c, res, ncls = channels, resolution, num_classes
+        host_x = torch.randn(batch_size * 4, c, res, res)
+        host_y = torch.randint(0, ncls, (batch_size * 4,))
+        if dev.type == 'cuda':
+            host_x, host_y = host_x.pin_memory(), host_y.pin_memory()
+        def get_batch():
+            i = np.random.randint(0, 4) * batch_size
+            return host_x[i:i + batch_size].to(dev, non_blocking=True), host_y[i:i + batch_size].to(dev, non_blocking=True)
+    args = dict(arch=arch, input_size=res, in_channels=c, num_classes=ncls, n_head=n_head)
+    if size:
+        name, p = size.split('/')
+        L, H, D = DIT_SIZES[name]
+        args.update(arch='dit', patch_size=int(p), n_layer=L, n_head=H, n_embd=D)
+    elif arch == 'dit':
+        args.update(patch_size=patch_size, n_layer=n_layer, n_embd=n_embd)
+    else:
+        args.update(channels=unet_channels, channel_mult=tuple(unet_mult), num_res_blocks=unet_blocks)
+    model = build_model(args).to(dev)
+    flops = flops_per_image(model, (c, res, res))
+    diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == 'cuda')
+    scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
+    net = torch.compile(model) if compile and dev.type == 'cuda' else model
+
+    def train_step(x0, y):
+        t = diffusion.sample_t(len(y), device=dev)
+        with autocast:
+            loss = diffusion.loss(net, x0, y, t, torch.randn_like(x0))
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        train_step(*get_batch())
+    sync(dev)
+    t_data = t_step = 0.0
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        batch = get_batch()
+        sync(dev)
+        t1 = time.perf_counter()
+        train_step(*batch)
+        sync(dev)
+        t_data, t_step = t_data + t1 - t0, t_step + time.perf_counter() - t1
+    step_time = (t_data + t_step) / iters
+    train_img_s = batch_size / step_time
+    peak = peak_flops or guess_peak_flops(dev)
+
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
+        with torch_profile(activities=acts, record_shapes=True) as prof:
+            for _ in range(3):
+                train_step(*get_batch())
+            sync(dev)
+        prof.export_chrome_trace('bench_trace.json')
+        print(prof.key_averages().table(sort_by='self_cpu_time_total' if dev.type == 'cpu' else 'self_cuda_time_total', row_limit=12))
+        print('wrote bench_trace.json (open in chrome://tracing or https://ui.perfetto.dev)')
+
+    # sampling: DPM-Solver++(2M), CFG as one batched call of 2x the batch per step, EMA-free weights
+    model.eval()
+    y = torch.randint(0, ncls, (sample_batch,), device=dev)
+    x = torch.randn(sample_batch, c, res, res, device=dev)
+    with torch.no_grad(), autocast:
+        fn = guided(net, diffusion, y, ncls, cfg_scale)
+        dpm_solver_pp(fn, x, diffusion, 2, 2)  # warm-up (compile for the eval shapes)
+        sync(dev)
+        t0 = time.perf_counter()
+        dpm_solver_pp(fn, x, diffusion, sample_steps, 2)
+        sync(dev)
+    sample_img_s = sample_batch / (time.perf_counter() - t0)
+
+    name = size and f"DiT-{size}" or (f"DiT L{n_layer} d{n_embd} p{patch_size}" if arch == 'dit' else f"UNet {unet_channels}x{tuple(unet_mult)}")
+    mem = f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB" if dev.type == 'cuda' else 'n/a (CPU)'
+    mfu = f"{100 * 3 * flops * train_img_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else 'n/a (no known peak)'
+    rows = [('device', torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f"cpu ({torch.get_num_threads()} threads)"),
+            ('model', f"{name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {c}x{res}x{res}"),
+            ('precision / compile', f"{str(ptdtype).split('.')[-1]} / {'on' if net is not model else 'off'}"),
+            ('batch', str(batch_size)),
+            ('train img/s', f"{train_img_s:.1f}"),
+            ('train step', f"{1000 * step_time:.1f} ms"),
+            ('fwd GFLOP/img', f"{flops / 1e9:.3f} (x3 for a train step)"),
+            ('MFU', mfu),
+            ('peak memory', mem),
+            ('data share of step', f"{100 * t_data / (t_data + t_step):.1f}%"),
+            (f'sample img/s ({sample_steps} steps, cfg)', f"{sample_img_s:.1f}")]
+    width = max(len(k) for k, _ in rows)
+    print('\n'.join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    configure(globals(), ignore_unknown_in_files=True)
+    main()

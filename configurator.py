@@ -1,0 +1,59 @@
+"""
+nanoGPT-style configuration. A script declares its settings as plain module globals, then calls
+
+    config = configure(globals())
+
+which applies, in order, any Python config files named on the command line (`config/shapes.py`)
+and any `--key=value` overrides. Values are parsed as Python literals and must have the type of the
+default, so a typo fails loudly on one line instead of silently training the wrong model:
+
+    python train.py config/shapes.py --batch_size=32 --lr=3e-4
+"""
+import ast
+import sys
+
+CONFIG_TYPES = (int, float, bool, str, tuple, list)
+
+
+def _check(key, value, defaults, where):
+    if key not in defaults:
+        sys.exit(f"error: unknown config key '{key}' ({where}); known keys: {', '.join(sorted(defaults))}")
+    want = type(defaults[key])
+    if want is float and type(value) is int:
+        return float(value)  # --lr=1 means 1.0
+    if type(value) is not want:
+        sys.exit(f"error: config key '{key}' ({where}) must be {want.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def configure(g, argv=None, ignore_unknown_in_files=False):
+    """Apply config files and --key=value overrides to the globals dict `g`; return the config dict.
+    ignore_unknown_in_files: skip keys a config file sets that `g` does not have (bench.py reads train
+    configs for their model keys only); --key=value overrides are always checked."""
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = {k: v for k, v in g.items() if not k.startswith('_') and type(v) in CONFIG_TYPES}
+    for arg in argv:
+        if not arg.startswith('--'):  # a config file: plain Python that assigns some of the keys
+            try:
+                src = open(arg).read()
+            except OSError as e:
+                sys.exit(f"error: cannot read config file '{arg}': {e.strerror}")
+            scope = {}
+            exec(compile(src, arg, 'exec'), scope)
+            for k, v in scope.items():
+                if k.startswith('_') or callable(v) or type(v).__name__ == 'module':
+                    continue
+                if k in defaults or not ignore_unknown_in_files:
+                    g[k] = _check(k, v, defaults, arg)
+        else:
+            key, eq, text = arg[2:].partition('=')
+            if not eq:
+                sys.exit(f"error: override '{arg}' must look like --key=value")
+            try:
+                value = ast.literal_eval(text)
+            except (SyntaxError, ValueError):
+                value = text  # a bare word, e.g. --device=cuda, is a string
+            if isinstance(defaults.get(key), str):
+                value = text  # a string key takes the text as written: --out_dir=2024 stays '2024'
+            g[key] = _check(key, value, defaults, f"--{key}")
+    return {k: g[k] for k in defaults}

@@ -1,0 +1,367 @@
+"""
+The denoiser (a DiT) and all of the diffusion math, in one place: train.py and sample.py import both.
+
+References:
+- DiT: Peebles & Xie, "Scalable Diffusion Models with Transformers" (2023), facebookresearch/DiT.
+- DDPM: Ho et al. (2020); cosine schedule: Nichol & Dhariwal, "Improved DDPM" (2021).
+- v-prediction: Salimans & Ho, "Progressive Distillation" (2022).
+- Rectified flow / flow matching: Liu et al. (2022), Lipman et al. (2022); logit-normal t: SD3, Esser et al. (2024).
+"""
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# DiT
+
+# name -> (n_layer, n_head, n_embd), as in the DiT paper; the patch size is the suffix, e.g. 'B/2'
+DIT_SIZES = {'S': (12, 6, 384), 'B': (12, 12, 768), 'L': (24, 16, 1024), 'XL': (28, 16, 1152)}
+
+
+@dataclass
+class DiTConfig:
+    input_size: int = 32     # side of the (pixel or latent) input
+    in_channels: int = 3
+    patch_size: int = 2
+    n_layer: int = 12
+    n_head: int = 6
+    n_embd: int = 384
+    mlp_ratio: float = 4.0
+    num_classes: int = 0     # 0 = unconditional; index num_classes is the null ("no label") class for CFG
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal features of a (float) timestep on a 0..1000 scale, as in DDPM/DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_pos_embed(n_embd, grid):
+    """Fixed 2-D sin-cos position embedding [grid*grid, n_embd] (MAE/DiT): half the channels per axis."""
+    def one_axis(dim, pos):
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing='ij')
+    return torch.cat([one_axis(n_embd // 2, xs), one_axis(n_embd // 2, ys)], dim=1).float()
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.n_head = c.n_head
+        self.qkv = nn.Linear(c.n_embd, 3 * c.n_embd)
+        self.proj = nn.Linear(c.n_embd, c.n_embd)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernel where available
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Transformer block with adaLN-Zero: the condition sets per-channel shift/scale/gate of each branch,
+    and the gates start at zero so every block starts as the identity (DiT section 3.2)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.n_embd, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(c)
+        self.norm2 = nn.LayerNorm(c.n_embd, elementwise_affine=False, eps=1e-6)
+        hidden = int(c.n_embd * c.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(c.n_embd, hidden), nn.GELU(approximate='tanh'), nn.Linear(hidden, c.n_embd))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(c.n_embd, 6 * c.n_embd))
+
+    def forward(self, x, cond):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class DiT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        assert c.input_size % c.patch_size == 0, f"input_size {c.input_size} is not a multiple of patch_size {c.patch_size}"
+        assert c.n_embd % c.n_head == 0 and c.n_embd % 4 == 0, "n_embd must divide by n_head and by 4"
+        self.grid = c.input_size // c.patch_size
+        self.patch_embed = nn.Conv2d(c.in_channels, c.n_embd, c.patch_size, stride=c.patch_size)
+        self.register_buffer('pos_embed', sincos_pos_embed(c.n_embd, self.grid)[None], persistent=False)
+        self.t_embed = nn.Sequential(nn.Linear(256, c.n_embd), nn.SiLU(), nn.Linear(c.n_embd, c.n_embd))
+        self.y_embed = nn.Embedding(c.num_classes + 1, c.n_embd)  # +1: the null class used for CFG
+        self.blocks = nn.ModuleList([Block(c) for _ in range(c.n_layer)])
+        self.norm_f = nn.LayerNorm(c.n_embd, elementwise_affine=False, eps=1e-6)
+        self.adaLN_f = nn.Sequential(nn.SiLU(), nn.Linear(c.n_embd, 2 * c.n_embd))
+        self.head = nn.Linear(c.n_embd, c.patch_size ** 2 * c.in_channels)
+        self.init_weights()
+
+    def init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight  # initialise the patch projection like a linear layer
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        for layer in (self.t_embed[0], self.t_embed[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-Zero: zero modulation and a zero output head, so the untrained model predicts 0
+        for mod in [b.adaLN[-1] for b in self.blocks] + [self.adaLN_f[-1], self.head]:
+            nn.init.zeros_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+    def forward(self, x, t, y):
+        """x: [B, C, H, W] noisy input; t: [B] timestep on a 0..1000 scale; y: [B] class (num_classes = null)."""
+        c, p, g = self.config, self.config.patch_size, self.grid
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, n_embd]
+        cond = self.t_embed(timestep_embedding(t, 256).to(h.dtype)) + self.y_embed(y)
+        for block in self.blocks:
+            h = block(h, cond)
+        shift, scale = self.adaLN_f(cond).chunk(2, dim=1)
+        h = self.head(modulate(self.norm_f(h), shift, scale))  # [B, T, p*p*C]
+        h = h.view(-1, g, g, p, p, c.in_channels).permute(0, 5, 1, 3, 2, 4)  # unpatchify
+        return h.reshape(-1, c.in_channels, g * p, g * p)
+
+
+# -----------------------------------------------------------------------------
+# UNet: convolutions have the locality prior that a small pixel-space model on a CPU needs to learn in
+# minutes; a DiT wins at scale on latents. Same interface as DiT: forward(x, t, y).
+
+@dataclass
+class UNetConfig:
+    input_size: int = 32
+    in_channels: int = 3
+    channels: int = 64            # width of the first level
+    channel_mult: tuple = (1, 2, 2)  # one level per entry, each after the first at half the resolution
+    num_res_blocks: int = 1       # ResBlocks per level (each way)
+    n_head: int = 4               # attention heads at the lowest resolution (and in the middle)
+    num_classes: int = 0
+
+
+def group_norm(ch):
+    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """Conv residual block; the condition sets a per-channel scale and shift after the second norm (ADM)."""
+
+    def __init__(self, cin, cout, emb_dim):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout))
+        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)  # start as the identity, like adaLN-Zero
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+        return self.skip(x) + h
+
+
+class SelfAttention2d(nn.Module):
+    def __init__(self, ch, n_head):
+        super().__init__()
+        self.n_head, self.norm = n_head, group_norm(ch)
+        self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, 3, self.n_head, C // self.n_head, H * W).transpose(-1, -2).unbind(1)
+        y = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
+        return x + self.proj(y.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        chs = [c.channels * m for m in c.channel_mult]
+        emb = 4 * c.channels
+        self.t_embed = nn.Sequential(nn.Linear(256, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.y_embed = nn.Embedding(c.num_classes + 1, emb)  # +1: the null class used for CFG
+        self.conv_in = nn.Conv2d(c.in_channels, chs[0], 3, padding=1)
+        self.down, self.up, skip_chs, ch = nn.ModuleList(), nn.ModuleList(), [], chs[0]
+        for i, out in enumerate(chs):
+            blocks = nn.ModuleList()
+            for _ in range(c.num_res_blocks):
+                blocks.append(ResBlock(ch, out, emb))
+                ch = out
+            down = nn.Conv2d(ch, ch, 3, stride=2, padding=1) if i < len(chs) - 1 else nn.Identity()
+            self.down.append(nn.ModuleDict({'blocks': blocks, 'down': down}))
+            skip_chs.append(ch)
+        self.mid1, self.mid_attn, self.mid2 = ResBlock(ch, ch, emb), SelfAttention2d(ch, c.n_head), ResBlock(ch, ch, emb)
+        for i, out in reversed(list(enumerate(chs))):
+            blocks = nn.ModuleList()
+            for j in range(c.num_res_blocks):
+                blocks.append(ResBlock(ch + (skip_chs[i] if j == 0 else 0), out, emb))  # the skip joins first
+                ch = out
+            up = nn.Identity()
+            if i > 0:  # to the next level's width before the conv at 2x resolution: half the FLOPs there
+                up = nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(ch, chs[i - 1], 3, padding=1))
+                ch = chs[i - 1]
+            self.up.append(nn.ModuleDict({'blocks': blocks, 'up': up}))
+        self.norm_out, self.conv_out = group_norm(ch), nn.Conv2d(ch, c.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # the untrained model predicts 0
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, t, y):
+        emb = self.t_embed(timestep_embedding(t, 256).to(x.dtype)) + self.y_embed(y)
+        h, skips = self.conv_in(x), []
+        for level in self.down:
+            for block in level['blocks']:
+                h = block(h, emb)
+            skips.append(h)
+            h = level['down'](h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for level in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)
+            for block in level['blocks']:
+                h = block(h, emb)
+            h = level['up'](h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def build_model(model_args):
+    """A denoiser from the dict a checkpoint stores: {'arch': 'dit' | 'unet', ...the config fields}."""
+    args = dict(model_args)
+    arch = args.pop('arch')
+    if arch == 'dit':
+        return DiT(DiTConfig(**args))
+    if arch == 'unet':
+        return UNet(UNetConfig(**args))
+    raise SystemExit(f"error: unknown arch {arch!r}: use 'dit' or 'unet'")
+
+
+def flops_per_image(model, shape):
+    """Forward FLOPs for one image, counted from the shapes of every matmul/conv/attention call
+    (torch.utils.flop_counter): analytic, not measured, and the same count for any device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    p = next(model.parameters())
+    x = torch.zeros((1,) + tuple(shape), device=p.device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, torch.zeros(1, device=p.device), torch.zeros(1, dtype=torch.long, device=p.device))
+    return counter.get_total_flops()
+
+
+# -----------------------------------------------------------------------------
+# Diffusion math: how x_t is made from data, what the network is trained to predict, how x0 is read
+# back from its output. Every objective is written as x_t = alpha_t * x0 + sigma_t * noise, which is
+# all a sampler needs (DPM-Solver++ works in log-SNR lambda = log(alpha / sigma)).
+
+class Diffusion:
+    def __init__(self, objective='flow', schedule='cosine', prediction='v', num_timesteps=1000):
+        assert objective in ('flow', 'vp'), f"objective must be 'flow' or 'vp', got {objective!r}"
+        assert prediction in ('eps', 'v', 'x0'), f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}"
+        self.objective, self.schedule, self.prediction, self.T = objective, schedule, prediction, num_timesteps
+        if objective == 'vp':
+            self.alphas_cumprod = vp_alphas_cumprod(schedule, num_timesteps)
+
+    def alpha_sigma(self, t):
+        """Signal and noise scales at time t (a float64 tensor): flow t in [0, 1]; vp t in [0, T-1]."""
+        if self.objective == 'flow':  # straight line from data (t=0) to noise (t=1)
+            return 1 - t, t
+        ac = self.alphas_cumprod.to(t.device)
+        lo = t.floor().long().clamp(0, self.T - 1)  # linear interpolation between discrete steps
+        a = ac[lo] + (t - lo) * (ac[(lo + 1).clamp(max=self.T - 1)] - ac[lo])
+        return a.sqrt(), (1 - a).sqrt()
+
+    def model_time(self, t):
+        """The timestep value the network sees, on a 0..1000 scale for both objectives."""
+        return t * 1000 if self.objective == 'flow' else t
+
+    def sample_t(self, n, generator=None, device='cpu'):
+        if self.objective == 'flow':  # logit-normal(0, 1): more weight on the middle times (SD3 sec. 3.1)
+            return torch.sigmoid(torch.randn(n, generator=generator, device=device, dtype=torch.float64))
+        return torch.randint(0, self.T, (n,), generator=generator, device=device).double()
+
+    def loss(self, model, x0, y, t, noise):
+        """Mean squared error of the network's prediction; t and noise are drawn by the caller."""
+        alpha, sigma = (s.float().view(-1, 1, 1, 1) for s in self.alpha_sigma(t))
+        x_t = alpha * x0 + sigma * noise
+        out = model(x_t, self.model_time(t).float(), y)
+        if self.objective == 'flow':
+            target = noise - x0  # velocity dx_t/dt
+        else:
+            target = {'eps': noise, 'v': alpha * noise - sigma * x0, 'x0': x0}[self.prediction]
+        return F.mse_loss(out.float(), target)
+
+    def to_x0(self, out, x_t, alpha, sigma):
+        """The data prediction implied by the network output (what DPM-Solver++ integrates)."""
+        if self.objective == 'flow':
+            return x_t - sigma * out  # x0 = x_t - t * v
+        if self.prediction == 'eps':
+            return (x_t - sigma * out) / alpha
+        if self.prediction == 'v':
+            return alpha * x_t - sigma * out
+        return out
+
+    def sampling_schedule(self, steps):
+        """Times for a `steps`-step sampler, from pure noise to clean data: the model is evaluated at
+        t[0..steps-1]; alpha/sigma have steps+1 entries, the last one clean (alpha=1, sigma=0)."""
+        if self.objective == 'flow':
+            t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
+        else:  # diffusers' 'linspace' spacing, so our samplers can be checked against diffusers exactly
+            t = torch.linspace(0, self.T - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+        alpha, sigma = self.alpha_sigma(t)
+        alpha = torch.cat([alpha, torch.ones(1, dtype=torch.float64)])
+        sigma = torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])
+        return t, alpha, sigma
+
+
+def vp_alphas_cumprod(schedule, T):
+    """Cumulative signal fraction alpha_bar_t for discrete steps 0..T-1 (float64)."""
+    if schedule == 'linear':  # DDPM: betas from 1e-4 to 0.02
+        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    elif schedule == 'cosine':  # iDDPM: alpha_bar(s) = cos^2((s + 0.008) / 1.008 * pi/2), betas capped at 0.999
+        f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown noise schedule {schedule!r}: use 'linear' or 'cosine'")
+    return torch.cumprod(1 - betas, dim=0)
+
+
+# -----------------------------------------------------------------------------
+# system: one definition of device and precision choice for train.py, sample.py and bench.py
+
+def setup_device(device='auto', dtype='auto'):
+    """-> (torch.device, torch dtype, autocast context). dtype 'auto': bf16 on GPUs that have it, fp16 on
+    older GPUs (train.py adds a GradScaler), fp32 on CPU (CPU autocast is rarely faster for these models)."""
+    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
+    if dtype == 'auto':
+        dtype = 'float32' if dev.type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    if dtype not in dtypes:
+        raise SystemExit(f"error: dtype must be one of auto, {', '.join(dtypes)}; got {dtype!r}")
+    ptdtype = dtypes[dtype]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(dev.type, dtype=ptdtype)
+    return dev, ptdtype, autocast
+
+
+def guess_peak_flops(dev):
+    """Dense bf16 tensor-core peak FLOP/s of common GPUs (vendor spec sheets, no sparsity), for MFU; 0 if unknown."""
+    if dev.type != 'cuda':
+        return 0.0
+    name = torch.cuda.get_device_name(dev)
+    for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40S', 362e12), ('A10G', 70e12),
+                       ('4090', 165e12), ('3090', 71e12), ('V100', 125e12), ('T4', 65e12)):
+        if key in name:
+            return flops
+    return 0.0

@@ -1,0 +1,313 @@
+"""
+Prepare a dataset for training: uint8 image arrays on disk that train.py memory-maps.
+
+    python prepare.py                                         # built-in 'shapes' -> data/shapes
+    python prepare.py --dataset=path/to/folder --resolution=64  # any image folder -> data/folder
+
+Output folder: meta.json, {train,val}_x.npy (uint8 [N,3,H,W]), {train,val}_y.npy (int64 [N]),
+{train,val}_captions.json. It is written to a sibling '.tmp' folder and swapped into place at the
+end, so a kill at any moment leaves the previous complete dataset (or the new one).
+
+The shapes dataset is a toy benchmark whose samples can be graded automatically: read_shape()
+tells which shape and colour an image shows, grade() scores a batch of samples against labels.
+"""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+dataset = 'shapes'    # 'shapes' (built-in, generated) or a path to an image folder
+out_dir = ''          # default: data/<name>, name = 'shapes' or the folder's basename
+resolution = 32       # output side in px
+num_train = 20000     # shapes only
+num_val = 1000        # shapes only
+val_fraction = 0.05   # folders only: share of images held out for validation
+seed = 1337
+# -----------------------------------------------------------------------------
+
+SHAPES = ['circle', 'square', 'triangle']
+COLOURS = ['red', 'green', 'blue', 'yellow']
+COLOUR_RGB = [(220, 40, 40), (40, 170, 60), (40, 80, 230), (235, 205, 30)]
+CLASS_NAMES = [f"{c} {s}" for s in SHAPES for c in COLOURS]  # class = shape_index * 4 + colour_index
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
+
+# ---------------------------------------------------------------- shapes: generate
+
+def draw_shape(shape, colour, box, background, resolution, supersample=4):
+    """Render one shape into an RGB uint8 [H,W,3] image. box = (x0, y0, x1, y1) in px, floats ok."""
+    s = supersample  # draw big, then average down: cheap, exact-area antialiasing
+    img = Image.new('RGB', (resolution * s, resolution * s), tuple(int(v) for v in background))
+    x0, y0, x1, y1 = (v * s for v in box)
+    d, fill = ImageDraw.Draw(img), COLOUR_RGB[COLOURS.index(colour)]
+    if shape == 'circle':
+        d.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)  # PIL boxes are inclusive, hence the -1
+    elif shape == 'square':
+        d.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
+    else:  # triangle pointing up, filling its box
+        d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    return np.asarray(img.resize((resolution, resolution), Image.Resampling.BOX))
+
+
+def shape_images(n, resolution, seed):
+    """Yield n (uint8 [3,H,W] image, class index) pairs; deterministic in (n, resolution, seed)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % len(CLASS_NAMES))  # balanced classes, random order
+    for y in labels:
+        side = rng.uniform(0.375, 0.8125) * resolution  # 12..26 px at 32 px
+        x0, y0 = rng.uniform(1, resolution - 1 - side, size=2)  # fully inside, 1 px margin
+        # low-saturation background (max-min of RGB <= 24) so the shape separates by saturation
+        bg = np.clip(rng.uniform(0.1, 0.9) * 255 + rng.uniform(-12, 12, size=3), 0, 255)
+        img = draw_shape(SHAPES[y // 4], COLOURS[y % 4], (x0, y0, x0 + side, y0 + side), bg, resolution)
+        yield img.transpose(2, 0, 1), int(y)
+
+# ---------------------------------------------------------------- shapes: read back (grading)
+
+_REF_HUE = np.asarray(Image.fromarray(np.uint8([COLOUR_RGB])).convert('HSV'))[0, :, 0].astype(int)
+
+
+def _largest_component(mask):
+    """Largest 4-connected component of a bool mask: propagate the min pixel index until stable."""
+    big = mask.size
+    lab = np.where(mask, np.arange(big).reshape(mask.shape), big)
+    while True:
+        p = np.pad(lab, 1, constant_values=big)
+        new = np.minimum.reduce([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
+        new[~mask] = big
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    return lab == np.bincount(lab[mask]).argmax()
+
+
+def read_shape(img):
+    """Which (shape, colour) does a uint8 image [H,W,3] or [3,H,W] show? ('none', 'none') if unclear.
+    Built to grade generated samples, so it tolerates noise and blur but rejects garbage."""
+    img = np.asarray(img, dtype=np.uint8)
+    if img.shape[0] == 3 and img.shape[-1] != 3:
+        img = img.transpose(1, 2, 0)
+    H, W, _ = img.shape
+    sat = img.max(-1).astype(int) - img.min(-1)
+    # threshold at half the shape's saturation ~ half pixel coverage, so the mask has the true
+    # outline even if a model renders colours a little washed out; the floor keeps grey bg out
+    mask = sat > max(40, 0.5 * np.percentile(sat, 99))
+    if mask.sum() < 0.03 * H * W:
+        return 'none', 'none'
+    mask = _largest_component(mask)  # drop specks of noise away from the shape
+    ys, xs = np.nonzero(mask)
+    if mask.sum() < 0.03 * H * W or np.ptp(xs) >= 0.9 * W or np.ptp(ys) >= 0.9 * H:
+        return 'none', 'none'  # too small, or fills the frame: a coloured background is no shape
+    # colour: majority vote of per-pixel nearest reference hue; noise has no clear majority
+    hue = np.asarray(Image.fromarray(img).convert('HSV'))[..., 0][mask].astype(int)
+    dist = np.abs(hue[:, None] - _REF_HUE[None, :])
+    votes = np.bincount(np.minimum(dist, 256 - dist).argmin(1), minlength=len(COLOURS))
+    if votes.max() < 0.6 * len(hue):
+        return 'none', 'none'
+    # shape: best IoU between the mask and each ideal shape drawn into the mask's bounding box
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    v, u = np.mgrid[y0:y1, x0:x1] + 0.5
+    u, v = (u - x0) / (x1 - x0), (v - y0) / (y1 - y0)  # pixel centres in [0,1] within the box
+    ideal = [(u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25, np.ones_like(u, bool), np.abs(u - 0.5) <= v / 2]
+    m = mask[y0:y1, x0:x1]
+    iou = [(m & t).sum() / (m | t).sum() for t in ideal]
+    if max(iou) < 0.6:
+        return 'none', 'none'
+    return SHAPES[int(np.argmax(iou))], COLOURS[int(votes.argmax())]
+
+
+def grade(images, labels):
+    """Score images (uint8 [N,3,H,W] or [N,H,W,3]) against shapes class labels. Returns
+    (accuracy, per_class): accuracy = fraction read back as exactly the label's shape and colour,
+    per_class = list of 12 accuracies (nan for classes with no images)."""
+    labels = np.asarray(labels).astype(int)
+    ok = np.array([read_shape(img) == (SHAPES[y // 4], COLOURS[y % 4]) for img, y in zip(images, labels)])
+    per_class = [float(ok[labels == c].mean()) if (labels == c).any() else float('nan')
+                 for c in range(len(CLASS_NAMES))]
+    return float(ok.mean()) if len(ok) else float('nan'), per_class
+
+# ---------------------------------------------------------------- image folders
+
+def load_image(path, resolution):
+    """Decode an image file into uint8 [3,res,res]: RGB, shorter side resized, centre-cropped.
+    Raises ValueError with a short reason if the file is unusable."""
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError as e:
+        raise ValueError(f"cannot read ({e.strerror})")
+    if empty:
+        raise ValueError("empty file")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size  # JPEGs can decode at a reduced scale (still >= 2x target): fast on photos
+            if 2 * resolution < min(w, h):
+                img.draft('RGB', (w * 2 * resolution // min(w, h) + 1, h * 2 * resolution // min(w, h) + 1))
+            img.load()  # decode now so truncated/corrupt data fails here, not later
+            img = ImageOps.exif_transpose(img)  # phone photos are stored sideways + an EXIF flag
+            if img.mode.startswith('I'):  # 16/32-bit greyscale: scale to 8 bits, don't clip
+                img = Image.fromarray((np.asarray(img, np.float64) / 257).clip(0, 255).astype(np.uint8))
+            if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:
+                img = img.convert('RGBA')  # transparent pixels become white, not whatever RGB is under
+                img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img)
+            img = img.convert('RGB')
+    except Image.UnidentifiedImageError:
+        raise ValueError("cannot identify image file")
+    except Image.DecompressionBombError:
+        raise ValueError("too many pixels (decompression bomb check)")
+    except Exception as e:  # broken data raises all sorts: OSError, SyntaxError, struct.error, ...
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError("truncated" if 'truncated' in msg.lower() else f"cannot decode ({msg[:60]})")
+    w, h = img.size
+    k = resolution / min(w, h)
+    size = (max(resolution, round(w * k)), max(resolution, round(h * k)))
+    img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(img).transpose(2, 0, 1)
+
+
+def scan_folder(root):
+    """Find images under root. Returns (files, class_names, skipped): files = sorted list of
+    (relative path, class index); classes are the top-level sub-folders that hold images."""
+    found = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = [x for x in dirs if not x.startswith('.')]  # .git, .ipynb_checkpoints are no classes
+        found += [os.path.relpath(os.path.join(d, n), root) for n in names
+                  if not n.startswith('.') and n.lower().endswith(IMAGE_EXTS)]
+    found.sort()
+    class_names = sorted({f.split(os.sep)[0] for f in found if os.sep in f})
+    if not class_names:
+        return [(f, 0) for f in found], [], []
+    skipped = [[f, "not in a class folder"] for f in found if os.sep not in f]
+    files = [(f, class_names.index(f.split(os.sep)[0])) for f in found if os.sep in f]
+    return files, class_names, skipped
+
+
+def read_caption(path):
+    """Caption from NAME.txt beside NAME.ext, '' if there is none; ValueError if not UTF-8."""
+    txt = os.path.splitext(path)[0] + '.txt'
+    if not os.path.isfile(txt):
+        return ''
+    try:
+        with open(txt, 'rb') as f:
+            return f.read().decode('utf-8-sig').strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"caption {os.path.basename(txt)} is not valid UTF-8")
+    except OSError as e:
+        raise ValueError(f"cannot read caption {os.path.basename(txt)} ({e.strerror})")
+
+# ---------------------------------------------------------------- writing
+
+def write_split(folder, split, pairs, captions, n, resolution):
+    """Stream n (image, label) pairs into {split}_x.npy / {split}_y.npy (memmaps, never all in RAM)."""
+    path = os.path.join(folder, split)
+    x = np.lib.format.open_memmap(path + '_x.npy', 'w+', np.uint8, (n, 3, resolution, resolution))
+    y = np.lib.format.open_memmap(path + '_y.npy', 'w+', np.int64, (n,))
+    for i, (img, label) in enumerate(tqdm(pairs, total=n, desc=split, leave=False)):
+        x[i], y[i] = img, label
+    x.flush(), y.flush()
+    with open(path + '_captions.json', 'w') as f:
+        json.dump([f"a {CLASS_NAMES[c]}" for c in y] if captions is None else captions, f, ensure_ascii=False)
+
+
+def prepare_shapes(folder, resolution, num_train, num_val, seed):
+    for split, n, sub in (('train', num_train, 0), ('val', num_val, 1)):
+        # val draws from its own derived stream; captions=None: "a red circle" from the labels
+        write_split(folder, split, shape_images(n, resolution, (seed, sub)), None, n, resolution)
+    return dict(num_classes=len(CLASS_NAMES), class_names=CLASS_NAMES, has_captions=True, splits=dict(
+        train=num_train, val=num_val), seed=seed, skipped=[], shapes=SHAPES, colours=COLOURS)
+
+
+def prepare_folder(folder, root, resolution, val_fraction, seed):
+    files, class_names, skipped = scan_folder(root)
+    # decode everything once into a scratch memmap in sorted order, then shuffle/split from it
+    buf = np.lib.format.open_memmap(os.path.join(folder, 'all_x.npy'), 'w+', np.uint8,
+                                    (max(len(files), 1), 3, resolution, resolution))
+    labels, captions = [], []
+    for rel, y in tqdm(files, desc='decode', leave=False):
+        path = os.path.join(root, rel)
+        try:
+            caption = read_caption(path)
+            buf[len(labels)] = load_image(path, resolution)
+        except ValueError as e:
+            skipped.append([rel, str(e)])
+            continue
+        labels.append(y), captions.append(caption)
+    n = len(labels)
+    if n == 0:
+        why = ''.join(f"; {f}: {r}" for f, r in skipped[:5]) + ('; ...' if len(skipped) > 5 else '')
+        sys.exit(f"error: no usable images in {root} ({len(skipped)} files skipped{why})")
+    n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(n * val_fraction)))
+    perm = np.random.default_rng(seed).permutation(n)
+    for split, idx in (('val', perm[:n_val]), ('train', perm[n_val:])):
+        write_split(folder, split, ((buf[i], labels[i]) for i in idx), [captions[i] for i in idx],
+                    len(idx), resolution)
+    del buf
+    os.remove(os.path.join(folder, 'all_x.npy'))
+    skipped.sort()
+    return dict(num_classes=len(class_names), class_names=class_names, has_captions=any(captions),
+                splits=dict(train=n - n_val, val=n_val), seed=seed, skipped=skipped)
+
+
+def swap_into_place(tmp, out):
+    """Replace out with tmp by renames: a kill at any point leaves a complete dataset at out,
+    or (between the two renames) at out.old, which the next run moves back."""
+    old = out + '.old'
+    if os.path.exists(out):
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+# ---------------------------------------------------------------- main
+
+def main(cfg):
+    builtin = cfg['dataset'] == 'shapes'
+    root = cfg['dataset']
+    if not builtin and not os.path.isdir(root):
+        sys.exit(f"error: dataset folder '{root}' does not exist (use --dataset=shapes or an image folder)")
+    name = 'shapes' if builtin else os.path.basename(os.path.normpath(os.path.abspath(root)))
+    out = os.path.normpath(cfg['out_dir'] or os.path.join('data', name))
+    res = cfg['resolution']
+    if res < (8 if builtin else 1):
+        sys.exit(f"error: --resolution must be >= {8 if builtin else 1}, got {res}")
+    if cfg['num_train'] < 1 or cfg['num_val'] < 0:
+        sys.exit("error: --num_train must be >= 1 and --num_val >= 0")
+    if not 0 <= cfg['val_fraction'] < 1:
+        sys.exit(f"error: --val_fraction must be in [0, 1), got {cfg['val_fraction']}")
+    if not builtin:  # the swap deletes the old out_dir: it must never be (or hold) the source images
+        a, b = os.path.realpath(root), os.path.realpath(out)
+        if os.path.commonpath([a, b]) in (a, b):
+            sys.exit(f"error: out_dir '{out}' overlaps the image folder '{root}'; pass another --out_dir")
+    old, tmp = out + '.old', out + '.tmp'
+    if not os.path.exists(out) and os.path.exists(os.path.join(old, 'meta.json')):
+        os.rename(old, out)  # a previous run died mid-swap: put its complete dataset back first
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, 'meta.json')):
+        sys.exit(f"error: out_dir '{out}' exists but is not a prepared dataset (no meta.json); "
+                 f"remove it or pass a different --out_dir")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        if builtin:
+            meta = prepare_shapes(tmp, res, cfg['num_train'], cfg['num_val'], cfg['seed'])
+        else:
+            meta = prepare_folder(tmp, root, res, cfg['val_fraction'], cfg['seed'])
+        meta = dict(dataset=cfg['dataset'], kind='pixels', resolution=res, channels=3, **meta)
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=1, ensure_ascii=False)
+        swap_into_place(tmp, out)
+    finally:  # a failed run (e.g. no usable images) leaves no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+    s, sk = meta['splits'], meta['skipped']
+    print(f"wrote {s['train']} train + {s['val']} val images ({res}x{res}, "
+          f"{meta['num_classes']} classes) to {out}; skipped {len(sk)} files")
+    for rel, reason in sk:
+        print(f"  skipped {rel}: {reason}")
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    main(configure(globals()))

@@ -1,0 +1,288 @@
+"""Tests for prepare.py: shapes generation + read-back, image folders, errors, atomic output."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import prepare  # noqa: E402
+
+
+ENV = dict(os.environ, TQDM_DISABLE='1')  # keep progress bars out of the stderr we check
+
+
+def run(*args):
+    return subprocess.run([sys.executable, 'prepare.py', *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
+
+
+def load(out, split):
+    x = np.load(os.path.join(out, f'{split}_x.npy'), mmap_mode='r')
+    y = np.load(os.path.join(out, f'{split}_y.npy'), mmap_mode='r')
+    with open(os.path.join(out, f'{split}_captions.json')) as f:
+        return x, y, json.load(f)
+
+
+def meta_of(out):
+    with open(os.path.join(out, 'meta.json')) as f:
+        return json.load(f)
+
+
+def assert_one_line_error(p, *words):
+    assert p.returncode != 0
+    assert 'Traceback' not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error:'), p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+# ---------------------------------------------------------------- shapes
+
+
+def test_shapes_format(tmp_path):
+    out = tmp_path / 'shapes'
+    p = run('--num_train=240', '--num_val=36', f'--out_dir={out}')
+    assert p.returncode == 0, p.stderr
+    assert 'wrote 240 train + 36 val' in p.stdout
+    meta = meta_of(out)
+    assert meta['dataset'] == 'shapes' and meta['kind'] == 'pixels' and meta['channels'] == 3
+    assert meta['resolution'] == 32 and meta['num_classes'] == 12 and meta['seed'] == 1337
+    assert meta['class_names'][0] == 'red circle' and meta['class_names'][11] == 'yellow triangle'
+    assert meta['splits'] == {'train': 240, 'val': 36} and meta['skipped'] == [] and meta['has_captions']
+    assert meta['shapes'] == prepare.SHAPES and meta['colours'] == prepare.COLOURS
+    for split, n in (('train', 240), ('val', 36)):
+        x, y, caps = load(out, split)
+        assert x.shape == (n, 3, 32, 32) and x.dtype == np.uint8
+        assert y.shape == (n,) and y.dtype == np.int64
+        assert np.bincount(y, minlength=12).min() == n // 12  # balanced classes
+        assert caps == [f"a {meta['class_names'][c]}" for c in y]
+    assert sorted(os.listdir(tmp_path)) == ['shapes']  # no .tmp / .old left behind
+
+
+def test_shapes_deterministic(tmp_path):
+    a, b, c = (run('--num_train=60', '--num_val=12', f'--out_dir={tmp_path / d}', f'--seed={s}')
+               for d, s in (('a', 5), ('b', 5), ('c', 6)))
+    assert a.returncode == b.returncode == c.returncode == 0
+    for split in ('train', 'val'):
+        for kind in ('x', 'y'):
+            fa, fb, fc = (open(tmp_path / d / f'{split}_{kind}.npy', 'rb').read() for d in 'abc')
+            assert fa == fb
+            assert kind == 'y' or fa != fc
+    xt, _, _ = load(tmp_path / 'a', 'train')
+    xv, _, _ = load(tmp_path / 'a', 'val')
+    assert not np.array_equal(xt[:12], xv)  # val uses its own derived seed
+
+
+def test_shapes_look_right():
+    img, y = next(prepare.shape_images(1, 32, 0))
+    hwc = img.transpose(1, 2, 0).astype(int)
+    sat = hwc.max(-1) - hwc.min(-1)
+    assert (sat[0] <= 25).all() and (sat[:, 0] <= 25).all()  # border is low-saturation background
+    assert sat.max() > 100  # the shape is strongly saturated
+
+
+def test_read_back_accuracy():
+    imgs, labels = map(np.stack, zip(*prepare.shape_images(2000, 32, 123)))
+    acc, per_class = prepare.grade(imgs, labels)
+    assert acc >= 0.995 and len(per_class) == 12 and min(per_class) >= 0.97
+    assert prepare.grade(imgs[:50].transpose(0, 2, 3, 1), labels[:50])[0] >= 0.98  # [N,H,W,3] too
+    # generated samples are noisy: read-back must survive mild noise
+    noisy = np.clip(imgs[:500] + np.random.default_rng(0).normal(0, 10, imgs[:500].shape), 0, 255).astype(np.uint8)
+    assert prepare.grade(noisy, labels[:500])[0] >= 0.98
+    big, big_labels = map(np.stack, zip(*prepare.shape_images(120, 64, 7)))  # other resolutions too
+    assert prepare.grade(big, big_labels)[0] >= 0.98
+
+
+def test_read_back_rejects_garbage():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 12, 200)
+    noise = rng.integers(0, 256, (200, 3, 32, 32), dtype=np.uint8)
+    assert prepare.grade(noise, labels)[0] <= 0.1
+    grey = np.full((3, 32, 32), 128, np.uint8)
+    assert prepare.read_shape(grey) == ('none', 'none')
+    red = np.broadcast_to(np.uint8([220, 40, 40])[:, None, None], (3, 32, 32))
+    assert prepare.read_shape(red) == ('none', 'none')  # a coloured frame is not a square
+
+# ---------------------------------------------------------------- image folders
+
+
+def solid(path, size, colour, mode='RGB', **save):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, size, colour).save(path, **save)
+
+
+def make_folder(root):
+    """Class folders cats/dogs with valid images in many modes, plus every kind of bad file.
+    Valid images are solid colours so we can find each one again after the shuffle."""
+    rng = np.random.default_rng(0)
+    want = {}  # relative path -> (expected RGB, class, caption)
+    solid(root / 'cats' / 'clear.png', (40, 30), (0, 0, 0, 0), 'RGBA')  # fully transparent -> white
+    want['cats/clear.png'] = ((255, 255, 255), 0, '')
+    solid(root / 'cats' / 'grey.png', (33, 45), 100, 'L')
+    want['cats/grey.png'] = ((100, 100, 100), 0, '')
+    solid(root / 'cats' / 'sub' / 'deep.jpg', (50, 70), (10, 200, 30), quality=95)  # nested: still 'cats'
+    want['cats/sub/deep.jpg'] = ((10, 200, 30), 0, '')
+    wide = np.zeros((20, 60, 3), np.uint8)
+    wide[:, :20, 2] = wide[:, 20:40, 1] = wide[:, 40:, 0] = 255  # blue | green | red: centre crop keeps green
+    Image.fromarray(wide).save(root / 'cats' / 'wide.png')
+    want['cats/wide.png'] = ((0, 255, 0), 0, '')
+    pal = Image.new('P', (30, 30), 0)
+    pal.putpalette([200, 30, 150] + [0] * 765)
+    os.makedirs(root / 'dogs')
+    pal.save(root / 'dogs' / 'pal.png')
+    (root / 'dogs' / 'pal.txt').write_text('  a pink dog \n')
+    want['dogs/pal.png'] = ((200, 30, 150), 1, 'a pink dog')
+    Image.fromarray(np.full((20, 30), 40000, np.uint16)).save(root / 'dogs' / 'deep16.png')  # 16-bit grey
+    want['dogs/deep16.png'] = ((155, 155, 155), 1, '')
+    solid(root / 'dogs' / 'ink.jpg', (30, 30), (0, 255, 255, 0), 'CMYK', quality=95)
+    want['dogs/ink.jpg'] = ((255, 0, 0), 1, '')
+    solid(root / 'dogs' / 'UPPER.JPG', (300, 200), (30, 60, 220), quality=95)  # big: draft path
+    want['dogs/UPPER.JPG'] = ((30, 60, 220), 1, '')
+    # bad files
+    solid(root / 'loose.png', (10, 10), (1, 2, 3))
+    (root / 'dogs' / 'corrupt.png').write_bytes(rng.bytes(300))
+    (root / 'dogs' / 'empty.jpg').write_bytes(b'')
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / 'dogs' / 'trunc.png')
+    data = (root / 'dogs' / 'trunc.png').read_bytes()
+    (root / 'dogs' / 'trunc.png').write_bytes(data[:len(data) // 2])
+    solid(root / 'dogs' / 'badcap.png', (10, 10), (9, 9, 9))
+    (root / 'dogs' / 'badcap.txt').write_bytes(b'\xff\xfe\xfa not utf-8')
+    # ignored: not images, hidden folders
+    (root / 'notes.md').write_text('hello')
+    solid(root / '.cache' / 'x.png', (10, 10), (0, 0, 0))
+    skipped = {'loose.png': 'not in a class folder', 'dogs/corrupt.png': 'cannot identify image file',
+               'dogs/empty.jpg': 'empty file', 'dogs/trunc.png': 'truncated', 'dogs/badcap.png': 'UTF-8'}
+    return want, skipped
+
+
+def test_folder(tmp_path):
+    src, out = tmp_path / 'pics', tmp_path / 'out'
+    want, skipped = make_folder(src)
+    p = run(f'--dataset={src}', f'--out_dir={out}', '--val_fraction=0.25')
+    assert p.returncode == 0, p.stderr
+    assert 'wrote 6 train + 2 val' in p.stdout and 'skipped 5 files' in p.stdout
+    meta = meta_of(out)
+    assert meta['num_classes'] == 2 and meta['class_names'] == ['cats', 'dogs'] and meta['has_captions']
+    assert meta['splits'] == {'train': 6, 'val': 2} and meta['resolution'] == 32
+    got = {os.path.normpath(f): r for f, r in meta['skipped']}
+    assert set(got) == {os.path.normpath(f) for f in skipped}
+    for f, reason in skipped.items():
+        assert reason in got[os.path.normpath(f)]
+        assert os.path.normpath(f) in p.stdout
+    seen = []
+    for split in ('train', 'val'):
+        x, y, caps = load(out, split)
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
+        for img, label, cap in zip(x, y, caps):
+            mean = img.reshape(3, -1).mean(1)
+            name = min(want, key=lambda f: np.abs(mean - want[f][0]).sum())  # which file is this?
+            colour, cls, caption = want[name]
+            assert np.abs(mean - colour).max() < 25, (name, mean)
+            assert (label, cap) == (cls, caption), name  # labels + captions stay aligned with images
+            seen.append(name)
+    assert sorted(seen) == sorted(want)  # every valid image exactly once
+    x, _, _ = load(out, 'train')
+    # same seed -> same shuffle
+    p2 = run(f'--dataset={src}', f'--out_dir={tmp_path / "again"}', '--val_fraction=0.25')
+    assert p2.returncode == 0 and np.array_equal(x, load(tmp_path / 'again', 'train')[0])
+
+
+def test_folder_unconditional(tmp_path):
+    src, out = tmp_path / 'flat', tmp_path / 'out'
+    for i in range(5):
+        solid(src / f'img{i}.png', (40 + i, 30), (i * 40, 0, 0))
+    p = run(f'--dataset={src}', f'--out_dir={out}', '--resolution=16')
+    assert p.returncode == 0, p.stderr
+    meta = meta_of(out)
+    assert meta['num_classes'] == 0 and meta['class_names'] == [] and not meta['has_captions']
+    assert meta['splits'] == {'train': 4, 'val': 1}  # at least one val image
+    x, y, caps = load(out, 'train')
+    assert x.shape == (4, 3, 16, 16) and (np.asarray(y) == 0).all() and caps == [''] * 4
+
+
+def test_exif_rotation(tmp_path):
+    a = np.zeros((40, 40, 3), np.uint8)
+    a[:, :20, 0] = 255  # left half red
+    a[:, 20:, 2] = 255  # right half blue
+    img = Image.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display -> red on top
+    img.save(tmp_path / 'r.png', exif=exif)
+    x = prepare.load_image(str(tmp_path / 'r.png'), 8)
+    assert x[0, 0].mean() > 200 and x[0, -1].mean() < 50  # top row red, bottom row not
+
+
+def test_default_out_dir_name(tmp_path, monkeypatch, capsys):
+    src = tmp_path / 'src' / 'My Photos'
+    for i in range(2):
+        solid(src / f'{i}.png', (8, 8), (0, 0, 0))
+    monkeypatch.chdir(tmp_path)
+    prepare.main(dict(dataset=str(src) + os.sep, out_dir='', resolution=8, num_train=1, num_val=0,
+                      val_fraction=0.05, seed=0))
+    assert meta_of(tmp_path / 'data' / 'My Photos')['splits'] == {'train': 1, 'val': 1}
+    assert 'data/My Photos' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_errors(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    assert_one_line_error(run(f'--dataset={tmp_path / "empty"}', f'--out_dir={tmp_path / "o"}'),
+                          'no usable images', 'empty')
+    assert_one_line_error(run(f'--dataset={tmp_path / "missing"}'), 'does not exist', 'missing')
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'x.png').write_bytes(b'not an image')
+    assert_one_line_error(run(f'--dataset={tmp_path / "bad"}', f'--out_dir={tmp_path / "o"}'),
+                          'no usable images', '1 files skipped', 'x.png')
+    assert not os.path.exists(tmp_path / 'o')  # a failed run leaves no dataset behind
+    assert_one_line_error(run('--bogus=1'), 'bogus')
+    assert_one_line_error(run('--resolution=big'), 'resolution')
+    solid(tmp_path / 'imgs' / 'a.png', (8, 8), (0, 0, 0))
+    assert_one_line_error(run(f'--dataset={tmp_path / "imgs"}', f'--out_dir={tmp_path / "imgs"}'), 'overlaps')
+    (tmp_path / 'notdata').mkdir()
+    (tmp_path / 'notdata' / 'precious.txt').write_text('keep me')
+    assert_one_line_error(run('--num_train=12', '--num_val=0', f'--out_dir={tmp_path / "notdata"}'), 'meta.json')
+    assert (tmp_path / 'notdata' / 'precious.txt').exists()
+
+# ---------------------------------------------------------------- atomic output
+
+
+def test_atomic_replace(tmp_path):
+    out = tmp_path / 'ds'
+    assert run('--num_train=24', '--num_val=12', '--seed=1', f'--out_dir={out}').returncode == 0
+    (tmp_path / 'ds.tmp').mkdir()  # stale leftovers of a killed run
+    (tmp_path / 'ds.tmp' / 'junk').write_text('x')
+    p = run('--num_train=36', '--num_val=12', '--seed=2', f'--out_dir={out}')
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(tmp_path)) == ['ds']
+    assert meta_of(out)['seed'] == 2 and load(out, 'train')[0].shape[0] == 36
+    assert not (out / 'junk').exists()
+    # a previous run that died between the two renames left only ds.old: the next run puts it back
+    # first, so even a run that then fails keeps the old dataset
+    os.rename(out, tmp_path / 'ds.old')
+    (tmp_path / 'empty').mkdir()
+    assert run(f'--dataset={tmp_path / "empty"}', f'--out_dir={out}').returncode != 0
+    assert sorted(os.listdir(tmp_path)) == ['ds', 'empty'] and meta_of(out)['seed'] == 2
+
+
+def test_kill_leaves_complete_dataset(tmp_path):
+    out = tmp_path / 'ds'
+    assert run('--num_train=24', '--num_val=12', f'--out_dir={out}').returncode == 0
+    proc = subprocess.Popen([sys.executable, 'prepare.py', '--num_train=20000', f'--out_dir={out}'],
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    proc.kill()  # SIGKILL: no cleanup handlers run
+    proc.wait()
+    # whenever the kill landed, a complete dataset is there (or under .old mid-swap)
+    done = out if out.exists() else tmp_path / 'ds.old'
+    meta = meta_of(done)
+    assert load(done, 'train')[0].shape[0] == meta['splits']['train']
+    p = run('--num_train=24', '--num_val=12', f'--out_dir={out}')  # re-running is safe
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(tmp_path)) == ['ds']

@@ -1,0 +1,310 @@
+"""
+Train a diffusion model on a dataset made by prepare.py. One process:
+
+    python train.py config/shapes.py --batch_size=32
+
+Many GPUs (DDP), one node or several:
+
+    torchrun --standalone --nproc_per_node=8 train.py config/faces.py
+
+Everything random in a step (data order, noise, t, label dropout) is a function of (seed, step), so
+`--init_from=resume` continues exactly the run that stopped, and N processes see the same global
+batch as one process with N times the batch size.
+"""
+import copy
+import functools
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import Diffusion, build_model, flops_per_image, guess_peak_flops, setup_device
+
+# -----------------------------------------------------------------------------
+# config: defaults here, overridden by config/*.py files and --key=value (see configurator.py)
+out_dir = 'out'
+data_dir = 'data/shapes'
+init_from = 'scratch'        # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+arch = 'dit'                 # 'dit' or 'unet' (small conv UNet: learns fastest in pixel space on a CPU)
+# DiT: see model.DIT_SIZES for the paper's sizes, e.g. B/2 = 12 layers, 12 heads, 768 wide, patch 2
+patch_size = 2
+n_layer = 12
+n_head = 6                   # (also the UNet's attention heads)
+n_embd = 384
+# UNet
+unet_channels = 64
+unet_mult = (1, 2, 2)
+unet_blocks = 1
+# diffusion
+objective = 'flow'           # 'flow' (rectified flow) or 'vp' (DDPM-style)
+schedule = 'cosine'          # vp only: 'linear' or 'cosine'
+prediction = 'v'             # vp only: 'eps', 'v' or 'x0'
+num_timesteps = 1000         # vp only
+class_dropout = 0.1          # chance a label is replaced by the null class, which makes CFG possible
+# optimisation; the global batch is batch_size * gradient_accumulation_steps * number of processes
+batch_size = 64
+gradient_accumulation_steps = 1
+max_iters = 20000
+lr = 1e-4
+min_lr = 1e-5
+warmup_iters = 500
+lr_decay_iters = 0           # cosine decay length; 0 = max_iters
+weight_decay = 0.01
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0              # 0 = off
+ema_decay = 0.9999
+ema_start = 1000             # EMA copies the weights until this step, then averages (early weights are noise)
+# logging, evaluation, checkpoints, samples
+log_interval = 50
+eval_interval = 1000         # val loss + checkpoint + sample grid; 0 = only at the end
+eval_batches = 8
+sample_steps = 20
+cfg_scale = 4.0
+# system
+device = 'auto'              # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'auto'               # 'auto' (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), or explicit
+compile = True               # torch.compile; used on CUDA only (on CPU it costs more than it saves here)
+peak_flops = 0.0             # for MFU; 0 = guess from the GPU name (no MFU on CPU)
+seed = 1337
+config = {}  # filled in by configurator.configure() when run as a script (importing train.py is side-effect free)
+# -----------------------------------------------------------------------------
+
+
+class Data:
+    """A split of a prepare.py dataset, memory-mapped: a batch is one fancy-index and one host->device copy."""
+
+    def __init__(self, data_dir, split, device):
+        self.x = np.load(os.path.join(data_dir, f'{split}_x.npy'), mmap_mode='r')
+        self.y = np.load(os.path.join(data_dir, f'{split}_y.npy'))
+        self.device = device
+
+    def __len__(self):
+        return len(self.y)
+
+    def get(self, idx):
+        x, y = torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
+        if self.device.type == 'cuda':
+            x, y = x.pin_memory(), y.pin_memory()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x.float() / 127.5 - 1, y  # uint8 pixels -> [-1, 1], on the device
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    """A fresh permutation of the dataset each epoch, derived from (seed, epoch): computed once per epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(step, n, global_batch, seed):
+    """Indices of the global batch for `step`: a pure function of the step, so resuming needs no data state."""
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise SystemExit(f"error: the dataset has {n} images, fewer than the global batch {global_batch}: lower batch_size")
+    epoch, i = divmod(step, per_epoch)
+    # sorted: near-sequential reads from the memmap (order within a batch does not matter; it is sorted
+    # here, once, so every process slices the same sequence and pairs each image with the same noise)
+    return np.sort(epoch_order(n, seed, epoch)[i * global_batch:(i + 1) * global_batch])
+
+
+def get_lr(it):
+    """Linear warm-up, then cosine decay to min_lr."""
+    decay_iters = lr_decay_iters or max_iters
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def make_optimizer(model, device_type):
+    """AdamW; weight decay only on matrices (not on biases, norms or embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and 'embed' not in name else no_decay).append(p)
+    groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
+
+
+@torch.no_grad()
+def update_ema(ema, model, step):
+    """fp32 EMA of the weights; before ema_start it just copies them (early weights are not worth averaging)."""
+    ema_p, model_p = list(ema.parameters()), [p.float() for p in model.parameters()]
+    if step < ema_start:
+        torch._foreach_copy_(ema_p, model_p)
+    else:
+        torch._foreach_lerp_(ema_p, model_p, 1 - ema_decay)
+
+
+def save_checkpoint(ckpt, path):
+    """Atomic: a kill mid-write leaves the previous checkpoint intact."""
+    with open(path + '.tmp', 'wb') as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so even a power cut cannot leave a torn file
+    os.replace(path + '.tmp', path)
+
+
+def main():
+    # ---- processes and devices
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    dev, ptdtype, autocast = setup_device(device, dtype)
+    if ddp:
+        dist.init_process_group(backend='nccl' if dev.type == 'cuda' else 'gloo')
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if dev.type == 'cuda':
+            dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+            torch.cuda.set_device(dev)
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    torch.manual_seed(seed)
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    global_batch = batch_size * gradient_accumulation_steps * world
+
+    # ---- data
+    meta_path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(meta_path):
+        raise SystemExit(f"error: no dataset at {data_dir} ({meta_path} missing): run prepare.py first")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    train_data, val_data = Data(data_dir, 'train', dev), Data(data_dir, 'val', dev)
+    shape = (meta['channels'], meta['resolution'], meta['resolution'])
+
+    # ---- model, EMA, optimiser, possibly resumed
+    model_args = dict(arch=arch, input_size=meta['resolution'], in_channels=meta['channels'],
+                      num_classes=meta['num_classes'], n_head=n_head)
+    if arch == 'dit':
+        model_args.update(patch_size=patch_size, n_layer=n_layer, n_embd=n_embd)
+    else:
+        model_args.update(channels=unet_channels, channel_mult=tuple(unet_mult), num_res_blocks=unet_blocks)
+    diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
+    model = build_model(model_args).to(dev)
+    ema = copy.deepcopy(model).float().requires_grad_(False)
+    optimizer = make_optimizer(model, dev.type)
+    scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
+    step, best_val = 0, float('inf')
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'resume':
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f"error: init_from='resume' but there is no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        # the same network and the same diffusion objective, or resuming would silently train something else
+        now = dict(model_args, objective=objective, schedule=schedule, prediction=prediction, num_timesteps=num_timesteps)
+        before = dict(ckpt['config'], **ckpt['model_args'])
+        differ = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        if differ:
+            raise SystemExit(f"error: {ckpt_path} is a different model: " +
+                             ', '.join(f"{k}={a} in checkpoint vs {b} now" for k, (a, b) in differ.items()))
+        model.load_state_dict(ckpt['model'])
+        ema.load_state_dict(ckpt['ema'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        step, best_val = ckpt['step'], ckpt['best_val']
+        if master:
+            print(f"resuming from {ckpt_path} at step {step}")
+    elif init_from != 'scratch':
+        raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}")
+    raw_model = model
+    if compile and dev.type == 'cuda':
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    flops_per_step = 3 * flops_per_image(raw_model, shape) * global_batch  # forward + backward = 3x forward
+    peak = peak_flops or guess_peak_flops(dev)
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"{n_params / 1e6:.2f}M parameters | {len(train_data)} train images {shape} | global batch {global_batch} "
+              f"| {dev} {ptdtype} | {world} process(es)")
+
+    def noise_for(step_, n, gen_seed):
+        """t, noise and label-dropout for a global batch, from a generator seeded by (seed, step)."""
+        g = torch.Generator(dev).manual_seed(gen_seed * 1_000_003 + step_)
+        t = diffusion.sample_t(n, g, dev)
+        noise = torch.randn((n,) + shape, generator=g, device=dev)
+        drop = torch.rand(n, generator=g, device=dev) < class_dropout
+        return t, noise, drop
+
+    @torch.no_grad()
+    def val_loss(net):
+        losses = []
+        for i in range(eval_batches):
+            idx = np.arange(i * batch_size, (i + 1) * batch_size) % len(val_data)
+            x0, y = val_data.get(idx)
+            t, noise, _ = noise_for(i, len(idx), seed + 1)  # the same noise at every evaluation
+            with autocast:
+                losses.append(diffusion.loss(net, x0, y, t, noise).item())
+        return sum(losses) / len(losses)
+
+    def checkpoint(name='ckpt.pt'):
+        save_checkpoint({'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(),
+                         'scaler': scaler.state_dict(), 'step': step, 'best_val': best_val, 'model_args': model_args,
+                         'config': config, 'meta': meta}, os.path.join(out_dir, name))
+
+    def sample_grid():
+        from sample import sample_images, save_grid, class_labels  # lazy: only the master samples
+        labels = class_labels(meta, 8).to(dev)
+        x = sample_images(ema, diffusion, labels, meta, sample_steps, cfg_scale, seed=seed, autocast=autocast)
+        save_grid(x, [meta['class_names'][i] if meta['num_classes'] else '' for i in labels.tolist()],
+                  os.path.join(out_dir, f'samples_{step:06d}.png'))
+
+    # ---- the loop
+    loss_sum, t_last, steps_since = torch.zeros((), device=dev), time.time(), 0
+    while step < max_iters:
+        for group in optimizer.param_groups:
+            group['lr'] = get_lr(step)
+        idx = batch_indices(step, len(train_data), global_batch, seed)
+        t, noise, drop = noise_for(step, global_batch, seed)
+        for micro in range(gradient_accumulation_steps):
+            # this process's slice of the global batch (the same examples with the same noise whatever the world size)
+            s = slice((micro * world + rank) * batch_size, (micro * world + rank + 1) * batch_size)
+            x0, y = train_data.get(idx[s])
+            y = torch.where(drop[s], meta['num_classes'], y)  # the null class, for classifier-free guidance
+            last = micro == gradient_accumulation_steps - 1
+            with (model.no_sync() if ddp and not last else nullcontext()), autocast:
+                loss = diffusion.loss(model, x0, y, t[s], noise[s]) / gradient_accumulation_steps
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, raw_model, step)
+        step += 1
+        steps_since += 1
+
+        if master and (step % log_interval == 0 or step == max_iters):
+            dt = time.time() - t_last
+            img_s = steps_since * global_batch / dt
+            mfu = f" | mfu {100 * flops_per_step * steps_since / dt / peak:.1f}%" if peak else ''
+            print(f"step {step} | loss {loss_sum.item() / steps_since:.4f} | lr {get_lr(step - 1):.2e} | "
+                  f"{img_s:.0f} img/s{mfu}", flush=True)
+            loss_sum.zero_()
+            steps_since, t_last = 0, time.time()
+        if master and ((eval_interval and step % eval_interval == 0) or step == max_iters):
+            vl = val_loss(ema)
+            best_val = min(best_val, vl)
+            checkpoint()
+            print(f"step {step} | val loss (ema) {vl:.4f} | saved {out_dir}/ckpt.pt", flush=True)
+            sample_grid()
+            t_last = time.time()  # do not count evaluation in img/s
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    config.update(configure(globals()))
+    main()
