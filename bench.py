@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model import DIT_SIZES, Diffusion, build_model, flops_per_image, guess_peak_flops, setup_device
-from sample import dpm_solver_pp, guided
+from sample import guided, sample_loop
 from train import Data
 
 # -----------------------------------------------------------------------------
@@ -49,6 +49,7 @@ dtype = 'auto'
 compile = True               # CUDA only, as in train.py
 peak_flops = 0.0             # 0 = guess from the GPU name
 profile = False
+solvers = False              # instead: the exact-answer sampler error table (Gaussian data, closed-form ODE solution)
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -58,7 +59,70 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def gaussian_x0(x_t, alpha, sigma, mu, s):
+    """E[x0 | x_t] for data x0 ~ N(mu, s^2 I) and x_t = alpha x0 + sigma eps: the optimal denoiser in closed
+    form, so every sampler has an exact answer to be measured against."""
+    return mu + alpha * s ** 2 / (alpha ** 2 * s ** 2 + sigma ** 2) * (x_t - alpha * mu)
+
+
+def solver_errors(mu=0.3, s=0.5, nfes=(5, 10, 20, 50)):
+    """Rows (model, sampler, [error at each NFE]): the RMS distance of each sampler's end point from the exact probability-flow ODE solution, which for
+    Gaussian data maps the start x_T to mu + s * (x_T - alpha_T mu) / sqrt(alpha_T^2 s^2 + sigma_T^2)."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = []
+    for objective in ('vp', 'flow'):
+        diffusion = Diffusion(objective, 'linear', 'eps', 1000)
+
+        def net(x_t, t):
+            a, sg = (float(v) for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
+            x0 = gaussian_x0(x_t, a, sg, mu, s)
+            return (x_t - x0) / sg if objective == 'flow' else (x_t - a * x0) / sg
+
+        t0 = 1.0 if objective == 'flow' else diffusion.T - 1.0
+        a, sg = (float(v) for v in diffusion.alpha_sigma(torch.tensor(t0, dtype=torch.float64)))
+        exact = mu + s * (x - a * mu) / (a * a * s * s + sg * sg) ** 0.5
+        rms = lambda out: (out - exact).pow(2).mean().sqrt().item()
+        uniform = 'leading' if objective == 'vp' else 'linspace'  # time-uniform, as diffusers' DDIM default
+        configs = [('dpm++', 2, 'logsnr'), ('dpm++', 1, 'logsnr'), ('dpm++', 3, 'logsnr'), ('dpm++', 2, 'karras'),
+                   ('dpm++', 3, 'karras'), ('dpm++', 2, 'linspace'), ('ddim', 1, uniform)]
+        if objective == 'flow':
+            configs += [('euler', 1, 'linspace'), ('heun', 2, 'karras')]
+        for sampler, order, spacing in configs:
+            errs = []
+            for nfe in nfes:
+                steps = (nfe + 1) // 2 if sampler == 'heun' else nfe
+                errs.append(rms(sample_loop(net, x.clone(), diffusion, steps, sampler, order, spacing)[0]))
+            name = f"{sampler}{order if sampler == 'dpm++' else ''} {spacing}" + (' (our default)' if (sampler, order, spacing) == ('dpm++', 2, 'logsnr') else '')
+            rows.append((objective, name, errs))
+        if objective == 'vp':
+            try:
+                import diffusers
+            except ImportError:
+                rows.append(('vp', 'diffusers DPMSolverMultistep default: not installed', [float('nan')] * len(nfes)))
+                continue
+            errs = []
+            for nfe in nfes:
+                sched = diffusers.DPMSolverMultistepScheduler()  # its defaults: linear betas, 2M, linspace
+                sched.set_timesteps(nfe)
+                out = x.clone()
+                for t in sched.timesteps:
+                    out = sched.step(net(out, float(t)), t, out).prev_sample
+                errs.append(rms(out))
+            rows.append(('vp', 'diffusers DPMSolverMultistep (default config)', errs))
+    return rows
+
+
+def print_solver_table(nfes=(5, 10, 20, 50)):
+    rows = solver_errors(nfes=nfes)
+    width = max(len(r[1]) for r in rows)
+    print(f"{'model':<6} {'sampler':<{width}}  " + '  '.join(f"{f'{n} NFE':>9}" for n in nfes))
+    for objective, name, errs in rows:
+        print(f"{objective:<6} {name:<{width}}  " + '  '.join(f"{e:9.2e}" for e in errs))
+
+
 def main():
+    if solvers:
+        return print_solver_table()
     dev, ptdtype, autocast = setup_device(device, dtype)
     torch.manual_seed(seed)
     if dev.type == 'cuda':
@@ -139,10 +203,10 @@ def main():
     x = torch.randn(sample_batch, c, res, res, device=dev)
     with torch.no_grad(), autocast:
         fn = guided(net, diffusion, y, ncls, cfg_scale)
-        dpm_solver_pp(fn, x, diffusion, 2, 2)  # warm-up (compile for the eval shapes)
+        sample_loop(fn, x, diffusion, 2)  # warm-up (compile for the eval shapes)
         sync(dev)
         t0 = time.perf_counter()
-        dpm_solver_pp(fn, x, diffusion, sample_steps, 2)
+        sample_loop(fn, x, diffusion, sample_steps)
         sync(dev)
     sample_img_s = sample_batch / (time.perf_counter() - t0)
 

@@ -11,6 +11,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -313,13 +314,53 @@ class Diffusion:
             return alpha * x_t - sigma * out
         return out
 
-    def sampling_schedule(self, steps):
-        """Times for a `steps`-step sampler, from pure noise to clean data: the model is evaluated at
-        t[0..steps-1]; alpha/sigma have steps+1 entries, the last one clean (alpha=1, sigma=0)."""
+    def edm_sigma(self, t):
+        """sigma/alpha, the noise level of x/alpha (EDM's sigma); +inf at pure noise."""
+        alpha, sigma = self.alpha_sigma(t)
+        return sigma / alpha
+
+    def t_from_edm_sigma(self, s):
+        """Inverse of edm_sigma. vp: alpha_bar = 1 / (1 + s^2), found on the same piecewise-linear alpha_bar(t)
+        that alpha_sigma uses, so the round trip is exact."""
         if self.objective == 'flow':
+            return s / (1 + s)
+        ac = self.alphas_cumprod.flip(0).numpy()  # increasing, for np.interp
+        t = np.interp((1 / (1 + s ** 2)).numpy(), ac, np.arange(self.T - 1, -1, -1, dtype=np.float64))
+        return torch.from_numpy(t)
+
+    def sampling_schedule(self, steps, spacing='linspace'):
+        """Times for a `steps`-step sampler, from pure noise to clean data: the model is evaluated at
+        t[0..steps-1]; alpha/sigma have steps+1 entries, the last one clean (alpha=1, sigma=0).
+        spacing: 'linspace', 'leading', 'trailing': uniform in time, exactly as diffusers spaces them;
+        'logsnr': uniform in log-SNR (DPM-Solver's choice); 'karras': EDM's rho=7 spacing of sigma/alpha.
+        The last two span sigma/alpha from min(start, 80) to s_min (0.002, or the first training step), so the final step to
+        clean data starts almost clean: a time-uniform grid's last step returns the posterior mean at a
+        large noise level, which over-shrinks samples (towards the mean)."""
+        T = self.T
+        if spacing in ('logsnr', 'karras'):
+            t_max = 1 - 1e-4 if self.objective == 'flow' else T - 1.0  # flow: t=1 has infinite sigma/alpha
+            t_min = 0.002 / 1.002 if self.objective == 'flow' else 0.0
+            s_max, s_min = self.edm_sigma(torch.tensor([t_max, t_min], dtype=torch.float64))
+            s_max = s_max.clamp(max=80.0)  # EDM's sigma_max: above it no signal of [-1, 1] data is visible,
+            # so grid points there are wasted; the first call stays at the true start, pure noise
+            i = torch.linspace(0, 1, steps, dtype=torch.float64)
+            if spacing == 'logsnr':
+                s = (s_max.log() + i * (s_min.log() - s_max.log())).exp()
+            else:
+                rho = 7.0
+                s = (s_max ** (1 / rho) + i * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+            t = self.t_from_edm_sigma(s)
+            t[0] = 1.0 if self.objective == 'flow' else t_max  # start from pure noise
+        elif self.objective == 'flow':
             t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
-        else:  # diffusers' 'linspace' spacing, so our samplers can be checked against diffusers exactly
-            t = torch.linspace(0, self.T - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+        elif spacing == 'linspace':  # diffusers' DPMSolverMultistepScheduler default
+            t = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+        elif spacing == 'leading':  # diffusers' DDIM/DDPM default
+            t = (torch.arange(steps, dtype=torch.float64) * (T // steps)).flip(0)
+        elif spacing == 'trailing':  # "Common Diffusion Noise Schedules and Sample Steps Are Flawed", table 2
+            t = torch.from_numpy(np.round(np.arange(T, 0, -T / steps)) - 1).double()
+        else:
+            raise SystemExit(f"error: unknown spacing {spacing!r}: use linspace, leading, trailing, logsnr or karras")
         alpha, sigma = self.alpha_sigma(t)
         alpha = torch.cat([alpha, torch.ones(1, dtype=torch.float64)])
         sigma = torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])

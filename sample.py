@@ -1,12 +1,14 @@
 """
-Sample from a trained checkpoint with DPM-Solver++ and classifier-free guidance, write a PNG grid:
+Sample from a trained checkpoint with classifier-free guidance, write a PNG grid:
 
     python sample.py --out_dir=out-shapes                    # grid of every class -> out-shapes/grid.png
     python sample.py --out_dir=out-shapes --grade=True       # shapes only: read samples back, print accuracy
+    python sample.py --out_dir=out-shapes --sampler=ddpm --steps=1000 --spacing=linspace
 
-DPM-Solver++: Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
-Models" (2022), multistep second order (2M), data-prediction form.
-CFG: Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022).
+Samplers (all in sample_loop, on the alpha/sigma of model.Diffusion): DPM-Solver++ 1/2/3 (Lu et al. 2022,
+the default: 2M), DDIM (Song et al. 2021, eta >= 0), DDPM ancestral (Ho et al. 2020), Euler/Heun for
+flow models. CFG: Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022). Each is checked against
+diffusers' scheduler of the same name in tests/test_sampler.py.
 """
 import os
 import textwrap
@@ -21,8 +23,13 @@ from model import Diffusion, build_model, setup_device
 # -----------------------------------------------------------------------------
 out_dir = 'out'              # where the checkpoint is, and where the grid goes
 ckpt_name = 'ckpt.pt'
-steps = 20                   # solver steps = network evaluations (cond + uncond are one batched call)
-order = 2                    # DPM-Solver++ order: 1 (= DDIM) or 2 (2M)
+steps = 20                   # solver steps; NFE = steps (heun: 2*steps-1); CFG's cond+uncond is one batched call
+sampler = 'dpm++'            # 'dpm++', 'ddim', 'ddpm', 'euler', 'heun' (the last two: flow models)
+order = 2                    # dpm++ order: 1, 2 or 3
+spacing = 'logsnr'           # step times: 'logsnr', 'karras', or time-uniform 'linspace', 'leading', 'trailing'
+eta = 0.0                    # ddim: 0 = deterministic, 1 = DDPM
+threshold = 0.0              # Imagen dynamic thresholding quantile of |x0| (e.g. 0.995); 0 = off
+threshold_max = 1.0
 cfg_scale = 4.0              # 1 = no guidance
 per_class = 8                # grid: images per class (unconditional models: per_class * 8 images)
 grade = False                # shapes only: sample grade_per_class images per class and read them back
@@ -35,28 +42,81 @@ dtype = 'auto'
 # -----------------------------------------------------------------------------
 
 
-def dpm_solver_pp(model_fn, x, diffusion, steps, order=2):
-    """Integrate the probability-flow ODE from noise x to data. model_fn(x, t) returns the network output
-    at objective time t; diffusion.to_x0 turns it into a data prediction D. With lambda = log(alpha/sigma)
-    and h = lambda_next - lambda, the exact solution of the ODE for a constant D is
-        x_next = (sigma_next / sigma) * x - alpha_next * (exp(-h) - 1) * D          (first order, = DDIM)
-    2M replaces D by a linear extrapolation from the previous step's prediction (DPM-Solver++ eq. 9).
-    The first step has no history and the last step (to sigma = 0) is first order: more stable, and it
-    returns exactly the final data prediction."""
-    ts, alphas, sigmas = diffusion.sampling_schedule(steps)
-    lambdas = alphas.log() - sigmas.log()  # -inf at pure noise (alpha = 0), +inf at clean data (sigma = 0)
-    x0_prev = None
-    for i in range(steps):
-        x0 = diffusion.to_x0(model_fn(x, ts[i].item()), x, alphas[i].item(), sigmas[i].item())
-        h = (lambdas[i + 1] - lambdas[i]).item()
-        if order == 1 or x0_prev is None or i == steps - 1:
-            D = x0
-        else:
-            r = (lambdas[i] - lambdas[i - 1]).item() / h
-            D = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-        x = (sigmas[i + 1] / sigmas[i]).item() * x - alphas[i + 1].item() * (np.exp(-h) - 1) * D
-        x0_prev = x0
-    return x
+def threshold_x0(x0, ratio, max_value=1.0):
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): per sample, s = the `ratio` quantile
+    of |x0| (at least 1, at most max_value); clip x0 to [-s, s] and divide by s. For pixel-space models
+    with strong guidance; off (ratio 0) by default."""
+    s = x0.flatten(1).abs().float().quantile(ratio, dim=1).clamp(1, max_value).to(x0.dtype)
+    s = s.view(-1, *[1] * (x0.dim() - 1))
+    return x0.clamp(-s, s) / s
+
+
+def sample_loop(model_fn, x, diffusion, steps, sampler='dpm++', order=2, spacing='logsnr', eta=0.0,
+                threshold=0.0, threshold_max=1.0, generator=None):
+    """Integrate from noise x to data in `steps` steps. model_fn(x, t) returns the network output at
+    objective time t (CFG already applied: one batched call). Returns (x, nfe).
+      dpm++: DPM-Solver++ multistep, order 1-3 (Lu et al. 2022), data-prediction form
+      ddim:  DDIM (Song et al. 2021); eta=0 deterministic, eta=1 is DDPM's ancestral sampler
+      ddpm:  = ddim with eta=1
+      euler, heun: the flow ODE dx/dt = v in t (flow objective only; heun uses 2 NFE per step but the last)"""
+    ts, alphas, sigmas = diffusion.sampling_schedule(steps, spacing)
+    A, S = alphas.tolist(), sigmas.tolist()
+    nfe = 0
+
+    def x0_at(x, i):
+        nonlocal nfe
+        nfe += 1
+        x0 = diffusion.to_x0(model_fn(x, ts[i].item()), x, A[i], S[i])
+        return threshold_x0(x0, threshold, threshold_max) if threshold else x0
+
+    if sampler == 'dpm++':
+        lam = (alphas.log() - sigmas.log()).tolist()  # log-SNR/2: -inf at pure noise, +inf when clean
+        hist = []  # data predictions of the last steps, newest last
+        for i in range(steps):
+            hist = (hist + [x0_at(x, i)])[-3:]
+            # warm up from first order; the step to sigma=0 is first order and, in short runs, the one
+            # before it at most second (as in diffusers: fewer, larger steps make extrapolation unstable)
+            k = min(order, len(hist), 1 if i == steps - 1 else 2 if i == steps - 2 and steps < 15 else 3)
+            h = lam[i + 1] - lam[i]
+            phi = np.expm1(-h)  # exp(-h) - 1
+            D0 = hist[-1]
+            x = (S[i + 1] / S[i]) * x - A[i + 1] * phi * D0  # exact for a constant D: DDIM
+            if k >= 2:  # + the linear term of D in lambda (2M: eq. 9 of DPM-Solver++)
+                r0 = (lam[i] - lam[i - 1]) / h
+                D1 = (D0 - hist[-2]) / r0
+                if k == 2:
+                    x = x - 0.5 * A[i + 1] * phi * D1
+                else:  # 3M: a quadratic in lambda through the last three predictions
+                    r1 = (lam[i - 1] - lam[i - 2]) / h
+                    D1_1 = (hist[-2] - hist[-3]) / r1
+                    D2 = (D1 - D1_1) / (r0 + r1)
+                    D1 = D1 + r0 / (r0 + r1) * (D1 - D1_1)
+                    x = x + A[i + 1] * (phi / h + 1) * D1 - A[i + 1] * ((phi + h) / h ** 2 - 0.5) * D2
+    elif sampler in ('ddim', 'ddpm'):
+        eta = 1.0 if sampler == 'ddpm' else eta
+        for i in range(steps):
+            a, s, a_n, s_n = A[i], S[i], A[i + 1], S[i + 1]
+            x0 = x0_at(x, i)
+            eps = (x - a * x0) / s
+            # variance of the posterior q(x_next | x, x0), scaled by eta^2 (DDIM eq. 16 in alpha/sigma form)
+            var = eta ** 2 * (s_n / s) ** 2 * (s ** 2 - (a / a_n) ** 2 * s_n ** 2) if s_n > 0 else 0.0
+            x = a_n * x0 + max(s_n ** 2 - var, 0.0) ** 0.5 * eps
+            if var > 0:
+                x = x + var ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    elif sampler in ('euler', 'heun'):
+        if diffusion.objective != 'flow':
+            raise SystemExit(f"error: sampler {sampler!r} integrates the flow ODE in t: use it with objective='flow'")
+        for i in range(steps):
+            t, t_n = S[i], S[i + 1]  # flow: sigma = t
+            v = (x - x0_at(x, i)) / t
+            x_next = x + (t_n - t) * v
+            if sampler == 'heun' and t_n > 0:  # trapezoid: average with the slope at the Euler end point
+                v_n = (x_next - x0_at(x_next, i + 1)) / t_n
+                x_next = x + (t_n - t) * 0.5 * (v + v_n)
+            x = x_next
+    else:
+        raise SystemExit(f"error: unknown sampler {sampler!r}: use dpm++, ddim, ddpm, euler or heun")
+    return x, nfe
 
 
 def guided(model, diffusion, y, null_class, cfg_scale):
@@ -75,8 +135,9 @@ def guided(model, diffusion, y, null_class, cfg_scale):
 
 
 @torch.inference_mode()
-def sample_images(model, diffusion, labels, meta, steps, cfg_scale, seed=0, order=2, autocast=None, batch_size=256):
-    """Generate one image per label; returns uint8 [N, C, H, W]. Seeded: the same call gives the same images."""
+def sample_images(model, diffusion, labels, meta, cfg_scale, seed=0, autocast=None, batch_size=256, **solver):
+    """Generate one image per label; returns uint8 [N, C, H, W]. Seeded: the same call gives the same
+    images. solver: steps, sampler, order, spacing, eta, threshold, threshold_max (see sample_loop)."""
     shape = (meta['channels'], meta['resolution'], meta['resolution'])
     g = torch.Generator(labels.device).manual_seed(seed)
     noise = torch.randn((len(labels),) + shape, generator=g, device=labels.device)
@@ -84,7 +145,7 @@ def sample_images(model, diffusion, labels, meta, steps, cfg_scale, seed=0, orde
     for i in range(0, len(labels), batch_size):
         model_fn = guided(model, diffusion, labels[i:i + batch_size], meta['num_classes'], cfg_scale)
         with autocast or nullcontext():
-            x = dpm_solver_pp(model_fn, noise[i:i + batch_size], diffusion, steps, order)
+            x, _ = sample_loop(model_fn, noise[i:i + batch_size], diffusion, generator=g, **solver)
         if not torch.isfinite(x).all():
             raise SystemExit("error: sampling produced NaN/inf: the checkpoint's weights are broken (check the training loss)")
         out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
@@ -121,7 +182,7 @@ def save_grid(images, captions, path, ncol=None):
 
 
 def load_model(path, dev, use_ema=True):
-    """Rebuild the DiT from a train.py checkpoint; returns (model, diffusion, meta, config)."""
+    """Rebuild the denoiser from a train.py checkpoint; returns (model, diffusion, meta, config)."""
     if not os.path.exists(path):
         raise SystemExit(f"error: no checkpoint at {path}: train first, or pass --out_dir=<the training out_dir>")
     ckpt = torch.load(path, map_location=dev, weights_only=False)
@@ -137,14 +198,16 @@ def main():
     configure(globals())
     dev, _, autocast = setup_device(device, dtype)
     model, diffusion, meta, _ = load_model(os.path.join(out_dir, ckpt_name), dev, use_ema)
-    kw = dict(steps=steps, cfg_scale=cfg_scale, order=order, autocast=autocast, batch_size=batch_size)
+    kw = dict(cfg_scale=cfg_scale, autocast=autocast, batch_size=batch_size, steps=steps, sampler=sampler, order=order,
+              spacing=spacing, eta=eta, threshold=threshold, threshold_max=threshold_max)
+    how = f"{sampler}{order if sampler == 'dpm++' else ''} {spacing}, {steps} steps, cfg {cfg_scale}"
 
     labels = class_labels(meta, per_class).to(dev)
     images = sample_images(model, diffusion, labels, meta, seed=seed, **kw)
     names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels.tolist()]
     path = os.path.join(out_dir, 'grid.png')
     save_grid(images, names, path, ncol=per_class if meta['num_classes'] else 8)
-    print(f"wrote {path} ({len(images)} images, {steps} steps, cfg {cfg_scale}, seed {seed})")
+    print(f"wrote {path} ({len(images)} images, {how}, seed {seed})")
 
     if grade:
         if meta.get('dataset') != 'shapes':
@@ -154,7 +217,7 @@ def main():
         images = sample_images(model, diffusion, labels, meta, seed=seed + 1, **kw)
         acc, per_class_acc = grade_images(images.numpy(), labels.cpu().numpy())
         print(f"conditional accuracy (shape and colour read back right): {100 * acc:.1f}% of {len(labels)} samples "
-              f"| DPM-Solver++({order}M) {steps} steps, cfg {cfg_scale}")
+              f"| {how}")
         print('per class: ' + ', '.join(f"{n} {100 * a:.0f}%" for n, a in zip(meta['class_names'], per_class_acc)))
 
 

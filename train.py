@@ -254,7 +254,7 @@ def main():
     def sample_grid():
         from sample import sample_images, save_grid, class_labels  # lazy: only the master samples
         labels = class_labels(meta, 8).to(dev)
-        x = sample_images(ema, diffusion, labels, meta, sample_steps, cfg_scale, seed=seed, autocast=autocast)
+        x = sample_images(ema, diffusion, labels, meta, cfg_scale, seed=seed, autocast=autocast, steps=sample_steps)
         save_grid(x, [meta['class_names'][i] if meta['num_classes'] else '' for i in labels.tolist()],
                   os.path.join(out_dir, f'samples_{step:06d}.png'))
 
