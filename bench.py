@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from model import DIT_SIZES, Diffusion, build_model, flops_per_image, guess_peak_flops, setup_device
+from model import DIT_SIZES, Diffusion, build_model, flops_per_image, guess_peak_flops, input_shape, setup_device
 from sample import guided, sample_loop
 from train import Data
 
@@ -50,6 +50,8 @@ compile = True               # CUDA only, as in train.py
 peak_flops = 0.0             # 0 = guess from the GPU name
 profile = False
 solvers = False              # instead: the exact-answer sampler error table (Gaussian data, closed-form ODE solution)
+quality = ''                 # instead: a shapes checkpoint folder -> conditional accuracy vs NFE for each sampler
+quality_per_class = 10
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -120,9 +122,33 @@ def print_solver_table(nfes=(5, 10, 20, 50)):
         print(f"{objective:<6} {name:<{width}}  " + '  '.join(f"{e:9.2e}" for e in errs))
 
 
+def quality_table(ckpt_dir, per_class, nfes=(5, 10, 20, 50)):
+    """Conditional accuracy of samples from a trained shapes model, per sampler and NFE, graded by
+    prepare.grade; the 1000-step DDPM ancestral sampler is the reference."""
+    from prepare import grade
+    from sample import load_model, sample_images
+    dev, _, autocast = setup_device(device, dtype)
+    model, diffusion, meta, _ = load_model(os.path.join(ckpt_dir, 'ckpt.pt'), dev)
+    labels = torch.arange(meta['num_classes']).repeat_interleave(per_class).to(dev)
+    uniform = 'linspace' if diffusion.objective == 'flow' else 'leading'
+    configs = [('dpm++', 1, 'logsnr'), ('dpm++', 2, 'logsnr'), ('dpm++', 3, 'logsnr'), ('dpm++', 2, uniform), ('ddim', 1, uniform)]
+    print(f"{len(labels)} samples per cell, cfg {cfg_scale}, {ckpt_dir}")
+    print(f"{'sampler':<22}" + ''.join(f"{f'{n} NFE':>9}" for n in nfes))
+    def acc(steps, **kw):
+        x = sample_images(model, diffusion, labels, meta, cfg_scale, seed=seed, autocast=autocast, steps=steps, **kw)
+        return 100 * grade(x.numpy(), labels.cpu().numpy())[0]
+    for sampler, order, spacing in configs:
+        accs = [acc(n, sampler=sampler, order=order, spacing=spacing) for n in nfes]
+        name = f"{sampler}{order if sampler == 'dpm++' else ''} {spacing}"
+        print(f"{name:<22}" + ''.join(f"{a:8.1f}%" for a in accs), flush=True)
+    print(f"{'ddpm ' + uniform + ', 1000 NFE':<22}{acc(1000, sampler='ddpm', spacing=uniform):8.1f}%")
+
+
 def main():
     if solvers:
         return print_solver_table()
+    if quality:
+        return quality_table(quality, quality_per_class)
     dev, ptdtype, autocast = setup_device(device, dtype)
     torch.manual_seed(seed)
     if dev.type == 'cuda':
@@ -132,7 +158,7 @@ def main():
         data = Data(data_dir, 'train', dev)
         with open(os.path.join(data_dir, 'meta.json')) as f:
             meta = json.load(f)
-        c, res, ncls = meta['channels'], meta['resolution'], meta['num_classes']
+        (c, res, _), ncls = input_shape(meta), meta['num_classes']
         get_batch = lambda: data.get(np.random.randint(0, len(data), batch_size))
     else:  # random data, held on the host like the memmap, so the host->device copy is still timed
         c, res, ncls = channels, resolution, num_classes

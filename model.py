@@ -240,6 +240,13 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def input_shape(meta):
+    """The denoiser's input [C, H, W] for a prepare.py dataset: its VAE latents, or its pixels."""
+    if meta.get('kind') == 'latents':
+        return tuple(meta['latent_shape'])
+    return (meta['channels'], meta['resolution'], meta['resolution'])
+
+
 def build_model(model_args):
     """A denoiser from the dict a checkpoint stores: {'arch': 'dit' | 'unet', ...the config fields}."""
     args = dict(model_args)

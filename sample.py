@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from model import Diffusion, build_model, setup_device
+from model import Diffusion, build_model, input_shape, setup_device
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'              # where the checkpoint is, and where the grid goes
@@ -138,7 +138,7 @@ def guided(model, diffusion, y, null_class, cfg_scale):
 def sample_images(model, diffusion, labels, meta, cfg_scale, seed=0, autocast=None, batch_size=256, **solver):
     """Generate one image per label; returns uint8 [N, C, H, W]. Seeded: the same call gives the same
     images. solver: steps, sampler, order, spacing, eta, threshold, threshold_max (see sample_loop)."""
-    shape = (meta['channels'], meta['resolution'], meta['resolution'])
+    shape = input_shape(meta)
     g = torch.Generator(labels.device).manual_seed(seed)
     noise = torch.randn((len(labels),) + shape, generator=g, device=labels.device)
     out = []

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import Diffusion, build_model, flops_per_image, guess_peak_flops, setup_device
+from model import Diffusion, build_model, flops_per_image, guess_peak_flops, input_shape, setup_device
 
 # -----------------------------------------------------------------------------
 # config: defaults here, overridden by config/*.py files and --key=value (see configurator.py)
@@ -79,22 +79,35 @@ config = {}  # filled in by configurator.configure() when run as a script (impor
 
 
 class Data:
-    """A split of a prepare.py dataset, memory-mapped: a batch is one fancy-index and one host->device copy."""
+    """A split of a prepare.py dataset, memory-mapped: a batch is one fancy-index and one host->device copy.
+    Pixel data: uint8 [N, 3, H, W]. Latent data: fp16 [N, 2, 2, C, h, w] = (image, h-flipped) x (posterior
+    mean, std) from the VAE, so every step can draw a fresh latent mean + std * eps of either orientation."""
 
     def __init__(self, data_dir, split, device):
-        self.x = np.load(os.path.join(data_dir, f'{split}_x.npy'), mmap_mode='r')
+        with open(os.path.join(data_dir, 'meta.json')) as f:
+            meta = json.load(f)
+        self.latent = meta.get('kind') == 'latents'
+        self.x = np.load(os.path.join(data_dir, f"{split}_{'latents' if self.latent else 'x'}.npy"), mmap_mode='r')
         self.y = np.load(os.path.join(data_dir, f'{split}_y.npy'))
+        self.scale, self.shift = meta.get('scaling_factor', 1.0), meta.get('shift_factor', 0.0)
         self.device = device
 
     def __len__(self):
         return len(self.y)
 
-    def get(self, idx):
+    def get(self, idx, eps=None, flip=None):
+        """(x0, y) on the device. Latents: eps [B, C, h, w] and flip [B] bool pick the sample; None = mean, unflipped."""
         x, y = torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
         if self.device.type == 'cuda':
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        return x.float() / 127.5 - 1, y  # uint8 pixels -> [-1, 1], on the device
+        if not self.latent:
+            return x.float() / 127.5 - 1, y  # uint8 pixels -> [-1, 1], on the device
+        x = x.float()
+        pair = x[:, 0] if flip is None else torch.where(flip.view(-1, 1, 1, 1, 1), x[:, 1], x[:, 0])
+        mean, std = pair.unbind(1)  # [B, C, h, w] each
+        z = mean if eps is None else mean + std * eps
+        return (z - self.shift) * self.scale, y  # the VAE's latent normalisation, recorded by prepare.py
 
 
 @functools.lru_cache(maxsize=2)
@@ -178,10 +191,10 @@ def main():
     with open(meta_path) as f:
         meta = json.load(f)
     train_data, val_data = Data(data_dir, 'train', dev), Data(data_dir, 'val', dev)
-    shape = (meta['channels'], meta['resolution'], meta['resolution'])
+    shape = input_shape(meta)
 
     # ---- model, EMA, optimiser, possibly resumed
-    model_args = dict(arch=arch, input_size=meta['resolution'], in_channels=meta['channels'],
+    model_args = dict(arch=arch, input_size=shape[-1], in_channels=shape[0],
                       num_classes=meta['num_classes'], n_head=n_head)
     if arch == 'dit':
         model_args.update(patch_size=patch_size, n_layer=n_layer, n_embd=n_embd)
@@ -233,7 +246,11 @@ def main():
         t = diffusion.sample_t(n, g, dev)
         noise = torch.randn((n,) + shape, generator=g, device=dev)
         drop = torch.rand(n, generator=g, device=dev) < class_dropout
-        return t, noise, drop
+        if not train_data.latent:
+            return t, noise, drop, None, None
+        eps = torch.randn((n,) + shape, generator=g, device=dev)  # the VAE posterior sample
+        flip = torch.rand(n, generator=g, device=dev) < 0.5
+        return t, noise, drop, eps, flip
 
     @torch.no_grad()
     def val_loss(net):
@@ -241,7 +258,7 @@ def main():
         for i in range(eval_batches):
             idx = np.arange(i * batch_size, (i + 1) * batch_size) % len(val_data)
             x0, y = val_data.get(idx)
-            t, noise, _ = noise_for(i, len(idx), seed + 1)  # the same noise at every evaluation
+            t, noise, _, _, _ = noise_for(i, len(idx), seed + 1)  # the same noise at every evaluation
             with autocast:
                 losses.append(diffusion.loss(net, x0, y, t, noise).item())
         return sum(losses) / len(losses)
@@ -264,11 +281,11 @@ def main():
         for group in optimizer.param_groups:
             group['lr'] = get_lr(step)
         idx = batch_indices(step, len(train_data), global_batch, seed)
-        t, noise, drop = noise_for(step, global_batch, seed)
+        t, noise, drop, eps, flip = noise_for(step, global_batch, seed)
         for micro in range(gradient_accumulation_steps):
             # this process's slice of the global batch (the same examples with the same noise whatever the world size)
             s = slice((micro * world + rank) * batch_size, (micro * world + rank + 1) * batch_size)
-            x0, y = train_data.get(idx[s])
+            x0, y = train_data.get(idx[s], eps[s] if eps is not None else None, flip[s] if flip is not None else None)
             y = torch.where(drop[s], meta['num_classes'], y)  # the null class, for classifier-free guidance
             last = micro == gradient_accumulation_steps - 1
             with (model.no_sync() if ddp and not last else nullcontext()), autocast:
