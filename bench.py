@@ -52,6 +52,10 @@ profile = False
 solvers = False              # instead: the exact-answer sampler error table (Gaussian data, closed-form ODE solution)
 quality = ''                 # instead: a shapes checkpoint folder -> conditional accuracy vs NFE for each sampler
 quality_per_class = 10
+vae = ''                     # instead: VAE encode img/s, ours vs diffusers' AutoencoderKL with the same weights;
+                             # a hub id/folder, or 'random' for SD-size random weights (no download)
+vae_resolution = 256
+vae_batch = 8
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -144,7 +148,40 @@ def quality_table(ckpt_dir, per_class, nfes=(5, 10, 20, 50)):
     print(f"{'ddpm ' + uniform + ', 1000 NFE':<22}{acc(1000, sampler='ddpm', spacing=uniform):8.1f}%")
 
 
+def vae_table():
+    """Encode img/s of vae.AutoencoderKL and of diffusers' AutoencoderKL holding the same weights, same run."""
+    from vae import AutoencoderKL
+    dev, _, autocast = setup_device(device, dtype)
+    ours = (AutoencoderKL() if vae == 'random' else AutoencoderKL.from_pretrained(vae)).to(dev).eval()
+    x = torch.randn(vae_batch, 3, vae_resolution, vae_resolution, device=dev)
+    def rate(encode):
+        with torch.no_grad(), autocast:
+            encode(x)  # warm-up
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                encode(x)
+            sync(dev)
+        return 3 * vae_batch / (time.perf_counter() - t0)
+    ours_rate = rate(lambda v: ours.encode(v, tiled=False).mean)
+    print(f"VAE encode {vae_resolution}px, batch {vae_batch}, {dev}: ours {ours_rate:.2f} img/s", flush=True)
+    try:
+        import diffusers
+    except ImportError:
+        return print("diffusers not installed: no side-by-side")
+    from dataclasses import asdict
+    ref = diffusers.AutoencoderKL(**{k: v for k, v in asdict(ours.config).items() if k != 'shift_factor'},
+                                  down_block_types=['DownEncoderBlock2D'] * len(ours.config.block_out_channels),
+                                  up_block_types=['UpDecoderBlock2D'] * len(ours.config.block_out_channels))
+    ref.load_state_dict(ours.state_dict())
+    ref = ref.to(dev).eval()
+    ref_rate = rate(lambda v: ref.encode(v).latent_dist.mean)
+    print(f"diffusers AutoencoderKL.encode: {ref_rate:.2f} img/s | ours / diffusers = {ours_rate / ref_rate:.2f}x")
+
+
 def main():
+    if vae:
+        return vae_table()
     if solvers:
         return print_solver_table()
     if quality:

@@ -28,6 +28,10 @@ num_train = 20000     # shapes only
 num_val = 1000        # shapes only
 val_fraction = 0.05   # folders only: share of images held out for validation
 seed = 1337
+vae = 'none'          # 'none' keeps pixels; a VAE hub id or folder (e.g. stabilityai/sd-vae-ft-mse) stores latents
+vae_subfolder = ''    # e.g. 'vae' inside a whole-pipeline repo
+vae_batch = 16
+device = 'auto'       # where the VAE runs
 # -----------------------------------------------------------------------------
 
 SHAPES = ['circle', 'square', 'triangle']
@@ -252,6 +256,35 @@ def prepare_folder(folder, root, resolution, val_fraction, seed):
                 splits=dict(train=n - n_val, val=n_val), seed=seed, skipped=skipped)
 
 
+def encode_latents(folder, vae_id, subfolder, batch, device):
+    """Pre-encode every split with the VAE, once: {split}_latents.npy, fp16 [N, 2, 2, C, h, w] =
+    (image, h-flipped image) x (posterior mean, std). train.py draws mean + std * eps per step, so the
+    posterior's noise is still sampled fresh, and flips cost nothing. Returns the meta entries."""
+    import torch
+    from model import setup_device
+    from vae import AutoencoderKL
+    dev, _, autocast = setup_device(device, 'auto')  # bf16 on GPUs: the SDXL VAE overflows in fp16
+    model = AutoencoderKL.from_pretrained(vae_id, subfolder or None).to(dev).eval()
+    c = model.config
+    for split in ('train', 'val'):
+        x = np.load(os.path.join(folder, f'{split}_x.npy'), mmap_mode='r')
+        f = 2 ** (len(c.block_out_channels) - 1)  # each VAE level but the last halves the side
+        shape = [c.latent_channels, x.shape[2] // f, x.shape[3] // f]
+        path = os.path.join(folder, f'{split}_latents.npy')
+        if len(x) == 0:  # an empty val split (numpy cannot memory-map an empty array)
+            np.save(path, np.zeros((0, 2, 2, *shape), np.float16))
+            continue
+        out = np.lib.format.open_memmap(path, 'w+', np.float16, (len(x), 2, 2, *shape))
+        for i in tqdm(range(0, len(x), batch), desc=f'vae {split}', leave=False):
+            img = torch.from_numpy(np.ascontiguousarray(x[i:i + batch])).to(dev).float() / 127.5 - 1
+            with torch.no_grad(), autocast:
+                pair = [model.encode(im) for im in (img, img.flip(-1))]
+            out[i:i + len(img)] = torch.stack([torch.stack([q.mean, q.std], 1) for q in pair], 1).float().cpu().numpy()
+        out.flush()
+    return dict(kind='latents', vae=vae_id, vae_subfolder=subfolder, scaling_factor=c.scaling_factor,
+                shift_factor=c.shift_factor, latent_shape=shape)
+
+
 def swap_into_place(tmp, out):
     """Replace out with tmp by renames: a kill at any point leaves a complete dataset at out,
     or (between the two renames) at out.old, which the next run moves back."""
@@ -273,6 +306,8 @@ def main(cfg):
     res = cfg['resolution']
     if res < (8 if builtin else 1):
         sys.exit(f"error: --resolution must be >= {8 if builtin else 1}, got {res}")
+    if cfg['vae'] != 'none' and res % 8:
+        sys.exit(f"error: --resolution must be a multiple of 8 for a VAE, got {res}")
     if cfg['num_train'] < 1 or cfg['num_val'] < 0:
         sys.exit("error: --num_train must be >= 1 and --num_val >= 0")
     if not 0 <= cfg['val_fraction'] < 1:
@@ -296,6 +331,8 @@ def main(cfg):
         else:
             meta = prepare_folder(tmp, root, res, cfg['val_fraction'], cfg['seed'])
         meta = dict(dataset=cfg['dataset'], kind='pixels', resolution=res, channels=3, **meta)
+        if cfg['vae'] != 'none':  # pixels stay too: small, and what grading and FID read
+            meta.update(encode_latents(tmp, cfg['vae'], cfg['vae_subfolder'], cfg['vae_batch'], cfg['device']))
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump(meta, f, indent=1, ensure_ascii=False)
         swap_into_place(tmp, out)

@@ -10,6 +10,7 @@ the default: 2M), DDIM (Song et al. 2021, eta >= 0), DDPM ancestral (Ho et al. 2
 flow models. CFG: Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022). Each is checked against
 diffusers' scheduler of the same name in tests/test_sampler.py.
 """
+import functools
 import os
 import textwrap
 from contextlib import nullcontext
@@ -136,8 +137,10 @@ def guided(model, diffusion, y, null_class, cfg_scale):
 
 @torch.inference_mode()
 def sample_images(model, diffusion, labels, meta, cfg_scale, seed=0, autocast=None, batch_size=256, **solver):
-    """Generate one image per label; returns uint8 [N, C, H, W]. Seeded: the same call gives the same
-    images. solver: steps, sampler, order, spacing, eta, threshold, threshold_max (see sample_loop)."""
+    """Generate one image per label; returns uint8 [N, 3, H, W]. Seeded: the same call gives the same
+    images. solver: steps, sampler, order, spacing, eta, threshold, threshold_max (see sample_loop).
+    A latent model's samples are decoded with the VAE that prepare.py recorded in meta."""
+    vae = load_vae(meta, labels.device)
     shape = input_shape(meta)
     g = torch.Generator(labels.device).manual_seed(seed)
     noise = torch.randn((len(labels),) + shape, generator=g, device=labels.device)
@@ -148,8 +151,23 @@ def sample_images(model, diffusion, labels, meta, cfg_scale, seed=0, autocast=No
             x, _ = sample_loop(model_fn, noise[i:i + batch_size], diffusion, generator=g, **solver)
         if not torch.isfinite(x).all():
             raise SystemExit("error: sampling produced NaN/inf: the checkpoint's weights are broken (check the training loss)")
+        if vae is not None:
+            x = vae.decode(vae.from_latent(x.float()))  # tiled automatically above the VAE's tile size
         out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
     return torch.cat(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _vae(name, subfolder, device):
+    from vae import AutoencoderKL
+    return AutoencoderKL.from_pretrained(name, subfolder or None).to(device).eval()
+
+
+def load_vae(meta, device):
+    """The VAE a latent dataset was encoded with (loaded once per process); None for pixel data."""
+    if meta.get('kind') != 'latents':
+        return None
+    return _vae(meta['vae'], meta.get('vae_subfolder', ''), str(device))
 
 
 def class_labels(meta, per_class):

@@ -223,7 +223,7 @@ def test_default_out_dir_name(tmp_path, monkeypatch, capsys):
         solid(src / f'{i}.png', (8, 8), (0, 0, 0))
     monkeypatch.chdir(tmp_path)
     prepare.main(dict(dataset=str(src) + os.sep, out_dir='', resolution=8, num_train=1, num_val=0,
-                      val_fraction=0.05, seed=0))
+                      val_fraction=0.05, seed=0, vae='none', vae_subfolder='', vae_batch=16, device='cpu'))
     assert meta_of(tmp_path / 'data' / 'My Photos')['splits'] == {'train': 1, 'val': 1}
     assert 'data/My Photos' in capsys.readouterr().out
 
