@@ -60,6 +60,7 @@ weight_decay = 0.01
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0              # 0 = off
+max_bad_steps = 10           # stop after this many non-finite gradients in a row (each one skips its update)
 ema_decay = 0.9999
 ema_start = 1000             # EMA copies the weights until this step, then averages (early weights are noise)
 # logging, evaluation, checkpoints, samples
@@ -205,7 +206,7 @@ def main():
     ema = copy.deepcopy(model).float().requires_grad_(False)
     optimizer = make_optimizer(model, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
-    step, best_val = 0, float('inf')
+    step, best_val, bad_steps = 0, float('inf'), 0
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if init_from == 'resume':
         if not os.path.exists(ckpt_path):
@@ -222,7 +223,7 @@ def main():
         ema.load_state_dict(ckpt['ema'])
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
-        step, best_val = ckpt['step'], ckpt['best_val']
+        step, best_val, bad_steps = ckpt['step'], ckpt['best_val'], ckpt['bad_steps']
         if master:
             print(f"resuming from {ckpt_path} at step {step}")
     elif init_from != 'scratch':
@@ -265,7 +266,8 @@ def main():
 
     def checkpoint(name='ckpt.pt'):
         save_checkpoint({'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(),
-                         'scaler': scaler.state_dict(), 'step': step, 'best_val': best_val, 'model_args': model_args,
+                         'scaler': scaler.state_dict(), 'step': step, 'best_val': best_val, 'bad_steps': bad_steps,
+                         'model_args': model_args,
                          'config': config, 'meta': meta}, os.path.join(out_dir, name))
 
     def sample_grid():
@@ -276,29 +278,47 @@ def main():
                   os.path.join(out_dir, f'samples_{step:06d}.png'))
 
     # ---- the loop
-    loss_sum, t_last, steps_since = torch.zeros((), device=dev), time.time(), 0
+    loss_sum, t_last, steps_since, n_loss, bad_run = torch.zeros((), device=dev), time.time(), 0, 0, 0
     while step < max_iters:
         for group in optimizer.param_groups:
             group['lr'] = get_lr(step)
         idx = batch_indices(step, len(train_data), global_batch, seed)
         t, noise, drop, eps, flip = noise_for(step, global_batch, seed)
-        for micro in range(gradient_accumulation_steps):
-            # this process's slice of the global batch (the same examples with the same noise whatever the world size)
-            s = slice((micro * world + rank) * batch_size, (micro * world + rank + 1) * batch_size)
-            x0, y = train_data.get(idx[s], eps[s] if eps is not None else None, flip[s] if flip is not None else None)
-            y = torch.where(drop[s], meta['num_classes'], y)  # the null class, for classifier-free guidance
-            last = micro == gradient_accumulation_steps - 1
-            with (model.no_sync() if ddp and not last else nullcontext()), autocast:
-                loss = diffusion.loss(model, x0, y, t[s], noise[s]) / gradient_accumulation_steps
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        step_loss = torch.zeros((), device=dev)
+        try:
+            for micro in range(gradient_accumulation_steps):
+                # this process's slice of the global batch (the same examples with the same noise whatever the world size)
+                s = slice((micro * world + rank) * batch_size, (micro * world + rank + 1) * batch_size)
+                x0, y = train_data.get(idx[s], eps[s] if eps is not None else None, flip[s] if flip is not None else None)
+                y = torch.where(drop[s], meta['num_classes'], y)  # the null class, for classifier-free guidance
+                last = micro == gradient_accumulation_steps - 1
+                with (model.no_sync() if ddp and not last else nullcontext()), autocast:
+                    loss = diffusion.loss(model, x0, y, t[s], noise[s]) / gradient_accumulation_steps
+                scaler.scale(loss).backward()
+                step_loss += loss.detach()
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"error: CUDA out of memory at batch_size={batch_size}: lower batch_size (raise "
+                             f"gradient_accumulation_steps to keep the global batch), or use a smaller model") from None
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
+        # A non-finite gradient (a corrupt example, an overflow) would poison the weights and Adam's moments
+        # for good: skip that update, say so, and stop if it keeps happening. This costs one host sync a step.
+        # (fp16: GradScaler skips such steps itself and lowers its scale, which is the normal fp16 life.)
+        if ptdtype != torch.float16 and not torch.isfinite(grad_norm):
+            bad_run, bad_steps = bad_run + 1, bad_steps + 1
+            if master:
+                print(f"step {step} | non-finite gradient: update skipped ({bad_steps} skipped so far)", flush=True)
+            if bad_run >= max_bad_steps:
+                raise SystemExit(f"error: {bad_run} non-finite gradients in a row at step {step}: lower lr, check the "
+                                 f"data, or resume from the last checkpoint ({ckpt_path})")
+        else:
+            bad_run = 0
+            scaler.step(optimizer)
+            scaler.update()
+            update_ema(ema, raw_model, step)
+            loss_sum += step_loss
+            n_loss += 1
         optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, raw_model, step)
         step += 1
         steps_since += 1
 
@@ -306,10 +326,10 @@ def main():
             dt = time.time() - t_last
             img_s = steps_since * global_batch / dt
             mfu = f" | mfu {100 * flops_per_step * steps_since / dt / peak:.1f}%" if peak else ''
-            print(f"step {step} | loss {loss_sum.item() / steps_since:.4f} | lr {get_lr(step - 1):.2e} | "
+            print(f"step {step} | loss {loss_sum.item() / max(n_loss, 1):.4f} | lr {get_lr(step - 1):.2e} | "
                   f"{img_s:.0f} img/s{mfu}", flush=True)
             loss_sum.zero_()
-            steps_since, t_last = 0, time.time()
+            steps_since, n_loss, t_last = 0, 0, time.time()
         if master and ((eval_interval and step % eval_interval == 0) or step == max_iters):
             vl = val_loss(ema)
             best_val = min(best_val, vl)

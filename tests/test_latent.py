@@ -76,3 +76,28 @@ def test_train_and_sample_decode_through_the_vae(setup):
     run(['sample.py', f'--out_dir={out}', '--steps=2', '--per_class=1', '--device=cpu'])
     grid = np.asarray(Image.open(out / 'grid.png'))
     assert grid.shape[0] > 12 * 64 and grid.shape[1] == 64 + 4  # 12 classes x 1: 16 px decoded, shown at 64 px
+
+
+def test_non_finite_example_is_skipped_and_counted(setup, tmp_path):
+    import shutil
+    _, _, data, _ = setup
+    bad = tmp_path / 'bad'
+    shutil.copytree(data, bad)
+    lat = np.load(bad / 'train_latents.npy', mmap_mode='r+')
+    lat[10] = np.nan  # one corrupt example: the one step per epoch that draws it gets a NaN gradient
+    lat.flush()
+    del lat
+    args = ['train.py', f'--data_dir={bad}', f'--out_dir={tmp_path / "out"}', '--patch_size=2', '--n_layer=1',
+            '--n_head=2', '--n_embd=16', '--batch_size=8', '--max_iters=8', '--sample_steps=2', '--device=cpu',
+            '--compile=False', '--log_interval=1']
+    p = run(args)
+    assert p.stdout.count('non-finite gradient: update skipped') == 1  # 64 images / 8 = 8 steps = one epoch
+    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=False)
+    assert ckpt['bad_steps'] == 1 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+    # every example broken: it stops after max_bad_steps in a row, with a one-line reason
+    lat = np.load(bad / 'train_latents.npy', mmap_mode='r+')
+    lat[:] = np.nan
+    lat.flush()
+    del lat
+    q = subprocess.run([sys.executable] + args + ['--max_bad_steps=3'], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert q.returncode != 0 and '3 non-finite gradients in a row at step 2' in q.stderr and 'Traceback' not in q.stderr

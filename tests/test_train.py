@@ -126,3 +126,11 @@ def test_sample_writes_png_grid(data, tmp_path):
     x1 = sample_images(model, diffusion, labels, meta, steps=3, cfg_scale=3.0, seed=5)
     x2 = sample_images(model, diffusion, labels, meta, steps=3, cfg_scale=3.0, seed=5)
     assert x1.shape == (4, 3, 32, 32) and x1.dtype == torch.uint8 and torch.equal(x1, x2)
+
+
+def test_bench_prints_the_table(data):
+    p = run(['bench.py', 'config/shapes.py', f'--data_dir={data}', '--unet_channels=8', '--batch_size=4', '--warmup=1',
+             '--iters=2', '--sample_steps=2', '--sample_batch=2', '--device=cpu'])
+    rows = dict(line.split('  ', 1) for line in p.stdout.splitlines() if '  ' in line)
+    assert float(rows['train img/s'].strip()) > 0 and '%' in rows['data share of step']
+    assert 'cpu' in rows['device'] and 'UNet' in rows['model']
