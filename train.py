@@ -67,6 +67,8 @@ ema_start = 1000             # EMA copies the weights until this step, then aver
 log_interval = 50
 eval_interval = 1000         # val loss + checkpoint + sample grid; 0 = only at the end
 eval_batches = 8
+wandb_project = ''           # log to Weights & Biases if set and wandb is installed (it is not a requirement)
+patience = 0                 # early stopping: stop after this many evaluations without a better val loss; 0 = off
 sample_steps = 20
 cfg_scale = 4.0
 # system
@@ -167,6 +169,28 @@ def save_checkpoint(ckpt, path):
     os.replace(path + '.tmp', path)
 
 
+def save_loss_curve(history, path):
+    """Train (grey) and val (blue) loss against step, log-scale loss, as a small PNG (PIL, no matplotlib)."""
+    from PIL import Image, ImageDraw
+    pts = [(s, math.log10(v), kind) for s, kind, v in history if v > 0 and math.isfinite(v)]
+    if len(pts) < 2:
+        return
+    W, H, m = 640, 360, 40
+    s0, s1 = min(p[0] for p in pts), max(p[0] for p in pts) or 1
+    l0, l1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    xy = lambda s, l: (m + (W - 2 * m) * (s - s0) / max(s1 - s0, 1), H - m - (H - 2 * m) * (l - l0) / max(l1 - l0, 1e-9))
+    img = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m, W - m, H - m], outline='black')
+    for kind, colour in (('train', (150, 150, 150)), ('val', (30, 90, 220))):
+        line = [xy(s, l) for s, l, k in pts if k == kind]
+        if len(line) > 1:
+            d.line(line, fill=colour, width=2)
+    d.text((m, 8), f"loss (log10 {l0:.2f}..{l1:.2f}) vs step {s0}..{s1}: train grey, val (ema) blue", fill='black')
+    img.save(path + '.tmp.png')
+    os.replace(path + '.tmp.png', path)
+
+
 def main():
     # ---- processes and devices
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -206,7 +230,7 @@ def main():
     ema = copy.deepcopy(model).float().requires_grad_(False)
     optimizer = make_optimizer(model, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
-    step, best_val, bad_steps = 0, float('inf'), 0
+    step, best_val, bad_steps, stale, history = 0, float('inf'), 0, 0, []
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if init_from == 'resume':
         if not os.path.exists(ckpt_path):
@@ -223,7 +247,7 @@ def main():
         ema.load_state_dict(ckpt['ema'])
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
-        step, best_val, bad_steps = ckpt['step'], ckpt['best_val'], ckpt['bad_steps']
+        step, best_val, bad_steps, stale, history = (ckpt[k] for k in ('step', 'best_val', 'bad_steps', 'stale', 'history'))
         if master:
             print(f"resuming from {ckpt_path} at step {step}")
     elif init_from != 'scratch':
@@ -267,7 +291,7 @@ def main():
     def checkpoint(name='ckpt.pt'):
         save_checkpoint({'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(),
                          'scaler': scaler.state_dict(), 'step': step, 'best_val': best_val, 'bad_steps': bad_steps,
-                         'model_args': model_args,
+                         'stale': stale, 'history': history, 'model_args': model_args,
                          'config': config, 'meta': meta}, os.path.join(out_dir, name))
 
     def sample_grid():
@@ -276,6 +300,15 @@ def main():
         x = sample_images(ema, diffusion, labels, meta, cfg_scale, seed=seed, autocast=autocast, steps=sample_steps)
         save_grid(x, [meta['class_names'][i] if meta['num_classes'] else '' for i in labels.tolist()],
                   os.path.join(out_dir, f'samples_{step:06d}.png'))
+
+    log = lambda **kw: None  # wandb, if asked for and installed; otherwise the stdout lines are the log
+    if wandb_project and master:
+        try:
+            import wandb
+            wandb.init(project=wandb_project, config=config, resume='allow')
+            log = lambda **kw: wandb.log(kw, step=step)
+        except ImportError:
+            print("wandb_project is set but wandb is not installed (pip install wandb): logging to stdout only")
 
     # ---- the loop
     loss_sum, t_last, steps_since, n_loss, bad_run = torch.zeros((), device=dev), time.time(), 0, 0, 0
@@ -326,17 +359,30 @@ def main():
             dt = time.time() - t_last
             img_s = steps_since * global_batch / dt
             mfu = f" | mfu {100 * flops_per_step * steps_since / dt / peak:.1f}%" if peak else ''
-            print(f"step {step} | loss {loss_sum.item() / max(n_loss, 1):.4f} | lr {get_lr(step - 1):.2e} | "
-                  f"{img_s:.0f} img/s{mfu}", flush=True)
+            train_loss = loss_sum.item() / max(n_loss, 1)
+            history.append((step, 'train', train_loss))
+            log(train_loss=train_loss, lr=get_lr(step - 1), img_s=img_s)
+            print(f"step {step} | loss {train_loss:.4f} | lr {get_lr(step - 1):.2e} | {img_s:.0f} img/s{mfu}", flush=True)
             loss_sum.zero_()
             steps_since, n_loss, t_last = 0, 0, time.time()
-        if master and ((eval_interval and step % eval_interval == 0) or step == max_iters):
-            vl = val_loss(ema)
-            best_val = min(best_val, vl)
-            checkpoint()
-            print(f"step {step} | val loss (ema) {vl:.4f} | saved {out_dir}/ckpt.pt", flush=True)
-            sample_grid()
+        if (eval_interval and step % eval_interval == 0) or step == max_iters:
+            vl = val_loss(ema)  # on every process (same EMA, same data), so all agree on early stopping
+            improved = vl < best_val
+            best_val, stale = (vl, 0) if improved else (best_val, stale + 1)
+            if master:
+                history.append((step, 'val', vl))
+                log(val_loss=vl)
+                checkpoint()
+                if improved:  # keep-best: the EMA weights with the lowest val loss so far
+                    checkpoint('best.pt')
+                save_loss_curve(history, os.path.join(out_dir, 'loss.png'))
+                print(f"step {step} | val loss (ema) {vl:.4f}{' (best)' if improved else ''} | saved {out_dir}/ckpt.pt", flush=True)
+                sample_grid()
             t_last = time.time()  # do not count evaluation in img/s
+            if patience and stale >= patience:
+                if master:
+                    print(f"early stop: no better val loss in {patience} evaluations (best {best_val:.4f}: {out_dir}/best.pt)")
+                break
     if ddp:
         dist.destroy_process_group()
 

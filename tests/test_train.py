@@ -1,5 +1,6 @@
 """train.py and sample.py end to end on a tiny model and a tiny shapes set (CPU, seconds each)."""
 import importlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -134,3 +135,16 @@ def test_bench_prints_the_table(data):
     rows = dict(line.split('  ', 1) for line in p.stdout.splitlines() if '  ' in line)
     assert float(rows['train img/s'].strip()) > 0 and '%' in rows['data share of step']
     assert 'cpu' in rows['device'] and 'UNet' in rows['model']
+
+
+def test_keep_best_early_stopping_and_loss_curve(data, tmp_path):
+    # lr 0: the val loss never improves after the first evaluation, so patience 2 stops at the third
+    p = train(data, tmp_path, '--lr=0.0', '--min_lr=0.0', '--max_iters=20', '--eval_interval=1', '--patience=2',
+              '--wandb_project=nanodiffusion-test')
+    assert 'wandb is not installed' in p.stdout or importlib.util.find_spec('wandb')  # optional: never required
+    assert 'early stop: no better val loss in 2 evaluations' in p.stdout
+    assert weights(tmp_path)['step'] == 3
+    best = torch.load(tmp_path / 'best.pt', weights_only=False)
+    assert best['step'] == 1 and best['stale'] == 0
+    curve = Image.open(tmp_path / 'loss.png')
+    assert curve.size == (640, 360)
