@@ -38,6 +38,8 @@ patch_size = 2
 n_layer = 12
 n_head = 6                   # (also the UNet's attention heads)
 n_embd = 384
+share_blocks = 1             # DiT: each block's weights used for this many consecutive layers (1 = no sharing)
+grad_checkpoint = False      # recompute each block's activations in backward: less memory, ~30% more compute
 # UNet
 unet_channels = 64
 unet_mult = (1, 2, 2)
@@ -48,6 +50,10 @@ schedule = 'cosine'          # vp only: 'linear' or 'cosine'
 prediction = 'v'             # vp only: 'eps', 'v' or 'x0'
 num_timesteps = 1000         # vp only
 class_dropout = 0.1          # chance a label is replaced by the null class, which makes CFG possible
+min_snr_gamma = 0.0          # Min-SNR-gamma loss weighting (e.g. 5.0); 0 = plain MSE
+optim = 'adamw'              # 'adamw' or 'adafactor' (transformers' Adafactor: factored second moments, less memory)
+lr_schedule = 'cosine'       # 'cosine' (warm-up, one decay to min_lr) or 'restarts' (cosine warm restarts, SGDR)
+restart_iters = 1000         # 'restarts': length of each cosine cycle after warm-up
 # optimisation; the global batch is batch_size * gradient_accumulation_steps * number of processes
 batch_size = 64
 gradient_accumulation_steps = 1
@@ -75,6 +81,7 @@ cfg_scale = 4.0
 device = 'auto'              # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'               # 'auto' (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), or explicit
 compile = True               # torch.compile; used on CUDA only (on CPU it costs more than it saves here)
+profile = False              # write a torch.profiler trace of steps 2-4 to out_dir/trace.json (chrome://tracing)
 peak_flops = 0.0             # for MFU; 0 = guess from the GPU name (no MFU on CPU)
 seed = 1337
 config = {}  # filled in by configurator.configure() when run as a script (importing train.py is side-effect free)
@@ -131,10 +138,13 @@ def batch_indices(step, n, global_batch, seed):
 
 
 def get_lr(it):
-    """Linear warm-up, then cosine decay to min_lr."""
+    """Linear warm-up, then cosine decay to min_lr (once, or restarting every restart_iters: SGDR)."""
     decay_iters = lr_decay_iters or max_iters
     if it < warmup_iters:
         return lr * (it + 1) / (warmup_iters + 1)
+    if lr_schedule == 'restarts':
+        ratio = ((it - warmup_iters) % restart_iters) / restart_iters
+        return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
     if it >= decay_iters:
         return min_lr
     ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
@@ -142,12 +152,17 @@ def get_lr(it):
 
 
 def make_optimizer(model, device_type):
-    """AdamW; weight decay only on matrices (not on biases, norms or embeddings)."""
+    """AdamW or Adafactor; weight decay only on matrices (not on biases, norms or embeddings)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and 'embed' not in name else no_decay).append(p)
     groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
+    if optim == 'adamw':
+        return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
+    if optim == 'adafactor':  # our LR schedule drives it, so its own relative-step schedule is off
+        from transformers.optimization import Adafactor
+        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    raise SystemExit(f"error: optim must be 'adamw' or 'adafactor', got {optim!r}")
 
 
 @torch.no_grad()
@@ -222,11 +237,12 @@ def main():
     model_args = dict(arch=arch, input_size=shape[-1], in_channels=shape[0],
                       num_classes=meta['num_classes'], n_head=n_head)
     if arch == 'dit':
-        model_args.update(patch_size=patch_size, n_layer=n_layer, n_embd=n_embd)
+        model_args.update(patch_size=patch_size, n_layer=n_layer, n_embd=n_embd, share=share_blocks)
     else:
         model_args.update(channels=unet_channels, channel_mult=tuple(unet_mult), num_res_blocks=unet_blocks)
     diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
     model = build_model(model_args).to(dev)
+    model.grad_checkpoint = grad_checkpoint
     ema = copy.deepcopy(model).float().requires_grad_(False)
     optimizer = make_optimizer(model, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
@@ -310,6 +326,16 @@ def main():
         except ImportError:
             print("wandb_project is set but wandb is not installed (pip install wandb): logging to stdout only")
 
+    prof = None
+    if profile and master:
+        from torch.profiler import ProfilerActivity, schedule as prof_schedule
+        trace = os.path.join(out_dir, 'trace.json')
+        prof = torch.profiler.profile(
+            activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else []),
+            schedule=prof_schedule(wait=1, warmup=1, active=3, repeat=1), record_shapes=True,
+            on_trace_ready=lambda p: (p.export_chrome_trace(trace), print(f"wrote profiler trace {trace}")))
+        prof.start()
+
     # ---- the loop
     loss_sum, t_last, steps_since, n_loss, bad_run = torch.zeros((), device=dev), time.time(), 0, 0, 0
     while step < max_iters:
@@ -326,12 +352,13 @@ def main():
                 y = torch.where(drop[s], meta['num_classes'], y)  # the null class, for classifier-free guidance
                 last = micro == gradient_accumulation_steps - 1
                 with (model.no_sync() if ddp and not last else nullcontext()), autocast:
-                    loss = diffusion.loss(model, x0, y, t[s], noise[s]) / gradient_accumulation_steps
+                    loss = diffusion.loss(model, x0, y, t[s], noise[s], min_snr_gamma) / gradient_accumulation_steps
                 scaler.scale(loss).backward()
                 step_loss += loss.detach()
         except torch.OutOfMemoryError:
             raise SystemExit(f"error: CUDA out of memory at batch_size={batch_size}: lower batch_size (raise "
-                             f"gradient_accumulation_steps to keep the global batch), or use a smaller model") from None
+                             f"gradient_accumulation_steps to keep the global batch), set grad_checkpoint=True, "
+                             f"or use a smaller model") from None
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
         # A non-finite gradient (a corrupt example, an overflow) would poison the weights and Adam's moments
@@ -354,6 +381,8 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         step += 1
         steps_since += 1
+        if prof is not None:
+            prof.step()
 
         if master and (step % log_interval == 0 or step == max_iters):
             dt = time.time() - t_last
@@ -383,6 +412,8 @@ def main():
                 if master:
                     print(f"early stop: no better val loss in {patience} evaluations (best {best_val:.4f}: {out_dir}/best.pt)")
                 break
+    if prof is not None:
+        prof.stop()
     if ddp:
         dist.destroy_process_group()
 
