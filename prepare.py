@@ -152,7 +152,11 @@ def load_image(path, resolution):
             img.load()  # decode now so truncated/corrupt data fails here, not later
             img = ImageOps.exif_transpose(img)  # phone photos are stored sideways + an EXIF flag
             if img.mode.startswith('I'):  # 16/32-bit greyscale: scale to 8 bits, don't clip
-                img = Image.fromarray((np.asarray(img, np.float64) / 257).clip(0, 255).astype(np.uint8))
+                a = np.asarray(img, np.float64)
+                grey = Image.fromarray((a / 257).clip(0, 255).astype(np.uint8))
+                if 'transparency' in img.info:  # a 16-bit colour key: keep it as alpha, not as info
+                    grey.putalpha(Image.fromarray(np.uint8(a != img.info['transparency']) * 255))
+                img = grey
             if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:
                 img = img.convert('RGBA')  # transparent pixels become white, not whatever RGB is under
                 img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img)
@@ -243,7 +247,8 @@ def prepare_folder(folder, root, resolution, val_fraction, seed):
     n = len(labels)
     if n == 0:
         why = ''.join(f"; {f}: {r}" for f, r in skipped[:5]) + ('; ...' if len(skipped) > 5 else '')
-        sys.exit(f"error: no usable images in {root} ({len(skipped)} files skipped{why})")
+        sys.exit(f"error: no usable images in {root} ({len(skipped)} files skipped{why})" if skipped else
+                 f"error: no usable images in {root} (no {'/'.join(IMAGE_EXTS)} files found)")
     n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(n * val_fraction)))
     perm = np.random.default_rng(seed).permutation(n)
     for split, idx in (('val', perm[:n_val]), ('train', perm[n_val:])):
@@ -346,5 +351,7 @@ def main(cfg):
 
 
 if __name__ == '__main__':
+    import warnings  # PIL warns above ~89 MP; such big photos are fine (above ~179 MP they're skipped)
+    warnings.simplefilter('ignore', Image.DecompressionBombWarning)
     from configurator import configure
     main(configure(globals()))

@@ -1,9 +1,11 @@
 """Tests for prepare.py: shapes generation + read-back, image folders, errors, atomic output."""
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -226,6 +228,130 @@ def test_default_out_dir_name(tmp_path, monkeypatch, capsys):
                       val_fraction=0.05, seed=0, vae='none', vae_subfolder='', vae_batch=16, device='cpu'))
     assert meta_of(tmp_path / 'data' / 'My Photos')['splits'] == {'train': 1, 'val': 1}
     assert 'data/My Photos' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- bad-input corpus
+
+
+def write_png(path, w, h, depth, ctype, rows=b''):
+    """A PNG by hand (PIL writes no 16-bit colour, nor lying headers). rows: filtered pixel bytes."""
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    ihdr = struct.pack('>IIBBBBB', w, h, depth, ctype, 0, 0, 0)
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(rows))
+                     + chunk(b'IEND', b''))
+
+
+def make_corpus(root):
+    """Every kind of awkward input in one flat folder. Good images are captioned with their own
+    name (so rows can be matched back after the shuffle) and come with a check of the output pixels
+    [H,W,3]; bad ones come with the exact skip reason."""
+    os.makedirs(root / 'empty')  # an empty sub-folder: no class, no error
+    rng = np.random.default_rng(0)
+    good = {}
+    ramp = np.arange(32) * 255 / 31
+    g16 = np.tile(np.arange(32) * 65535 // 31, (32, 1)).astype(np.uint16)  # full 16-bit range
+    Image.fromarray(g16).save(root / 'grey16.png')  # 8-bit out must be v/257, not min(v, 255)
+    good['grey16.png'] = lambda o: np.abs(o - ramp[None, :, None]).max() <= 1
+    key = np.full((32, 32), 30000, np.uint16)
+    key[:, :16] = 1000
+    Image.fromarray(key).save(root / 'grey16_key.png', transparency=1000)  # 16-bit colour key
+    good['grey16_key.png'] = lambda o: (o[:, :16] == 255).all() and (np.abs(o[:, 16:] - 117) <= 1).all()
+    rgba16 = np.zeros((32, 32, 4), '>u2')
+    rgba16[:16] = (0, 32768, 65535, 65535)  # top opaque; bottom transparent black
+    write_png(root / 'rgba16.png', 32, 32, 16, 6, b''.join(b'\0' + r.tobytes() for r in rgba16))
+    good['rgba16.png'] = lambda o: (np.abs(o[:16] - (0, 128, 255)) <= 1).all() and (o[16:] == 255).all()
+    Image.new('CMYK', (48, 48), (0, 128, 255, 0)).save(root / 'cmyk.jpg', quality=95)  # orange ink
+    good['cmyk.jpg'] = lambda o: (np.abs(o - (255, 127, 0)) <= 12).all()
+    grey = np.tile(np.linspace(0, 255, 100).astype(np.uint8), (80, 1))  # big enough for the JPEG draft path
+    Image.fromarray(grey, 'L').save(root / 'grey.jpg', quality=95)
+    good['grey.jpg'] = lambda o: (o[..., :1] == o).all() and o[:, 0, 0].mean() + 150 < o[:, -1, 0].mean()
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:, :16] = (255, 0, 0, 0)  # transparent, red underneath: must come out white, not red
+    rgba[:, 16:] = (0, 0, 255, 255)
+    Image.fromarray(rgba, 'RGBA').save(root / 'rgba.png')
+    good['rgba.png'] = lambda o: (o[:, :16] == 255).all() and (o[:, 16:] == (0, 0, 255)).all()
+    pal = Image.new('P', (32, 32), 0)
+    pal.putpalette([0, 0, 0, 20, 180, 60] + [0] * 762)
+    pal.paste(1, (16, 0, 32, 32))
+    pal.save(root / 'palette.png', transparency=0)  # index 0 (black) is transparent
+    good['palette.png'] = lambda o: (o[:, :16] == 255).all() and (o[:, 16:] == (20, 180, 60)).all()
+    a = np.zeros((80, 120, 3), np.uint8)
+    a[:, :60, 0] = a[:, 60:, 2] = 255  # stored red | blue; orientation 6 = turn 90 deg clockwise
+    photo = Image.fromarray(a)
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(root / 'exif6.jpg', exif=exif, quality=95)
+    good['exif6.jpg'] = lambda o: ((np.abs(o[:10] - (255, 0, 0)) <= 12).all()  # shows red on top
+                                   and (np.abs(o[-10:] - (0, 0, 255)) <= 12).all())
+    a = np.empty((4000, 6000, 3), np.uint8)
+    a[:, :3000], a[:, 3000:] = (200, 30, 30), (30, 30, 200)  # 24 MP photo; centre crop keeps both halves
+    Image.fromarray(a).save(root / 'big.jpg', quality=85)
+    good['big.jpg'] = lambda o: ((np.abs(o[:, :14] - (200, 30, 30)) <= 12).all()
+                                 and (np.abs(o[:, 18:] - (30, 30, 200)) <= 12).all())
+    poster = Image.new('1', (12000, 8000), 0)  # 96 MP: past PIL's warning limit, below its error limit
+    poster.paste(1, (6000, 0, 12000, 8000))
+    poster.save(root / 'poster.png')
+    good['poster.png'] = lambda o: (o[:, :14] <= 5).all() and (o[:, 18:] >= 250).all()
+    Image.new('RGB', (32, 32), (10, 120, 90)).save(root / 'teal.png')
+    good['teal.png'] = lambda o: (o == (10, 120, 90)).all()
+    for name in good:
+        (root / name).with_suffix('.txt').write_text(name)
+    (root / 'teal.txt').write_bytes('\ufeff  teal.png: café — ☕\n'.encode())  # BOM, spaces, non-ASCII
+    # bad: each must be skipped with exactly this reason
+    bad = {}
+    (root / 'zero.png').write_bytes(b'')
+    bad['zero.png'] = 'empty file'
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / 'trunc.png')
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / 'trunc.jpg')
+    for name in ('trunc.png', 'trunc.jpg'):
+        data = (root / name).read_bytes()
+        (root / name).write_bytes(data[:len(data) // 2])
+        bad[name] = 'truncated'
+    (root / 'text.jpg').write_text('this is not a JPEG\n')
+    bad['text.jpg'] = 'cannot identify image file'
+    Image.new('RGB', (32, 32), (9, 9, 9)).save(root / 'badcap.png')
+    (root / 'badcap.txt').write_bytes('café'.encode('latin-1'))
+    bad['badcap.png'] = 'caption badcap.txt is not valid UTF-8'
+    write_png(root / 'bomb.png', 20000, 12000, 8, 2)  # 240 MP header, no data: PIL's hard limit
+    bad['bomb.png'] = 'too many pixels (decompression bomb check)'
+    return good, bad
+
+
+def test_bad_input_corpus(tmp_path):
+    src, out = tmp_path / 'corpus', tmp_path / 'out'
+    good, bad = make_corpus(src)
+    p = run(f'--dataset={src}', f'--out_dir={out}', '--resolution=32', '--val_fraction=0')
+    assert p.returncode == 0, p.stderr
+    assert 'Traceback' not in p.stderr and 'Warning' not in p.stderr, p.stderr  # no bomb warning either
+    assert f'wrote {len(good)} train + 0 val images' in p.stdout and f'skipped {len(bad)} files' in p.stdout
+    meta = meta_of(out)
+    assert meta['splits'] == {'train': len(good), 'val': 0} and meta['num_classes'] == 0
+    assert meta['skipped'] == sorted([f, r] for f, r in bad.items())
+    for f, r in bad.items():
+        assert f'  skipped {f}: {r}\n' in p.stdout
+    x, y, caps = load(out, 'train')
+    assert x.shape == (len(good), 3, 32, 32) and (np.asarray(y) == 0).all()
+    rows = dict(zip(caps, x))
+    assert 'teal.png: café — ☕' in caps  # a real caption, stored cleaned up
+    rows['teal.png'] = rows.pop('teal.png: café — ☕')
+    assert sorted(rows) == sorted(good)  # every good file exactly once: nothing else lost
+    for name, check in good.items():
+        o = rows[name].transpose(1, 2, 0).astype(int)
+        assert check(o), (name, o[::8, ::8].tolist())
+    # the same files with nothing usable among them: one clear line naming each
+    only = tmp_path / 'only_bad'
+    only.mkdir()
+    for f in [f for f in bad if f != 'bomb.png'] + ['badcap.txt']:
+        (only / f).write_bytes((src / f).read_bytes())
+    p = run(f'--dataset={only}', f'--out_dir={out}')
+    assert_one_line_error(p, 'no usable images', '5 files skipped',
+                          *(f'{f}: {r}' for f, r in bad.items() if f != 'bomb.png'))
+    assert meta_of(out)['splits']['train'] == len(good)  # the previous dataset is untouched
+    (tmp_path / 'empty').mkdir()
+    p = run(f'--dataset={tmp_path / "empty"}', f'--out_dir={tmp_path / "o"}')
+    assert_one_line_error(p, 'no usable images', 'no .png/.jpg', 'files found')
+    assert sorted(os.listdir(tmp_path)) == ['corpus', 'empty', 'only_bad', 'out']
 
 
 # ---------------------------------------------------------------- errors
