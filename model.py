@@ -35,6 +35,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 0     # 0 = unconditional; index num_classes is the null ("no label") class for CFG
     share: int = 1           # each block's weights serve `share` consecutive layers (ALBERT-style): 1 = none
+    text_dim: int = 0        # width of pre-encoded caption tokens; > 0 adds cross-attention to them (0 = no text)
 
 
 def run_block(model, block, *args):
@@ -81,6 +82,22 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+class CrossAttention(nn.Module):
+    """Image tokens attend to caption tokens; padded caption positions are masked out."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.n_head = c.n_head
+        self.q, self.kv, self.proj = nn.Linear(c.n_embd, c.n_embd), nn.Linear(c.n_embd, 2 * c.n_embd), nn.Linear(c.n_embd, c.n_embd)
+
+    def forward(self, x, ctx, mask):
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # mask: True = a real token
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
 class Block(nn.Module):
     """Transformer block with adaLN-Zero: the condition sets per-channel shift/scale/gate of each branch,
     and the gates start at zero so every block starts as the identity (DiT section 3.2)."""
@@ -93,10 +110,14 @@ class Block(nn.Module):
         hidden = int(c.n_embd * c.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(c.n_embd, hidden), nn.GELU(approximate='tanh'), nn.Linear(hidden, c.n_embd))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(c.n_embd, 6 * c.n_embd))
+        if c.text_dim:  # PixArt-style: un-modulated cross-attention between self-attention and the MLP
+            self.norm_c, self.cross = nn.LayerNorm(c.n_embd, eps=1e-6), CrossAttention(c)
 
-    def forward(self, x, cond):
+    def forward(self, x, cond, ctx=None, ctx_mask=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond).chunk(6, dim=1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        if ctx is not None:
+            x = x + self.cross(self.norm_c(x), ctx, ctx_mask)
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 
@@ -112,6 +133,9 @@ class DiT(nn.Module):
         self.register_buffer('pos_embed', sincos_pos_embed(c.n_embd, self.grid)[None], persistent=False)
         self.t_embed = nn.Sequential(nn.Linear(256, c.n_embd), nn.SiLU(), nn.Linear(c.n_embd, c.n_embd))
         self.y_embed = nn.Embedding(c.num_classes + 1, c.n_embd)  # +1: the null class used for CFG
+        if c.text_dim:  # caption tokens -> model width once; the pooled caption joins the adaLN condition
+            self.text_proj = nn.Sequential(nn.Linear(c.text_dim, c.n_embd), nn.GELU(approximate='tanh'), nn.Linear(c.n_embd, c.n_embd))
+            self.pooled_proj = nn.Linear(c.text_dim, c.n_embd)
         assert c.n_layer % c.share == 0, f"n_layer {c.n_layer} must be a multiple of share {c.share}"
         self.blocks = nn.ModuleList([Block(c) for _ in range(c.n_layer // c.share)])
         self.grad_checkpoint = False  # recompute each block in backward: activation memory of one block
@@ -121,6 +145,7 @@ class DiT(nn.Module):
         self.init_weights()
 
     def init_weights(self):
+        c = self.config
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -132,17 +157,23 @@ class DiT(nn.Module):
         for layer in (self.t_embed[0], self.t_embed[2]):
             nn.init.normal_(layer.weight, std=0.02)
         # adaLN-Zero: zero modulation and a zero output head, so the untrained model predicts 0
-        for mod in [b.adaLN[-1] for b in self.blocks] + [self.adaLN_f[-1], self.head]:
+        zero = [b.cross.proj for b in self.blocks] + [self.pooled_proj] if c.text_dim else []  # text starts neutral too
+        for mod in [b.adaLN[-1] for b in self.blocks] + [self.adaLN_f[-1], self.head] + zero:
             nn.init.zeros_(mod.weight)
             nn.init.zeros_(mod.bias)
 
-    def forward(self, x, t, y):
-        """x: [B, C, H, W] noisy input; t: [B] timestep on a 0..1000 scale; y: [B] class (num_classes = null)."""
+    def forward(self, x, t, y, text=None):
+        """x: [B, C, H, W] noisy input; t: [B] timestep on a 0..1000 scale; y: [B] class (num_classes = null);
+        text: None, or pre-encoded captions (states [B, L, text_dim], mask [B, L] bool, pooled [B, text_dim])."""
         c, p, g = self.config, self.config.patch_size, self.grid
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, n_embd]
         cond = self.t_embed(timestep_embedding(t, 256).to(h.dtype)) + self.y_embed(y)
+        ctx = mask = None
+        if text is not None:
+            states, mask, pooled = text
+            ctx, cond = self.text_proj(states), cond + self.pooled_proj(pooled)
         for i in range(c.n_layer):
-            h = run_block(self, self.blocks[i // c.share], h, cond)
+            h = run_block(self, self.blocks[i // c.share], h, cond, ctx, mask)
         shift, scale = self.adaLN_f(cond).chunk(2, dim=1)
         h = self.head(modulate(self.norm_f(h), shift, scale))  # [B, T, p*p*C]
         h = h.view(-1, g, g, p, p, c.in_channels).permute(0, 5, 1, 3, 2, 4)  # unpatchify

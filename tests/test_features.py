@@ -81,3 +81,23 @@ def test_adafactor_profile_and_memory_savers_train(tmp_path):
     losses = [float(l.split('loss ')[1].split()[0]) for l in p.stdout.splitlines() if '| lr' in l]
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
     assert (out / 'trace.json').stat().st_size > 1000
+
+
+def test_dit_cross_attention_to_captions_ignores_padding():
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(16, 3, 4, n_layer=2, n_head=2, n_embd=32, text_dim=24))
+    for p in model.parameters():  # past the zero-init, so the text path matters
+        p.data.add_(0.05 * torch.randn_like(p))
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([100., 700.]), torch.zeros(2, dtype=torch.long)
+    states, pooled = torch.randn(2, 8, 24), torch.randn(2, 24)
+    mask = torch.tensor([[True] * 5 + [False] * 3, [True] * 8])
+    out = model(x, t, y, (states, mask, pooled))
+    garbage = states.clone()
+    garbage[0, 5:] = 100 * torch.randn(3, 24)  # change only the padded positions of the first caption
+    torch.testing.assert_close(model(x, t, y, (garbage, mask, pooled)), out)
+    other = states.clone()
+    other[0, 0] += 1.0  # a real token does matter
+    assert not torch.allclose(model(x, t, y, (other, mask, pooled))[0], out[0])
+    model.grad_checkpoint = True
+    model(x, t, y, (states, mask, pooled)).square().mean().backward()
+    assert model.blocks[0].cross.q.weight.grad.abs().sum() > 0
