@@ -5,8 +5,10 @@ Prepare a dataset for training: uint8 image arrays on disk that train.py memory-
     python prepare.py --dataset=path/to/folder --resolution=64  # any image folder -> data/folder
 
 Output folder: meta.json, {train,val}_x.npy (uint8 [N,3,H,W]), {train,val}_y.npy (int64 [N]),
-{train,val}_captions.json. It is written to a sibling '.tmp' folder and swapped into place at the
-end, so a kill at any moment leaves the previous complete dataset (or the new one).
+{train,val}_captions.json; with --vae also {train,val}_latents.npy; with --text_encoder also
+{train,val}_text.npy (fp16 [N,L,D]), _text_mask.npy (bool [N,L]), _text_pooled.npy (fp16 [N,D]) and
+empty_text*.npy for the caption "" (classifier-free guidance). It is written to a sibling '.tmp'
+folder and swapped into place at the end, so a kill at any moment leaves the previous complete dataset (or the new one).
 
 The shapes dataset is a toy benchmark whose samples can be graded automatically: read_shape()
 tells which shape and colour an image shows, grade() scores a batch of samples against labels.
@@ -31,7 +33,10 @@ seed = 1337
 vae = 'none'          # 'none' keeps pixels; a VAE hub id or folder (e.g. stabilityai/sd-vae-ft-mse) stores latents
 vae_subfolder = ''    # e.g. 'vae' inside a whole-pipeline repo
 vae_batch = 16
-device = 'auto'       # where the VAE runs
+text_encoder = 'none' # 'none' = no text; a transformers hub id or folder (CLIP, T5, BERT, ...) pre-encodes captions
+text_max_len = 77     # tokens per caption: padded/truncated to this
+text_batch = 64
+device = 'auto'       # where the VAE and text encoder run
 # -----------------------------------------------------------------------------
 
 SHAPES = ['circle', 'square', 'triangle']
@@ -290,6 +295,82 @@ def encode_latents(folder, vae_id, subfolder, batch, device):
                 shift_factor=c.shift_factor, latent_shape=shape)
 
 
+def load_text_encoder(encoder_id, device='auto'):
+    """-> (tokenizer, model in eval mode on its device). CLIP and T5 get their encoder-only classes: the
+    full CLIP checkpoint also holds a vision tower, and T5's AutoModel wants decoder inputs too."""
+    import transformers as tf
+    from model import setup_device
+    dev = setup_device(device, 'float32')[0]
+    try:
+        cfg = tf.AutoConfig.from_pretrained(encoder_id)
+        tokenizer = tf.AutoTokenizer.from_pretrained(encoder_id)
+        if cfg.model_type in ('clip', 'clip_text_model'):
+            model = tf.CLIPTextModel.from_pretrained(encoder_id)
+        elif cfg.model_type in ('t5', 'mt5', 'umt5'):
+            model = tf.T5EncoderModel.from_pretrained(encoder_id)
+        elif getattr(cfg, 'is_encoder_decoder', False):
+            model = tf.AutoModel.from_pretrained(encoder_id).get_encoder()  # e.g. BART: keep the encoder
+        else:
+            model = tf.AutoModel.from_pretrained(encoder_id)
+    except (OSError, ValueError, KeyError) as e:  # missing/offline/unknown: one line, not a traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"error: cannot load text encoder '{encoder_id}' ({msg[:200]})")
+    return tokenizer, model.to(dev).eval()
+
+
+def encode_texts(texts, tokenizer, model, max_len, device):
+    """Encode a list of strings -> (states fp32 [B,L,D], mask bool [B,L], pooled fp32 [B,D]), L = max_len.
+    States at padded positions are whatever the encoder outputs there: downstream must use the mask.
+    pooled = the model's pooler_output if it has one (CLIP: the EOS token's state), else the masked mean."""
+    import torch
+    dev = torch.device(device) if isinstance(device, str) else device
+    tok = tokenizer(list(texts), padding='max_length', truncation=True, max_length=max_len, return_tensors='pt')
+    ids, mask = tok['input_ids'].to(dev), tok['attention_mask'].to(dev)
+    # bf16 on GPUs (fp16 overflows in T5); fp32 on CPU, where autocast is slow and less exact
+    autocast = torch.autocast('cuda', torch.bfloat16) if dev.type == 'cuda' else torch.autocast('cpu', enabled=False)
+    with torch.no_grad(), autocast:
+        out = model(input_ids=ids, attention_mask=mask)
+    states = out.last_hidden_state.float()
+    pooled = getattr(out, 'pooler_output', None)
+    if pooled is None:
+        m = mask.unsqueeze(-1).float()
+        pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)
+    return states, mask.bool(), pooled.float()
+
+
+def encode_captions(folder, encoder_id, max_len, batch, device):
+    """Pre-encode every split's captions with the text encoder, once: {split}_text.npy fp16 [N,L,D],
+    {split}_text_mask.npy bool [N,L], {split}_text_pooled.npy fp16 [N,D], and the same for the caption ""
+    as empty_text*.npy ([L,D], [L], [D]). Returns the meta entries."""
+    tokenizer, model = load_text_encoder(encoder_id, device)
+    dev = next(model.parameters()).device
+    limit = getattr(model.config, 'max_position_embeddings', None)  # T5 (relative positions) has none
+    if limit and max_len > limit:
+        sys.exit(f"error: --text_max_len={max_len} exceeds the text encoder's {limit} positions")
+    states, mask, pooled = encode_texts([''], tokenizer, model, max_len, dev)
+    D = states.shape[-1]
+    for name, a in (('empty_text', states[0].half()), ('empty_text_mask', mask[0]),
+                    ('empty_text_pooled', pooled[0].half())):
+        np.save(os.path.join(folder, name + '.npy'), a.cpu().numpy())
+    for split in ('train', 'val'):
+        with open(os.path.join(folder, f'{split}_captions.json')) as f:
+            captions = json.load(f)
+        path, n = os.path.join(folder, split), len(captions)
+        specs = (('_text', np.float16, (n, max_len, D)), ('_text_mask', np.bool_, (n, max_len)),
+                 ('_text_pooled', np.float16, (n, D)))
+        if n == 0:  # an empty val split (numpy cannot memory-map an empty array)
+            for suffix, dtype, shape in specs:
+                np.save(path + suffix + '.npy', np.zeros(shape, dtype))
+            continue
+        outs = [np.lib.format.open_memmap(path + suffix + '.npy', 'w+', dtype, shape) for suffix, dtype, shape in specs]
+        for i in tqdm(range(0, n, batch), desc=f'text {split}', leave=False):
+            for o, a in zip(outs, encode_texts(captions[i:i + batch], tokenizer, model, max_len, dev)):
+                o[i:i + len(a)] = a.cpu().numpy()
+        for o in outs:
+            o.flush()
+    return dict(text_encoder=encoder_id, text_max_len=max_len, text_dim=int(D))
+
+
 def swap_into_place(tmp, out):
     """Replace out with tmp by renames: a kill at any point leaves a complete dataset at out,
     or (between the two renames) at out.old, which the next run moves back."""
@@ -315,6 +396,9 @@ def main(cfg):
         sys.exit(f"error: --resolution must be a multiple of 8 for a VAE, got {res}")
     if cfg['num_train'] < 1 or cfg['num_val'] < 0:
         sys.exit("error: --num_train must be >= 1 and --num_val >= 0")
+    text = cfg.get('text_encoder', 'none')  # .get: callers with a pre-text config dict keep working
+    if text != 'none' and (cfg['text_max_len'] < 1 or cfg['text_batch'] < 1):
+        sys.exit("error: --text_max_len and --text_batch must be >= 1")
     if not 0 <= cfg['val_fraction'] < 1:
         sys.exit(f"error: --val_fraction must be in [0, 1), got {cfg['val_fraction']}")
     if not builtin:  # the swap deletes the old out_dir: it must never be (or hold) the source images
@@ -336,8 +420,12 @@ def main(cfg):
         else:
             meta = prepare_folder(tmp, root, res, cfg['val_fraction'], cfg['seed'])
         meta = dict(dataset=cfg['dataset'], kind='pixels', resolution=res, channels=3, **meta)
+        if text != 'none' and not meta['has_captions']:  # checked before the (slow) VAE pass
+            sys.exit(f"error: --text_encoder needs captions, but '{root}' has none (add NAME.txt beside each image)")
         if cfg['vae'] != 'none':  # pixels stay too: small, and what grading and FID read
             meta.update(encode_latents(tmp, cfg['vae'], cfg['vae_subfolder'], cfg['vae_batch'], cfg['device']))
+        if text != 'none':
+            meta.update(encode_captions(tmp, text, cfg['text_max_len'], cfg['text_batch'], cfg['device']))
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump(meta, f, indent=1, ensure_ascii=False)
         swap_into_place(tmp, out)
