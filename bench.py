@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from model import DIT_SIZES, Diffusion, build_model, flops_per_image, guess_peak_flops, input_shape, setup_device
+from model import DIT_SIZES, Diffusion, build_model, flops_per_image, guess_peak_flops, input_shape, model_args_from, setup_device
 from sample import guided, sample_loop
 from train import Data
 
@@ -31,6 +31,7 @@ patch_size = 2
 n_layer = 12
 n_head = 6
 n_embd = 384
+share_blocks = 1
 unet_channels = 64
 unet_mult = (1, 2, 2)
 unet_blocks = 1
@@ -206,15 +207,12 @@ def main():
         def get_batch():
             i = np.random.randint(0, 4) * batch_size
             return host_x[i:i + batch_size].to(dev, non_blocking=True), host_y[i:i + batch_size].to(dev, non_blocking=True)
-    args = dict(arch=arch, input_size=res, in_channels=c, num_classes=ncls, n_head=n_head)
-    if size:
+    cfg = dict(globals())
+    if size:  # a paper size overrides the DiT keys
         name, p = size.split('/')
         L, H, D = DIT_SIZES[name]
-        args.update(arch='dit', patch_size=int(p), n_layer=L, n_head=H, n_embd=D)
-    elif arch == 'dit':
-        args.update(patch_size=patch_size, n_layer=n_layer, n_embd=n_embd)
-    else:
-        args.update(channels=unet_channels, channel_mult=tuple(unet_mult), num_res_blocks=unet_blocks)
+        cfg.update(arch='dit', patch_size=int(p), n_layer=L, n_head=H, n_embd=D)
+    args = model_args_from(cfg, (c, res, res), ncls)
     model = build_model(args).to(dev)
     flops = flops_per_image(model, (c, res, res))
     diffusion = Diffusion(objective, schedule, prediction, num_timesteps)

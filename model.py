@@ -291,6 +291,17 @@ def input_shape(meta):
     return (meta['channels'], meta['resolution'], meta['resolution'])
 
 
+def model_args_from(cfg, shape, num_classes):
+    """The model_args dict (what build_model takes and checkpoints store) from the config keys that
+    train.py and bench.py share: arch, n_head, the DiT keys and the UNet keys."""
+    args = dict(arch=cfg['arch'], input_size=shape[-1], in_channels=shape[0], num_classes=num_classes, n_head=cfg['n_head'])
+    if cfg['arch'] == 'dit':
+        args.update(patch_size=cfg['patch_size'], n_layer=cfg['n_layer'], n_embd=cfg['n_embd'], share=cfg['share_blocks'])
+    else:
+        args.update(channels=cfg['unet_channels'], channel_mult=tuple(cfg['unet_mult']), num_res_blocks=cfg['unet_blocks'])
+    return args
+
+
 def build_model(model_args):
     """A denoiser from the dict a checkpoint stores: {'arch': 'dit' | 'unet', ...the config fields}."""
     args = dict(model_args)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import Diffusion, build_model, flops_per_image, guess_peak_flops, input_shape, setup_device
+from model import Diffusion, build_model, flops_per_image, guess_peak_flops, input_shape, model_args_from, setup_device
 
 # -----------------------------------------------------------------------------
 # config: defaults here, overridden by config/*.py files and --key=value (see configurator.py)
@@ -234,12 +234,7 @@ def main():
     shape = input_shape(meta)
 
     # ---- model, EMA, optimiser, possibly resumed
-    model_args = dict(arch=arch, input_size=shape[-1], in_channels=shape[0],
-                      num_classes=meta['num_classes'], n_head=n_head)
-    if arch == 'dit':
-        model_args.update(patch_size=patch_size, n_layer=n_layer, n_embd=n_embd, share=share_blocks)
-    else:
-        model_args.update(channels=unet_channels, channel_mult=tuple(unet_mult), num_res_blocks=unet_blocks)
+    model_args = model_args_from(globals(), shape, meta['num_classes'])
     diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
     model = build_model(model_args).to(dev)
     model.grad_checkpoint = grad_checkpoint
