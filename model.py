@@ -85,10 +85,10 @@ class Attention(nn.Module):
 class CrossAttention(nn.Module):
     """Image tokens attend to caption tokens; padded caption positions are masked out."""
 
-    def __init__(self, c):
+    def __init__(self, n_embd, n_head):
         super().__init__()
-        self.n_head = c.n_head
-        self.q, self.kv, self.proj = nn.Linear(c.n_embd, c.n_embd), nn.Linear(c.n_embd, 2 * c.n_embd), nn.Linear(c.n_embd, c.n_embd)
+        self.n_head = n_head
+        self.q, self.kv, self.proj = nn.Linear(n_embd, n_embd), nn.Linear(n_embd, 2 * n_embd), nn.Linear(n_embd, n_embd)
 
     def forward(self, x, ctx, mask):
         B, T, C = x.shape
@@ -111,7 +111,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(c.n_embd, hidden), nn.GELU(approximate='tanh'), nn.Linear(hidden, c.n_embd))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(c.n_embd, 6 * c.n_embd))
         if c.text_dim:  # PixArt-style: un-modulated cross-attention between self-attention and the MLP
-            self.norm_c, self.cross = nn.LayerNorm(c.n_embd, eps=1e-6), CrossAttention(c)
+            self.norm_c, self.cross = nn.LayerNorm(c.n_embd, eps=1e-6), CrossAttention(c.n_embd, c.n_head)
 
     def forward(self, x, cond, ctx=None, ctx_mask=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond).chunk(6, dim=1)
@@ -182,7 +182,7 @@ class DiT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # UNet: convolutions have the locality prior that a small pixel-space model on a CPU needs to learn in
-# minutes; a DiT wins at scale on latents. Same interface as DiT: forward(x, t, y).
+# minutes; a DiT wins at scale on latents. Same interface as DiT: forward(x, t, y, text=None).
 
 @dataclass
 class UNetConfig:
@@ -193,6 +193,7 @@ class UNetConfig:
     num_res_blocks: int = 1       # ResBlocks per level (each way)
     n_head: int = 4               # attention heads at the lowest resolution (and in the middle)
     num_classes: int = 0
+    text_dim: int = 0             # > 0: caption tokens via cross-attention in the middle, pooled caption into emb
 
 
 def group_norm(ch):
@@ -252,6 +253,12 @@ class UNet(nn.Module):
             self.down.append(nn.ModuleDict({'blocks': blocks, 'down': down}))
             skip_chs.append(ch)
         self.mid1, self.mid_attn, self.mid2 = ResBlock(ch, ch, emb), SelfAttention2d(ch, c.n_head), ResBlock(ch, ch, emb)
+        if c.text_dim:  # text at the lowest resolution, where attention is cheap; both start neutral (zero)
+            self.text_proj = nn.Sequential(nn.Linear(c.text_dim, ch), nn.GELU(approximate='tanh'), nn.Linear(ch, ch))
+            self.pooled_proj, self.norm_c, self.cross = nn.Linear(c.text_dim, emb), group_norm(ch), CrossAttention(ch, c.n_head)
+            for mod in (self.pooled_proj, self.cross.proj):
+                nn.init.zeros_(mod.weight)
+                nn.init.zeros_(mod.bias)
         for i, out in reversed(list(enumerate(chs))):
             blocks = nn.ModuleList()
             for j in range(c.num_res_blocks):
@@ -267,15 +274,24 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # the untrained model predicts 0
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, text=None):
+        """As DiT.forward; text = (states [B, L, text_dim], mask [B, L], pooled [B, text_dim]) or None."""
         emb = self.t_embed(timestep_embedding(t, 256).to(x.dtype)) + self.y_embed(y)
+        if text is not None:
+            states, mask, pooled = text
+            emb = emb + self.pooled_proj(pooled)
         h, skips = self.conv_in(x), []
         for level in self.down:
             for block in level['blocks']:
                 h = run_block(self, block, h, emb)
             skips.append(h)
             h = level['down'](h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        h = self.mid_attn(self.mid1(h, emb))
+        if text is not None:
+            B, C, H, W = h.shape
+            tokens = self.norm_c(h).flatten(2).transpose(1, 2)  # [B, HW, C]
+            h = h + self.cross(tokens, self.text_proj(states), mask).transpose(1, 2).reshape(B, C, H, W)
+        h = self.mid2(h, emb)
         for level in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
             for block in level['blocks']:
@@ -291,10 +307,12 @@ def input_shape(meta):
     return (meta['channels'], meta['resolution'], meta['resolution'])
 
 
-def model_args_from(cfg, shape, num_classes):
+def model_args_from(cfg, shape, num_classes, text_dim=0):
     """The model_args dict (what build_model takes and checkpoints store) from the config keys that
     train.py and bench.py share: arch, n_head, the DiT keys and the UNet keys."""
     args = dict(arch=cfg['arch'], input_size=shape[-1], in_channels=shape[0], num_classes=num_classes, n_head=cfg['n_head'])
+    if text_dim:
+        args['text_dim'] = text_dim
     if cfg['arch'] == 'dit':
         args.update(patch_size=cfg['patch_size'], n_layer=cfg['n_layer'], n_embd=cfg['n_embd'], share=cfg['share_blocks'])
     else:
@@ -313,14 +331,17 @@ def build_model(model_args):
     raise SystemExit(f"error: unknown arch {arch!r}: use 'dit' or 'unet'")
 
 
-def flops_per_image(model, shape):
+def flops_per_image(model, shape, text_len=77):
     """Forward FLOPs for one image, counted from the shapes of every matmul/conv/attention call
-    (torch.utils.flop_counter): analytic, not measured, and the same count for any device."""
+    (torch.utils.flop_counter): analytic, not measured, and the same count for any device.
+    A text model is counted with text_len caption tokens."""
     from torch.utils.flop_counter import FlopCounterMode
-    p = next(model.parameters())
+    p, D = next(model.parameters()), model.config.text_dim
     x = torch.zeros((1,) + tuple(shape), device=p.device)
+    text = (torch.zeros(1, text_len, D, device=p.device), torch.ones(1, text_len, dtype=torch.bool, device=p.device),
+            torch.zeros(1, D, device=p.device)) if D else None
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, torch.zeros(1, device=p.device), torch.zeros(1, dtype=torch.long, device=p.device))
+        model(x, torch.zeros(1, device=p.device), torch.zeros(1, dtype=torch.long, device=p.device), text)
     return counter.get_total_flops()
 
 
@@ -355,12 +376,13 @@ class Diffusion:
             return torch.sigmoid(torch.randn(n, generator=generator, device=device, dtype=torch.float64))
         return torch.randint(0, self.T, (n,), generator=generator, device=device).double()
 
-    def loss(self, model, x0, y, t, noise, min_snr_gamma=0.0):
+    def loss(self, model, x0, y, t, noise, min_snr_gamma=0.0, text=None):
         """Mean squared error of the network's prediction; t and noise are drawn by the caller.
-        min_snr_gamma > 0: Min-SNR-gamma weighting (Hang et al. 2023), see min_snr_weight."""
+        min_snr_gamma > 0: Min-SNR-gamma weighting (Hang et al. 2023), see min_snr_weight.
+        text: the captions' (states, mask, pooled) for a text-conditional model, else None."""
         alpha, sigma = (s.float().view(-1, 1, 1, 1) for s in self.alpha_sigma(t))
         x_t = alpha * x0 + sigma * noise
-        out = model(x_t, self.model_time(t).float(), y)
+        out = model(x_t, self.model_time(t).float(), y, text)
         if self.objective == 'flow':
             target = noise - x0  # velocity dx_t/dt
         else:

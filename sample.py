@@ -4,6 +4,8 @@ Sample from a trained checkpoint with classifier-free guidance, write a PNG grid
     python sample.py --out_dir=out-shapes                    # grid of every class -> out-shapes/grid.png
     python sample.py --out_dir=out-shapes --grade=True       # shapes only: read samples back, print accuracy
     python sample.py --out_dir=out-shapes --sampler=ddpm --steps=1000 --spacing=linspace
+    python sample.py --out_dir=out-emoji --prompt="red heart" --prompt="grinning face"   # text models
+    python sample.py --out_dir=out-emoji --prompts=prompts.txt                          # one prompt per line
 
 Samplers (all in sample_loop, on the alpha/sigma of model.Diffusion): DPM-Solver++ 1/2/3 (Lu et al. 2022,
 the default: 2M), DDIM (Song et al. 2021, eta >= 0), DDPM ancestral (Ho et al. 2020), Euler/Heun for
@@ -11,6 +13,7 @@ flow models. CFG: Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022). Ea
 diffusers' scheduler of the same name in tests/test_sampler.py.
 """
 import functools
+import json
 import os
 import textwrap
 from contextlib import nullcontext
@@ -32,7 +35,10 @@ eta = 0.0                    # ddim: 0 = deterministic, 1 = DDPM
 threshold = 0.0              # Imagen dynamic thresholding quantile of |x0| (e.g. 0.995); 0 = off
 threshold_max = 1.0
 cfg_scale = 4.0              # 1 = no guidance
-per_class = 8                # grid: images per class (unconditional models: per_class * 8 images)
+per_class = 8                # grid: images per class or prompt (unconditional models: per_class * 8 images)
+prompt = ''                  # text models: --prompt="a red circle", repeatable (default: the dataset's val captions);
+                             # read from the command line by read_prompts: every --prompt=... counts
+prompts = ''                 # text models: a text file, one prompt per line
 grade = False                # shapes only: sample grade_per_class images per class and read them back
 grade_per_class = 40
 batch_size = 256
@@ -120,14 +126,21 @@ def sample_loop(model_fn, x, diffusion, steps, sampler='dpm++', order=2, spacing
     return x, nfe
 
 
-def guided(model, diffusion, y, null_class, cfg_scale):
+def guided(model, diffusion, y, null_class, cfg_scale, text=None, null_text=None):
     """The network with classifier-free guidance: out = uncond + s * (cond - uncond), with the conditional and
-    unconditional halves in one batched forward (one network evaluation per step)."""
+    unconditional halves in one batched forward (one network evaluation per step). A text model: text =
+    the prompts' (states, mask, pooled), one per image; null_text = the empty caption's, which is the
+    unconditional half (y is then the null class throughout)."""
+    use_cfg = cfg_scale != 1 and (null_class > 0 or text is not None)  # unconditional: nothing to guide with
+    if use_cfg:
+        y = torch.cat([y, torch.full_like(y, null_class)])
+        if text is not None:
+            text = tuple(torch.cat([a, e.expand_as(a)]) for a, e in zip(text, null_text))
+
     def model_fn(x, t):
-        use_cfg = cfg_scale != 1 and null_class > 0  # an unconditional model has nothing to guide with
-        xx, yy = (torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_class)])) if use_cfg else (x, y)
+        xx = torch.cat([x, x]) if use_cfg else x
         tt = torch.full((len(xx),), diffusion.model_time(t), device=x.device)
-        out = model(xx, tt, yy).float()
+        out = model(xx, tt, y, text).float()
         if not use_cfg:
             return out
         cond, uncond = out.chunk(2)
@@ -136,9 +149,11 @@ def guided(model, diffusion, y, null_class, cfg_scale):
 
 
 @torch.inference_mode()
-def sample_images(model, diffusion, labels, meta, cfg_scale, seed=0, autocast=None, batch_size=256, **solver):
+def sample_images(model, diffusion, labels, meta, cfg_scale, seed=0, autocast=None, batch_size=256, text=None,
+                  null_text=None, **solver):
     """Generate one image per label; returns uint8 [N, 3, H, W]. Seeded: the same call gives the same
     images. solver: steps, sampler, order, spacing, eta, threshold, threshold_max (see sample_loop).
+    A text model: text = (states, mask, pooled) per image, null_text = the empty caption's (see guided).
     A latent model's samples are decoded with the VAE that prepare.py recorded in meta."""
     vae = load_vae(meta, labels.device)
     shape = input_shape(meta)
@@ -146,7 +161,8 @@ def sample_images(model, diffusion, labels, meta, cfg_scale, seed=0, autocast=No
     noise = torch.randn((len(labels),) + shape, generator=g, device=labels.device)
     out = []
     for i in range(0, len(labels), batch_size):
-        model_fn = guided(model, diffusion, labels[i:i + batch_size], meta['num_classes'], cfg_scale)
+        part = None if text is None else tuple(a[i:i + batch_size] for a in text)
+        model_fn = guided(model, diffusion, labels[i:i + batch_size], model.config.num_classes, cfg_scale, part, null_text)
         with autocast or nullcontext():
             x, _ = sample_loop(model_fn, noise[i:i + batch_size], diffusion, generator=g, **solver)
         if not torch.isfinite(x).all():
@@ -211,20 +227,68 @@ def load_model(path, dev, use_ema=True):
     return model.to(dev).eval(), diffusion, ckpt['meta'], c
 
 
+def read_prompts(argv, path, data_dir):
+    """The prompts for a text model: every --prompt=... in argv (the flag repeats), then the lines of
+    `path`; if there are none, the first 8 distinct captions of the dataset's val split."""
+    found = [a.split('=', 1)[1] for a in argv if a.startswith('--prompt=')]
+    if path:
+        try:
+            with open(path, encoding='utf-8') as f:
+                found += [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: cannot read --prompts file '{path}' ({getattr(e, 'strerror', None) or e})")
+        if not found:
+            raise SystemExit(f"error: --prompts file '{path}' has no prompts (one per line)")
+    if not found:
+        try:
+            with open(os.path.join(data_dir, 'val_captions.json'), encoding='utf-8') as f:
+                found = list(dict.fromkeys(c for c in json.load(f) if c))[:8]
+        except OSError:
+            raise SystemExit(f"error: a text model needs prompts: pass --prompt=\"...\" or --prompts=file.txt") from None
+    return found
+
+
+def encode_prompts(texts, meta, dev):
+    """Encode prompts with the text encoder that prepare.py recorded in meta -> (cond, empty caption)."""
+    from prepare import encode_texts, load_text_encoder
+    tokenizer, encoder = load_text_encoder(meta['text_encoder'], str(dev))
+    states, mask, pooled = encode_texts(list(texts) + [''], tokenizer, encoder, meta['text_max_len'], dev)
+    # through fp16, as the training captions were stored: the model sees the values it was trained on
+    states, pooled = states.half().float(), pooled.half().float()
+    return (states[:-1], mask[:-1], pooled[:-1]), (states[-1:], mask[-1:], pooled[-1:])
+
+
 def main():
+    import sys
     from configurator import configure
-    configure(globals())
+    argv = sys.argv[1:]
+    configure(globals(), [a for a in argv if not a.startswith('--prompt=')])  # repeatable: read below
     dev, _, autocast = setup_device(device, dtype)
-    model, diffusion, meta, _ = load_model(os.path.join(out_dir, ckpt_name), dev, use_ema)
+    model, diffusion, meta, train_config = load_model(os.path.join(out_dir, ckpt_name), dev, use_ema)
     kw = dict(cfg_scale=cfg_scale, autocast=autocast, batch_size=batch_size, steps=steps, sampler=sampler, order=order,
               spacing=spacing, eta=eta, threshold=threshold, threshold_max=threshold_max)
     how = f"{sampler}{order if sampler == 'dpm++' else ''} {spacing}, {steps} steps, cfg {cfg_scale}"
+    is_text = bool(model.config.text_dim)
+    if (prompts or any(a.startswith('--prompt=') for a in argv)) and not is_text:
+        raise SystemExit(f"error: {out_dir}/{ckpt_name} is not a text model (it was trained on class labels): drop --prompt")
 
-    labels = class_labels(meta, per_class).to(dev)
-    images = sample_images(model, diffusion, labels, meta, seed=seed, **kw)
-    names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels.tolist()]
+    def generate(names, seed_):
+        """Images for a list of prompts (text model) or class indices, one image each."""
+        if not is_text:
+            return sample_images(model, diffusion, torch.tensor(names, device=dev), meta, seed=seed_, **kw)
+        cond, empty = encode_prompts(names, meta, dev)
+        labels = torch.zeros(len(names), dtype=torch.long, device=dev)
+        return sample_images(model, diffusion, labels, meta, seed=seed_, text=cond, null_text=empty, **kw)
+
+    if is_text:
+        names = [p for p in read_prompts(argv, prompts, train_config['data_dir']) for _ in range(per_class)]
+        images = generate(names, seed)
+    else:
+        labels = class_labels(meta, per_class).tolist()
+        images = generate(labels, seed)
+        names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels]
     path = os.path.join(out_dir, 'grid.png')
-    save_grid(images, names, path, ncol=per_class if meta['num_classes'] else 8)
+    save_grid(images, names, path, ncol=per_class if (meta['num_classes'] or is_text) else 8)
     print(f"wrote {path} ({len(images)} images, {how}, seed {seed})")
 
     if grade:
@@ -232,9 +296,10 @@ def main():
             raise SystemExit("error: --grade=True needs a model trained on the built-in 'shapes' data")
         from prepare import grade as grade_images
         labels = torch.arange(meta['num_classes']).repeat_interleave(grade_per_class).to(dev)
-        images = sample_images(model, diffusion, labels, meta, seed=seed + 1, **kw)
+        # a text model is graded on the prompts "a red circle", ... (the shapes captions)
+        images = generate([f"a {meta['class_names'][i]}" for i in labels.tolist()] if is_text else labels.tolist(), seed + 1)
         acc, per_class_acc = grade_images(images.numpy(), labels.cpu().numpy())
-        print(f"conditional accuracy (shape and colour read back right): {100 * acc:.1f}% of {len(labels)} samples "
+        print(f"conditional accuracy ({'text prompts' if is_text else 'class labels'}; shape and colour read back right): {100 * acc:.1f}% of {len(labels)} samples "
               f"| {how}")
         print('per class: ' + ', '.join(f"{n} {100 * a:.0f}%" for n, a in zip(meta['class_names'], per_class_acc)))
 

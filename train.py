@@ -49,7 +49,8 @@ objective = 'flow'           # 'flow' (rectified flow) or 'vp' (DDPM-style)
 schedule = 'cosine'          # vp only: 'linear' or 'cosine'
 prediction = 'v'             # vp only: 'eps', 'v' or 'x0'
 num_timesteps = 1000         # vp only
-class_dropout = 0.1          # chance a label is replaced by the null class, which makes CFG possible
+use_text = True              # condition on the captions when prepare.py pre-encoded them (else on class labels)
+class_dropout = 0.1          # chance a label (caption) is replaced by the null class (empty caption): makes CFG possible
 min_snr_gamma = 0.0          # Min-SNR-gamma loss weighting (e.g. 5.0); 0 = plain MSE
 optim = 'adamw'              # 'adamw' or 'adafactor' (transformers' Adafactor: factored second moments, less memory)
 lr_schedule = 'cosine'       # 'cosine' (warm-up, one decay to min_lr) or 'restarts' (cosine warm restarts, SGDR)
@@ -91,9 +92,10 @@ config = {}  # filled in by configurator.configure() when run as a script (impor
 class Data:
     """A split of a prepare.py dataset, memory-mapped: a batch is one fancy-index and one host->device copy.
     Pixel data: uint8 [N, 3, H, W]. Latent data: fp16 [N, 2, 2, C, h, w] = (image, h-flipped) x (posterior
-    mean, std) from the VAE, so every step can draw a fresh latent mean + std * eps of either orientation."""
+    mean, std) from the VAE, so every step can draw a fresh latent mean + std * eps of either orientation.
+    Captions (text=True): the pre-encoded (states, mask, pooled) arrays, and those of the empty caption."""
 
-    def __init__(self, data_dir, split, device):
+    def __init__(self, data_dir, split, device, text=False):
         with open(os.path.join(data_dir, 'meta.json')) as f:
             meta = json.load(f)
         self.latent = meta.get('kind') == 'latents'
@@ -101,6 +103,20 @@ class Data:
         self.y = np.load(os.path.join(data_dir, f'{split}_y.npy'))
         self.scale, self.shift = meta.get('scaling_factor', 1.0), meta.get('shift_factor', 0.0)
         self.device = device
+        if text:
+            load = lambda name, **kw: np.load(os.path.join(data_dir, name + '.npy'), **kw)
+            self.text = [load(f'{split}_text{s}', mmap_mode='r') for s in ('', '_mask', '_pooled')]
+            self.empty = [torch.from_numpy(load(f'empty_text{s}')).to(device) for s in ('', '_mask', '_pooled')]
+
+    def get_text(self, idx, drop=None):
+        """Captions of idx as (states fp32 [B,L,D], mask bool [B,L], pooled fp32 [B,D]) on the device;
+        where drop [B] is True, the empty caption's (classifier-free guidance dropout)."""
+        out = []
+        for a, e in zip(self.text, self.empty):
+            a = torch.from_numpy(a[idx]).to(self.device, non_blocking=True)
+            a = a if drop is None else torch.where(drop.view(-1, *[1] * (a.dim() - 1)), e, a)
+            out.append(a if a.dtype == torch.bool else a.float())
+        return tuple(out)
 
     def __len__(self):
         return len(self.y)
@@ -230,11 +246,13 @@ def main():
         raise SystemExit(f"error: no dataset at {data_dir} ({meta_path} missing): run prepare.py first")
     with open(meta_path) as f:
         meta = json.load(f)
-    train_data, val_data = Data(data_dir, 'train', dev), Data(data_dir, 'val', dev)
+    text = use_text and 'text_dim' in meta  # a text model ignores the class labels
+    train_data, val_data = Data(data_dir, 'train', dev, text), Data(data_dir, 'val', dev, text)
     shape = input_shape(meta)
+    num_classes = 0 if text else meta['num_classes']
 
     # ---- model, EMA, optimiser, possibly resumed
-    model_args = model_args_from(globals(), shape, meta['num_classes'])
+    model_args = model_args_from(globals(), shape, num_classes, meta['text_dim'] if text else 0)
     diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
     model = build_model(model_args).to(dev)
     model.grad_checkpoint = grad_checkpoint
@@ -269,12 +287,12 @@ def main():
     if ddp:
         model = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None)
     n_params = sum(p.numel() for p in raw_model.parameters())
-    flops_per_step = 3 * flops_per_image(raw_model, shape) * global_batch  # forward + backward = 3x forward
+    flops_per_step = 3 * flops_per_image(raw_model, shape, meta.get('text_max_len', 0)) * global_batch  # forward + backward = 3x forward
     peak = peak_flops or guess_peak_flops(dev)
     if master:
         os.makedirs(out_dir, exist_ok=True)
         print(f"{n_params / 1e6:.2f}M parameters | {len(train_data)} train images {shape} | global batch {global_batch} "
-              f"| {dev} {ptdtype} | {world} process(es)")
+              f"| {dev} {ptdtype} | {world} process(es) | conditioned on {'captions' if text else 'class labels'}")
 
     def noise_for(step_, n, gen_seed):
         """t, noise and label-dropout for a global batch, from a generator seeded by (seed, step)."""
@@ -296,7 +314,8 @@ def main():
             x0, y = val_data.get(idx)
             t, noise, _, _, _ = noise_for(i, len(idx), seed + 1)  # the same noise at every evaluation
             with autocast:
-                losses.append(diffusion.loss(net, x0, y, t, noise).item())
+                y = y * 0 if text else y  # a text model has only the null class
+                losses.append(diffusion.loss(net, x0, y, t, noise, text=val_data.get_text(idx) if text else None).item())
         return sum(losses) / len(losses)
 
     def checkpoint(name='ckpt.pt'):
@@ -307,10 +326,19 @@ def main():
 
     def sample_grid():
         from sample import sample_images, save_grid, class_labels  # lazy: only the master samples
-        labels = class_labels(meta, 8).to(dev)
-        x = sample_images(ema, diffusion, labels, meta, cfg_scale, seed=seed, autocast=autocast, steps=sample_steps)
-        save_grid(x, [meta['class_names'][i] if meta['num_classes'] else '' for i in labels.tolist()],
-                  os.path.join(out_dir, f'samples_{step:06d}.png'))
+        if text:  # the first 8 distinct val captions, 8 samples each (already encoded: no text encoder here)
+            with open(os.path.join(data_dir, 'val_captions.json')) as f:
+                caps = json.load(f)
+            first = sorted({c: i for i, c in reversed(list(enumerate(caps)))}.values())[:8]
+            idx = np.repeat(first, 8)
+            labels, names = torch.zeros(len(idx), dtype=torch.long, device=dev), [caps[i] for i in idx]
+            cond = val_data.get_text(idx)
+        else:
+            labels, cond = class_labels(meta, 8).to(dev), None
+            names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels.tolist()]
+        x = sample_images(ema, diffusion, labels, meta, cfg_scale, seed=seed, autocast=autocast, steps=sample_steps,
+                          text=cond, null_text=val_data.empty if text else None)
+        save_grid(x, names, os.path.join(out_dir, f'samples_{step:06d}.png'))
 
     log = lambda **kw: None  # wandb, if asked for and installed; otherwise the stdout lines are the log
     if wandb_project and master:
@@ -344,10 +372,11 @@ def main():
                 # this process's slice of the global batch (the same examples with the same noise whatever the world size)
                 s = slice((micro * world + rank) * batch_size, (micro * world + rank + 1) * batch_size)
                 x0, y = train_data.get(idx[s], eps[s] if eps is not None else None, flip[s] if flip is not None else None)
-                y = torch.where(drop[s], meta['num_classes'], y)  # the null class, for classifier-free guidance
+                y = y * 0 if text else torch.where(drop[s], num_classes, y)  # the null class, for CFG (text: the only class)
+                caps = train_data.get_text(idx[s], drop[s]) if text else None  # dropped: the empty caption
                 last = micro == gradient_accumulation_steps - 1
                 with (model.no_sync() if ddp and not last else nullcontext()), autocast:
-                    loss = diffusion.loss(model, x0, y, t[s], noise[s], min_snr_gamma) / gradient_accumulation_steps
+                    loss = diffusion.loss(model, x0, y, t[s], noise[s], min_snr_gamma, caps) / gradient_accumulation_steps
                 scaler.scale(loss).backward()
                 step_loss += loss.detach()
         except torch.OutOfMemoryError:

@@ -83,9 +83,11 @@ def test_adafactor_profile_and_memory_savers_train(tmp_path):
     assert (out / 'trace.json').stat().st_size > 1000
 
 
-def test_dit_cross_attention_to_captions_ignores_padding():
+@pytest.mark.parametrize('arch', ['dit', 'unet'])
+def test_cross_attention_to_captions_ignores_padding(arch):
     torch.manual_seed(0)
-    model = DiT(DiTConfig(16, 3, 4, n_layer=2, n_head=2, n_embd=32, text_dim=24))
+    model = DiT(DiTConfig(16, 3, 4, n_layer=2, n_head=2, n_embd=32, text_dim=24)) if arch == 'dit' else \
+        UNet(UNetConfig(16, 3, channels=16, channel_mult=(1, 2), n_head=2, text_dim=24))
     for p in model.parameters():  # past the zero-init, so the text path matters
         p.data.add_(0.05 * torch.randn_like(p))
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([100., 700.]), torch.zeros(2, dtype=torch.long)
@@ -100,4 +102,5 @@ def test_dit_cross_attention_to_captions_ignores_padding():
     assert not torch.allclose(model(x, t, y, (other, mask, pooled))[0], out[0])
     model.grad_checkpoint = True
     model(x, t, y, (states, mask, pooled)).square().mean().backward()
-    assert model.blocks[0].cross.q.weight.grad.abs().sum() > 0
+    cross = model.blocks[0].cross if arch == 'dit' else model.cross
+    assert cross.q.weight.grad.abs().sum() > 0
