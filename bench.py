@@ -25,6 +25,9 @@ data_dir = ''                # a prepare.py dataset (times the real loader); '' 
 resolution = 32
 channels = 4
 num_classes = 1000
+text_len = 0                 # random data: > 0 conditions on random captions of text_len tokens x text_dim (a T2I model)
+text_dim = 768
+use_text = True              # a dataset with pre-encoded captions: time the text model (as train.py trains it)
 size = ''                    # a DiT size from the paper, e.g. 'B/2' (overrides the arch keys below)
 arch = 'dit'
 patch_size = 2
@@ -193,37 +196,46 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(dev)
     if data_dir:
-        data = Data(data_dir, 'train', dev)
         with open(os.path.join(data_dir, 'meta.json')) as f:
             meta = json.load(f)
-        (c, res, _), ncls = input_shape(meta), meta['num_classes']
-        get_batch = lambda: data.get(np.random.randint(0, len(data), batch_size))
+        text = use_text and 'text_dim' in meta
+        data = Data(data_dir, 'train', dev, text)
+        (c, res, _), ncls = input_shape(meta), 0 if text else meta['num_classes']
+        L, D = (meta['text_max_len'], meta['text_dim']) if text else (0, 0)
+
+        def get_batch():
+            idx = np.sort(np.random.randint(0, len(data), batch_size))
+            x, y = data.get(idx)
+            return (x, y * 0, data.get_text(idx)) if text else (x, y, None)
     else:  # random data, held on the host like the memmap, so the host->device copy is still timed
-        c, res, ncls = channels, resolution, num_classes
-        host_x = torch.randn(batch_size * 4, c, res, res)
-        host_y = torch.randint(0, ncls, (batch_size * 4,))
-        if dev.type == 'cuda':
-            host_x, host_y = host_x.pin_memory(), host_y.pin_memory()
+        c, res, ncls, L, D = channels, resolution, 0 if text_len else num_classes, text_len, text_dim if text_len else 0
+        host = [torch.randn(batch_size * 4, c, res, res), torch.randint(0, max(ncls, 1), (batch_size * 4,))]
+        if L:  # random caption states, a mask with 1..L real tokens, pooled vectors
+            host += [torch.randn(batch_size * 4, L, D), torch.arange(L) < torch.randint(1, L + 1, (batch_size * 4, 1)),
+                     torch.randn(batch_size * 4, D)]
+        host = [h.pin_memory() for h in host] if dev.type == 'cuda' else host
+
         def get_batch():
             i = np.random.randint(0, 4) * batch_size
-            return host_x[i:i + batch_size].to(dev, non_blocking=True), host_y[i:i + batch_size].to(dev, non_blocking=True)
+            x, y, *caps = [h[i:i + batch_size].to(dev, non_blocking=True) for h in host]
+            return x, y, tuple(caps) or None
     cfg = dict(globals())
     if size:  # a paper size overrides the DiT keys
         name, p = size.split('/')
         L, H, D = DIT_SIZES[name]
         cfg.update(arch='dit', patch_size=int(p), n_layer=L, n_head=H, n_embd=D)
-    args = model_args_from(cfg, (c, res, res), ncls)
+    args = model_args_from(cfg, (c, res, res), ncls, D)
     model = build_model(args).to(dev)
-    flops = flops_per_image(model, (c, res, res))
+    flops = flops_per_image(model, (c, res, res), L)
     diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == 'cuda')
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
     net = torch.compile(model) if compile and dev.type == 'cuda' else model
 
-    def train_step(x0, y):
+    def train_step(x0, y, caps):
         t = diffusion.sample_t(len(y), device=dev)
         with autocast:
-            loss = diffusion.loss(net, x0, y, t, torch.randn_like(x0))
+            loss = diffusion.loss(net, x0, y, t, torch.randn_like(x0), text=caps)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -260,10 +272,15 @@ def main():
 
     # sampling: DPM-Solver++(2M), CFG as one batched call of 2x the batch per step, EMA-free weights
     model.eval()
-    y = torch.randint(0, ncls, (sample_batch,), device=dev)
+    y = torch.randint(0, max(ncls, 1), (sample_batch,), device=dev)
     x = torch.randn(sample_batch, c, res, res, device=dev)
+    caps = empty = None
+    if D:  # prompts and the empty caption: the shapes of real ones (their values do not change the timing)
+        caps = (torch.randn(sample_batch, L, D, device=dev), torch.ones(sample_batch, L, dtype=torch.bool, device=dev),
+                torch.randn(sample_batch, D, device=dev))
+        empty = tuple(a[:1] for a in caps)
     with torch.no_grad(), autocast:
-        fn = guided(net, diffusion, y, ncls, cfg_scale)
+        fn = guided(net, diffusion, y, ncls, cfg_scale, caps, empty)
         sample_loop(fn, x, diffusion, 2)  # warm-up (compile for the eval shapes)
         sync(dev)
         t0 = time.perf_counter()
@@ -275,7 +292,8 @@ def main():
     mem = f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB" if dev.type == 'cuda' else 'n/a (CPU)'
     mfu = f"{100 * 3 * flops * train_img_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else 'n/a (no known peak)'
     rows = [('device', torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f"cpu ({torch.get_num_threads()} threads)"),
-            ('model', f"{name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {c}x{res}x{res}"),
+            ('model', f"{name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {c}x{res}x{res}"
+                      + (f", text {L}x{D}" if D else '')),
             ('precision / compile', f"{str(ptdtype).split('.')[-1]} / {'on' if net is not model else 'off'}"),
             ('batch', str(batch_size)),
             ('train img/s', f"{train_img_s:.1f}"),

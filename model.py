@@ -239,6 +239,7 @@ class UNet(nn.Module):
         super().__init__()
         c = self.config = config
         chs = [c.channels * m for m in c.channel_mult]
+        assert chs[-1] % c.n_head == 0, f"the UNet's lowest level has {chs[-1]} channels: n_head={c.n_head} must divide it"
         emb = 4 * c.channels
         self.t_embed = nn.Sequential(nn.Linear(256, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.y_embed = nn.Embedding(c.num_classes + 1, emb)  # +1: the null class used for CFG
@@ -324,11 +325,12 @@ def build_model(model_args):
     """A denoiser from the dict a checkpoint stores: {'arch': 'dit' | 'unet', ...the config fields}."""
     args = dict(model_args)
     arch = args.pop('arch')
-    if arch == 'dit':
-        return DiT(DiTConfig(**args))
-    if arch == 'unet':
-        return UNet(UNetConfig(**args))
-    raise SystemExit(f"error: unknown arch {arch!r}: use 'dit' or 'unet'")
+    if arch not in ('dit', 'unet'):
+        raise SystemExit(f"error: unknown arch {arch!r}: use 'dit' or 'unet'")
+    try:
+        return DiT(DiTConfig(**args)) if arch == 'dit' else UNet(UNetConfig(**args))
+    except AssertionError as e:  # a shape that does not fit together: one line naming the keys
+        raise SystemExit(f"error: {e}") from None
 
 
 def flops_per_image(model, shape, text_len=77):

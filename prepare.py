@@ -34,6 +34,8 @@ resolution = 32       # output side in px
 num_train = 20000     # shapes only
 num_val = 1000        # shapes only
 val_fraction = 0.05   # folders and emoji: share of images held out for validation
+skin_tones = True     # emoji: False leaves out the 5 skin-tone variants of people (~half the images), so a
+                      # short CPU run spends its steps on more distinct emoji
 seed = 1337
 vae = 'none'          # 'none' keeps pixels; a VAE hub id or folder (e.g. stabilityai/sd-vae-ft-mse) stores latents
 vae_subfolder = ''    # e.g. 'vae' inside a whole-pipeline repo
@@ -284,9 +286,12 @@ def prepare_shapes(folder, resolution, num_train, num_val, seed):
         train=num_train, val=num_val), seed=seed, skipped=[], shapes=SHAPES, colours=COLOURS)
 
 
-def prepare_folder(folder, root, resolution, val_fraction, seed, caption_of=read_caption):
-    """Decode, shuffle and split the images under root; caption_of(path) -> str, ValueError skips the file."""
+def prepare_folder(folder, root, resolution, val_fraction, seed, caption_of=read_caption, keep=None):
+    """Decode, shuffle and split the images under root; caption_of(path) -> str, ValueError skips the file;
+    keep(relative path) -> False leaves a file out by choice (counted in meta 'left_out', not 'skipped')."""
     files, class_names, skipped = scan_folder(root)
+    n_found = len(files)
+    files = [f for f in files if keep is None or keep(f[0])]
     # decode everything once into a scratch memmap in sorted order, then shuffle/split from it
     buf = np.lib.format.open_memmap(os.path.join(folder, 'all_x.npy'), 'w+', np.uint8,
                                     (max(len(files), 1), 3, resolution, resolution))
@@ -314,7 +319,7 @@ def prepare_folder(folder, root, resolution, val_fraction, seed, caption_of=read
     os.remove(os.path.join(folder, 'all_x.npy'))
     skipped.sort()
     return dict(num_classes=len(class_names), class_names=class_names, has_captions=any(captions),
-                splits=dict(train=n - n_val, val=n_val), seed=seed, skipped=skipped)
+                splits=dict(train=n - n_val, val=n_val), seed=seed, skipped=skipped, left_out=n_found - len(files))
 
 
 def encode_latents(folder, vae_id, subfolder, batch, device):
@@ -479,7 +484,10 @@ def main(cfg):
         if builtin:
             meta = prepare_shapes(tmp, res, cfg['num_train'], cfg['num_val'], cfg['seed'])
         elif emoji:  # a flat image folder (no classes) captioned from the file names
-            meta = dict(prepare_folder(tmp, root, res, cfg['val_fraction'], cfg['seed'], emoji_caption),
+            tones = {f'1f3f{d}' for d in 'bcdef'}  # the Fitzpatrick modifiers U+1F3FB..U+1F3FF
+            no_tone = lambda rel: not tones & set(os.path.splitext(rel)[0].split('-'))
+            meta = dict(prepare_folder(tmp, root, res, cfg['val_fraction'], cfg['seed'], emoji_caption,
+                                       None if cfg.get('skin_tones', True) else no_tone),
                         license=EMOJI_LICENSE)
         else:
             meta = prepare_folder(tmp, root, res, cfg['val_fraction'], cfg['seed'])
@@ -497,7 +505,8 @@ def main(cfg):
         shutil.rmtree(tmp, ignore_errors=True)
     s, sk = meta['splits'], meta['skipped']
     print(f"wrote {s['train']} train + {s['val']} val images ({res}x{res}, "
-          f"{meta['num_classes']} classes) to {out}; skipped {len(sk)} files")
+          f"{meta['num_classes']} classes) to {out}; skipped {len(sk)} files"
+          + (f"; left out {meta['left_out']} by choice" if meta.get('left_out') else ''))
     for rel, reason in sk:
         print(f"  skipped {rel}: {reason}")
 

@@ -209,7 +209,8 @@ def save_grid(images, captions, path, ncol=None):
         x, y = 2 + (i % ncol) * (tw + 2), 2 + (i // ncol) * (th + cap_h + 2)
         tile = Image.fromarray(img.permute(1, 2, 0).numpy().squeeze()).resize((tw, th), Image.NEAREST)
         grid.paste(tile, (x, y + cap_h))
-        draw.multiline_text((x + 1, y + 1), '\n'.join(lines[i]), fill='black', font=font, spacing=1)
+        top = y + cap_h - 11 * len(lines[i]) - 2  # bottom-aligned: each caption sits right on its image
+        draw.multiline_text((x + 1, top), '\n'.join(lines[i]), fill='black', font=font, spacing=1)
     tmp = path + '.tmp.png'
     grid.save(tmp)
     os.replace(tmp, path)

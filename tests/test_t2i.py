@@ -71,8 +71,7 @@ def test_text_model_trains_and_samples_prompts(data, tmp_path, arch):
     assert '(12 images' in p.stdout
     grid = np.asarray(Image.open(out / 'grid.png'))
     assert grid.shape[0] > 4 * 64 and grid.shape[1] > 3 * 64  # 4 rows of 3, tiles upscaled to >= 64 px
-    tile = grid[2:2 + 64 + 11 + 4]  # the first row: a caption band above the image
-    assert (tile[:11] < 128).any()  # dark text pixels in the caption band
+    assert (grid[2:24] < 128).any()  # dark text pixels in the first row's caption band (two lines of 11 px)
     # no prompts: the dataset's first val captions; and grading with text prompts
     p = run(['sample.py', f'--out_dir={out}', '--per_class=1', '--steps=2', '--device=cpu', '--grade=True',
              '--grade_per_class=1'])
@@ -123,3 +122,12 @@ def test_prompt_on_a_class_model_is_refused(tmp_path):
     run(['train.py', f'--data_dir={d}', f'--out_dir={tmp_path}', '--max_iters=1'] + TINY)
     p = run(['sample.py', f'--out_dir={tmp_path}', '--prompt=a red circle', '--device=cpu'], check=False)
     assert p.returncode != 0 and 'not a text model' in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_bench_times_the_text_model(data):
+    args = ['bench.py', f'--data_dir={data}', '--arch=unet', '--unet_channels=16', '--batch_size=4', '--iters=1',
+            '--warmup=1', '--sample_batch=2', '--sample_steps=2', '--device=cpu']
+    p = run(args + ['--n_head=4'])
+    assert 'text 8x32' in p.stdout and 'train img/s' in p.stdout and 'sample img/s' in p.stdout
+    p = run(args + ['--n_head=6'], check=False)  # 32 channels do not split into 6 heads: one line, no traceback
+    assert p.returncode != 0 and p.stderr.strip() == "error: the UNet's lowest level has 32 channels: n_head=6 must divide it"
