@@ -134,16 +134,20 @@ def quality_table(ckpt_dir, per_class, nfes=(5, 10, 20, 50)):
     """Conditional accuracy of samples from a trained shapes model, per sampler and NFE, graded by
     prepare.grade; the 1000-step DDPM ancestral sampler is the reference."""
     from prepare import grade
-    from sample import load_model, sample_images
+    from sample import encode_prompts, load_model, sample_images
     dev, _, autocast = setup_device(device, dtype)
     model, diffusion, meta, _ = load_model(os.path.join(ckpt_dir, 'ckpt.pt'), dev)
     labels = torch.arange(meta['num_classes']).repeat_interleave(per_class).to(dev)
+    text = empty = None
+    if model.config.text_dim:  # a text model is asked with the captions "a red circle", ...
+        text, empty = encode_prompts([f"a {meta['class_names'][i]}" for i in labels.tolist()], meta, dev)
     uniform = 'linspace' if diffusion.objective == 'flow' else 'leading'
     configs = [('dpm++', 1, 'logsnr'), ('dpm++', 2, 'logsnr'), ('dpm++', 3, 'logsnr'), ('dpm++', 2, uniform), ('ddim', 1, uniform)]
     print(f"{len(labels)} samples per cell, cfg {cfg_scale}, {ckpt_dir}")
     print(f"{'sampler':<22}" + ''.join(f"{f'{n} NFE':>9}" for n in nfes))
     def acc(steps, **kw):
-        x = sample_images(model, diffusion, labels, meta, cfg_scale, seed=seed, autocast=autocast, steps=steps, **kw)
+        x = sample_images(model, diffusion, labels if text is None else labels * 0, meta, cfg_scale, seed=seed,
+                          autocast=autocast, steps=steps, text=text, null_text=empty, **kw)
         return 100 * grade(x.numpy(), labels.cpu().numpy())[0]
     for sampler, order, spacing in configs:
         accs = [acc(n, sampler=sampler, order=order, spacing=spacing) for n in nfes]

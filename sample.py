@@ -155,6 +155,8 @@ def sample_images(model, diffusion, labels, meta, cfg_scale, seed=0, autocast=No
     images. solver: steps, sampler, order, spacing, eta, threshold, threshold_max (see sample_loop).
     A text model: text = (states, mask, pooled) per image, null_text = the empty caption's (see guided).
     A latent model's samples are decoded with the VAE that prepare.py recorded in meta."""
+    if model.config.text_dim and (text is None or null_text is None):  # it would sample unconditioned, silently
+        raise SystemExit("error: this is a text model: give it prompts (text=, null_text=: see encode_prompts)")
     vae = load_vae(meta, labels.device)
     shape = input_shape(meta)
     g = torch.Generator(labels.device).manual_seed(seed)

@@ -76,6 +76,10 @@ def test_text_model_trains_and_samples_prompts(data, tmp_path, arch):
     p = run(['sample.py', f'--out_dir={out}', '--per_class=1', '--steps=2', '--device=cpu', '--grade=True',
              '--grade_per_class=1'])
     assert 'conditional accuracy (text prompts' in p.stdout
+    from sample import load_model, sample_images
+    model, diffusion, meta, _ = load_model(str(out / 'ckpt.pt'), torch.device('cpu'))
+    with pytest.raises(SystemExit, match="text model: give it prompts"):  # never silently unconditioned
+        sample_images(model, diffusion, torch.zeros(2, dtype=torch.long), meta, 4.0, steps=2)
 
 
 def test_prompt_errors(data, tmp_path):
