@@ -15,6 +15,7 @@ diffusers' scheduler of the same name in tests/test_sampler.py.
 import functools
 import json
 import os
+import sys
 import textwrap
 from contextlib import nullcontext
 
@@ -251,10 +252,17 @@ def read_prompts(argv, path, data_dir):
     return found
 
 
+@functools.lru_cache(maxsize=1)
+def _text_encoder(name, device):
+    from prepare import load_text_encoder
+    return load_text_encoder(name, device)
+
+
 def encode_prompts(texts, meta, dev):
-    """Encode prompts with the text encoder that prepare.py recorded in meta -> (cond, empty caption)."""
-    from prepare import encode_texts, load_text_encoder
-    tokenizer, encoder = load_text_encoder(meta['text_encoder'], str(dev))
+    """Encode prompts with the text encoder that prepare.py recorded in meta (loaded once per process)
+    -> (cond, empty caption), each (states, mask, pooled)."""
+    from prepare import encode_texts
+    tokenizer, encoder = _text_encoder(meta['text_encoder'], str(dev))
     states, mask, pooled = encode_texts(list(texts) + [''], tokenizer, encoder, meta['text_max_len'], dev)
     # through fp16, as the training captions were stored: the model sees the values it was trained on
     states, pooled = states.half().float(), pooled.half().float()
@@ -262,7 +270,6 @@ def encode_prompts(texts, meta, dev):
 
 
 def main():
-    import sys
     from configurator import configure
     argv = sys.argv[1:]
     configure(globals(), [a for a in argv if not a.startswith('--prompt=')])  # repeatable: read below
@@ -302,8 +309,8 @@ def main():
         # a text model is graded on the prompts "a red circle", ... (the shapes captions)
         images = generate([f"a {meta['class_names'][i]}" for i in labels.tolist()] if is_text else labels.tolist(), seed + 1)
         acc, per_class_acc = grade_images(images.numpy(), labels.cpu().numpy())
-        print(f"conditional accuracy ({'text prompts' if is_text else 'class labels'}; shape and colour read back right): {100 * acc:.1f}% of {len(labels)} samples "
-              f"| {how}")
+        print(f"conditional accuracy ({'text prompts' if is_text else 'class labels'}; shape and colour read back "
+              f"right): {100 * acc:.1f}% of {len(labels)} samples | {how}")
         print('per class: ' + ', '.join(f"{n} {100 * a:.0f}%" for n, a in zip(meta['class_names'], per_class_acc)))
 
 
