@@ -15,9 +15,9 @@ import time
 import numpy as np
 import torch
 
-from model import DIT_SIZES, Diffusion, build_model, flops_per_image, guess_peak_flops, input_shape, model_args_from, setup_device
+from model import DIT_SIZES, Diffusion, build_model, input_shape, model_args_from, setup_device
 from sample import guided, sample_loop
-from train import Data
+from train import Data, flops_per_image, guess_peak_flops
 
 # -----------------------------------------------------------------------------
 # the model keys mean what they mean in train.py, so `python bench.py config/x.py` measures that config
@@ -134,13 +134,14 @@ def quality_table(ckpt_dir, per_class, nfes=(5, 10, 20, 50)):
     """Conditional accuracy of samples from a trained shapes model, per sampler and NFE, graded by
     prepare.grade; the 1000-step DDPM ancestral sampler is the reference."""
     from prepare import grade
+    from prepare import shape_caption
     from sample import encode_prompts, load_model, sample_images
     dev, _, autocast = setup_device(device, dtype)
     model, diffusion, meta, _ = load_model(os.path.join(ckpt_dir, 'ckpt.pt'), dev)
     labels = torch.arange(meta['num_classes']).repeat_interleave(per_class).to(dev)
     text = empty = None
     if model.config.text_dim:  # a text model is asked with the captions "a red circle", ...
-        text, empty = encode_prompts([f"a {meta['class_names'][i]}" for i in labels.tolist()], meta, dev)
+        text, empty = encode_prompts([shape_caption(i) for i in labels.tolist()], meta, dev)
     uniform = 'linspace' if diffusion.objective == 'flow' else 'leading'
     configs = [('dpm++', 1, 'logsnr'), ('dpm++', 2, 'logsnr'), ('dpm++', 3, 'logsnr'), ('dpm++', 2, uniform), ('ddim', 1, uniform)]
     print(f"{len(labels)} samples per cell, cfg {cfg_scale}, {ckpt_dir}")

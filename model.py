@@ -98,6 +98,20 @@ class CrossAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+class TextCond(nn.Module):
+    """Pre-encoded captions -> (tokens at the attention width, their mask, the pooled caption at the condition
+    width, added to the timestep embedding). Both the DiT and the UNet take text through this."""
+
+    def __init__(self, text_dim, width, cond_dim):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(text_dim, width), nn.GELU(approximate='tanh'), nn.Linear(width, width))
+        self.pooled = nn.Linear(text_dim, cond_dim)
+
+    def forward(self, text):
+        states, mask, pooled = text
+        return self.proj(states), mask, self.pooled(pooled)
+
+
 class Block(nn.Module):
     """Transformer block with adaLN-Zero: the condition sets per-channel shift/scale/gate of each branch,
     and the gates start at zero so every block starts as the identity (DiT section 3.2)."""
@@ -134,8 +148,7 @@ class DiT(nn.Module):
         self.t_embed = nn.Sequential(nn.Linear(256, c.n_embd), nn.SiLU(), nn.Linear(c.n_embd, c.n_embd))
         self.y_embed = nn.Embedding(c.num_classes + 1, c.n_embd)  # +1: the null class used for CFG
         if c.text_dim:  # caption tokens -> model width once; the pooled caption joins the adaLN condition
-            self.text_proj = nn.Sequential(nn.Linear(c.text_dim, c.n_embd), nn.GELU(approximate='tanh'), nn.Linear(c.n_embd, c.n_embd))
-            self.pooled_proj = nn.Linear(c.text_dim, c.n_embd)
+            self.text = TextCond(c.text_dim, c.n_embd, c.n_embd)
         assert c.n_layer % c.share == 0, f"n_layer {c.n_layer} must be a multiple of share {c.share}"
         self.blocks = nn.ModuleList([Block(c) for _ in range(c.n_layer // c.share)])
         self.grad_checkpoint = False  # recompute each block in backward: activation memory of one block
@@ -157,7 +170,7 @@ class DiT(nn.Module):
         for layer in (self.t_embed[0], self.t_embed[2]):
             nn.init.normal_(layer.weight, std=0.02)
         # adaLN-Zero: zero modulation and a zero output head, so the untrained model predicts 0
-        zero = [b.cross.proj for b in self.blocks] + [self.pooled_proj] if c.text_dim else []  # text starts neutral too
+        zero = [b.cross.proj for b in self.blocks] + [self.text.pooled] if c.text_dim else []  # text starts neutral too
         for mod in [b.adaLN[-1] for b in self.blocks] + [self.adaLN_f[-1], self.head] + zero:
             nn.init.zeros_(mod.weight)
             nn.init.zeros_(mod.bias)
@@ -170,8 +183,8 @@ class DiT(nn.Module):
         cond = self.t_embed(timestep_embedding(t, 256).to(h.dtype)) + self.y_embed(y)
         ctx = mask = None
         if text is not None:
-            states, mask, pooled = text
-            ctx, cond = self.text_proj(states), cond + self.pooled_proj(pooled)
+            ctx, mask, pooled = self.text(text)
+            cond = cond + pooled
         for i in range(c.n_layer):
             h = run_block(self, self.blocks[i // c.share], h, cond, ctx, mask)
         shift, scale = self.adaLN_f(cond).chunk(2, dim=1)
@@ -255,9 +268,8 @@ class UNet(nn.Module):
             skip_chs.append(ch)
         self.mid1, self.mid_attn, self.mid2 = ResBlock(ch, ch, emb), SelfAttention2d(ch, c.n_head), ResBlock(ch, ch, emb)
         if c.text_dim:  # text at the lowest resolution, where attention is cheap; both start neutral (zero)
-            self.text_proj = nn.Sequential(nn.Linear(c.text_dim, ch), nn.GELU(approximate='tanh'), nn.Linear(ch, ch))
-            self.pooled_proj, self.norm_c, self.cross = nn.Linear(c.text_dim, emb), group_norm(ch), CrossAttention(ch, c.n_head)
-            for mod in (self.pooled_proj, self.cross.proj):
+            self.text, self.norm_c, self.cross = TextCond(c.text_dim, ch, emb), group_norm(ch), CrossAttention(ch, c.n_head)
+            for mod in (self.text.pooled, self.cross.proj):
                 nn.init.zeros_(mod.weight)
                 nn.init.zeros_(mod.bias)
         for i, out in reversed(list(enumerate(chs))):
@@ -279,8 +291,8 @@ class UNet(nn.Module):
         """As DiT.forward; text = (states [B, L, text_dim], mask [B, L], pooled [B, text_dim]) or None."""
         emb = self.t_embed(timestep_embedding(t, 256).to(x.dtype)) + self.y_embed(y)
         if text is not None:
-            states, mask, pooled = text
-            emb = emb + self.pooled_proj(pooled)
+            ctx, mask, pooled = self.text(text)
+            emb = emb + pooled
         h, skips = self.conv_in(x), []
         for level in self.down:
             for block in level['blocks']:
@@ -291,7 +303,7 @@ class UNet(nn.Module):
         if text is not None:
             B, C, H, W = h.shape
             tokens = self.norm_c(h).flatten(2).transpose(1, 2)  # [B, HW, C]
-            h = h + self.cross(tokens, self.text_proj(states), mask).transpose(1, 2).reshape(B, C, H, W)
+            h = h + self.cross(tokens, ctx, mask).transpose(1, 2).reshape(B, C, H, W)
         h = self.mid2(h, emb)
         for level in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
@@ -303,9 +315,8 @@ class UNet(nn.Module):
 
 def input_shape(meta):
     """The denoiser's input [C, H, W] for a prepare.py dataset: its VAE latents, or its pixels."""
-    if meta.get('kind') == 'latents':
-        return tuple(meta['latent_shape'])
-    return (meta['channels'], meta['resolution'], meta['resolution'])
+    res = meta.get('resolution')
+    return tuple(meta['latent_shape']) if meta.get('kind') == 'latents' else (meta['channels'], res, res)
 
 
 def model_args_from(cfg, shape, num_classes, text_dim=0):
@@ -331,20 +342,6 @@ def build_model(model_args):
         return DiT(DiTConfig(**args)) if arch == 'dit' else UNet(UNetConfig(**args))
     except AssertionError as e:  # a shape that does not fit together: one line naming the keys
         raise SystemExit(f"error: {e}") from None
-
-
-def flops_per_image(model, shape, text_len=77):
-    """Forward FLOPs for one image, counted from the shapes of every matmul/conv/attention call
-    (torch.utils.flop_counter): analytic, not measured, and the same count for any device.
-    A text model is counted with text_len caption tokens."""
-    from torch.utils.flop_counter import FlopCounterMode
-    p, D = next(model.parameters()), model.config.text_dim
-    x = torch.zeros((1,) + tuple(shape), device=p.device)
-    text = (torch.zeros(1, text_len, D, device=p.device), torch.ones(1, text_len, dtype=torch.bool, device=p.device),
-            torch.zeros(1, D, device=p.device)) if D else None
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, torch.zeros(1, device=p.device), torch.zeros(1, dtype=torch.long, device=p.device), text)
-    return counter.get_total_flops()
 
 
 # -----------------------------------------------------------------------------
@@ -494,15 +491,3 @@ def setup_device(device='auto', dtype='auto'):
     ptdtype = dtypes[dtype]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(dev.type, dtype=ptdtype)
     return dev, ptdtype, autocast
-
-
-def guess_peak_flops(dev):
-    """Dense bf16 tensor-core peak FLOP/s of common GPUs (vendor spec sheets, no sparsity), for MFU; 0 if unknown."""
-    if dev.type != 'cuda':
-        return 0.0
-    name = torch.cuda.get_device_name(dev)
-    for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40S', 362e12), ('A10G', 70e12),
-                       ('4090', 165e12), ('3090', 71e12), ('V100', 125e12), ('T4', 65e12)):
-        if key in name:
-            return flops
-    return 0.0

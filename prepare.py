@@ -50,6 +50,7 @@ SHAPES = ['circle', 'square', 'triangle']
 COLOURS = ['red', 'green', 'blue', 'yellow']
 COLOUR_RGB = [(220, 40, 40), (40, 170, 60), (40, 80, 230), (235, 205, 30)]
 CLASS_NAMES = [f"{c} {s}" for s in SHAPES for c in COLOURS]  # class = shape_index * 4 + colour_index
+shape_caption = lambda label: f"a {CLASS_NAMES[label]}"  # the shapes captions; also the prompts graded
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
 # ---------------------------------------------------------------- shapes: generate
@@ -223,8 +224,9 @@ def read_caption(path):
 
 EMOJI_LICENSE = 'Twemoji graphics (c) Twitter/X and contributors, CC-BY 4.0'
 EMOJI_DROP = {0x200d, 0xfe0f, 0xe007f}  # zero-width joiner, variation selector-16 (emoji style), cancel tag
-EMOJI_RENAME = {0x20e3: 'keycap', **{0x1f3fb + i: t + ' skin tone' for i, t in enumerate(
-    ['light', 'medium-light', 'medium', 'medium-dark', 'dark'])}}  # not 'emoji modifier fitzpatrick type-1-2'
+SKIN_TONES = {0x1f3fb + i: t + ' skin tone' for i, t in enumerate(  # the Fitzpatrick modifiers U+1F3FB..U+1F3FF
+    ['light', 'medium-light', 'medium', 'medium-dark', 'dark'])}  # not 'emoji modifier fitzpatrick type-1-2'
+EMOJI_RENAME = {0x20e3: 'keycap', **SKIN_TONES}
 
 
 def package_dir(name):
@@ -275,7 +277,7 @@ def write_split(folder, split, pairs, captions, n, resolution):
         x[i], y[i] = img, label
     x.flush(), y.flush()
     with open(path + '_captions.json', 'w') as f:
-        json.dump([f"a {CLASS_NAMES[c]}" for c in y] if captions is None else captions, f, ensure_ascii=False)
+        json.dump([shape_caption(c) for c in y] if captions is None else captions, f, ensure_ascii=False)
 
 
 def prepare_shapes(folder, resolution, num_train, num_val, seed):
@@ -337,9 +339,6 @@ def encode_latents(folder, vae_id, subfolder, batch, device):
         f = 2 ** (len(c.block_out_channels) - 1)  # each VAE level but the last halves the side
         shape = [c.latent_channels, x.shape[2] // f, x.shape[3] // f]
         path = os.path.join(folder, f'{split}_latents.npy')
-        if len(x) == 0:  # an empty val split (numpy cannot memory-map an empty array)
-            np.save(path, np.zeros((0, 2, 2, *shape), np.float16))
-            continue
         out = np.lib.format.open_memmap(path, 'w+', np.float16, (len(x), 2, 2, *shape))
         for i in tqdm(range(0, len(x), batch), desc=f'vae {split}', leave=False):
             img = torch.from_numpy(np.ascontiguousarray(x[i:i + batch])).to(dev).float() / 127.5 - 1
@@ -378,7 +377,8 @@ def load_text_encoder(encoder_id, device='auto'):
         sys.exit(f"error: cannot load text encoder '{encoder_id}' ({msg[:200]})")
     pool = tf.utils.cached_file(src, '1_Pooling/config.json', _raise_exceptions_for_missing_entries=False,
                                 _raise_exceptions_for_connection_errors=False)  # a folder or the hub: None if absent
-    p = json.load(open(pool)) if pool else {}
+    with open(pool or os.devnull) as f:
+        p = json.load(f) if pool else {}
     model.pool_mean = bool(p.get('pooling_mode_mean_tokens')) and not p.get('pooling_mode_cls_token')
     return tokenizer, model.to(dev).eval()
 
@@ -424,10 +424,6 @@ def encode_captions(folder, encoder_id, max_len, batch, device):
         path, n = os.path.join(folder, split), len(captions)
         specs = (('_text', np.float16, (n, max_len, D)), ('_text_mask', np.bool_, (n, max_len)),
                  ('_text_pooled', np.float16, (n, D)))
-        if n == 0:  # an empty val split (numpy cannot memory-map an empty array)
-            for suffix, dtype, shape in specs:
-                np.save(path + suffix + '.npy', np.zeros(shape, dtype))
-            continue
         outs = [np.lib.format.open_memmap(path + suffix + '.npy', 'w+', dtype, shape) for suffix, dtype, shape in specs]
         for i in tqdm(range(0, n, batch), desc=f'text {split}', leave=False):
             for o, a in zip(outs, encode_texts(captions[i:i + batch], tokenizer, model, max_len, dev)):
@@ -484,7 +480,7 @@ def main(cfg):
         if builtin:
             meta = prepare_shapes(tmp, res, cfg['num_train'], cfg['num_val'], cfg['seed'])
         elif emoji:  # a flat image folder (no classes) captioned from the file names
-            tones = {f'1f3f{d}' for d in 'bcdef'}  # the Fitzpatrick modifiers U+1F3FB..U+1F3FF
+            tones = {f'{c:x}' for c in SKIN_TONES}  # as they appear in the file names
             no_tone = lambda rel: not tones & set(os.path.splitext(rel)[0].split('-'))
             meta = dict(prepare_folder(tmp, root, res, cfg['val_fraction'], cfg['seed'], emoji_caption,
                                        None if cfg.get('skin_tones', True) else no_tone),

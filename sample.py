@@ -245,11 +245,19 @@ def read_prompts(argv, path, data_dir):
             raise SystemExit(f"error: --prompts file '{path}' has no prompts (one per line)")
     if not found:
         try:
-            with open(os.path.join(data_dir, 'val_captions.json'), encoding='utf-8') as f:
-                found = list(dict.fromkeys(c for c in json.load(f) if c))[:8]
+            found = list(val_captions(data_dir))
         except OSError:
             raise SystemExit(f"error: a text model needs prompts: pass --prompt=\"...\" or --prompts=file.txt") from None
     return found
+
+
+def val_captions(data_dir, n=8):
+    """The first n distinct non-empty captions of a dataset's val split -> {caption: its first index}."""
+    with open(os.path.join(data_dir, 'val_captions.json'), encoding='utf-8') as f:
+        first = {}
+        for i, c in enumerate(json.load(f)):
+            first.setdefault(c, i)
+    return dict(list((c, i) for c, i in first.items() if c)[:n])
 
 
 @functools.lru_cache(maxsize=1)
@@ -263,10 +271,13 @@ def encode_prompts(texts, meta, dev):
     -> (cond, empty caption), each (states, mask, pooled)."""
     from prepare import encode_texts
     tokenizer, encoder = _text_encoder(meta['text_encoder'], str(dev))
-    states, mask, pooled = encode_texts(list(texts) + [''], tokenizer, encoder, meta['text_max_len'], dev)
+    distinct = list(dict.fromkeys(texts))  # each prompt encoded once, however often it repeats
+    states, mask, pooled = encode_texts(distinct + [''], tokenizer, encoder, meta['text_max_len'], dev)
     # through fp16, as the training captions were stored: the model sees the values it was trained on
     states, pooled = states.half().float(), pooled.half().float()
-    return (states[:-1], mask[:-1], pooled[:-1]), (states[-1:], mask[-1:], pooled[-1:])
+    pos = {t: i for i, t in enumerate(distinct)}
+    idx = torch.tensor([pos[t] for t in texts], device=states.device)
+    return (states[idx], mask[idx], pooled[idx]), (states[-1:], mask[-1:], pooled[-1:])
 
 
 def main():
@@ -304,10 +315,10 @@ def main():
     if grade:
         if meta.get('dataset') != 'shapes':
             raise SystemExit("error: --grade=True needs a model trained on the built-in 'shapes' data")
-        from prepare import grade as grade_images
+        from prepare import grade as grade_images, shape_caption
         labels = torch.arange(meta['num_classes']).repeat_interleave(grade_per_class).to(dev)
         # a text model is graded on the prompts "a red circle", ... (the shapes captions)
-        images = generate([f"a {meta['class_names'][i]}" for i in labels.tolist()] if is_text else labels.tolist(), seed + 1)
+        images = generate([shape_caption(i) for i in labels.tolist()] if is_text else labels.tolist(), seed + 1)
         acc, per_class_acc = grade_images(images.numpy(), labels.cpu().numpy())
         print(f"conditional accuracy ({'text prompts' if is_text else 'class labels'}; shape and colour read back "
               f"right): {100 * acc:.1f}% of {len(labels)} samples | {how}")

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import Diffusion, build_model, flops_per_image, guess_peak_flops, input_shape, model_args_from, setup_device
+from model import Diffusion, build_model, input_shape, model_args_from, setup_device
 
 # -----------------------------------------------------------------------------
 # config: defaults here, overridden by config/*.py files and --key=value (see configurator.py)
@@ -191,6 +191,34 @@ def update_ema(ema, model, step):
         torch._foreach_lerp_(ema_p, model_p, 1 - ema_decay)
 
 
+# MFU accounting: FLOPs counted from the model, peak FLOP/s from the GPU name (bench.py uses these too)
+
+def flops_per_image(model, shape, text_len=77):
+    """Forward FLOPs for one image, counted from the shapes of every matmul/conv/attention call
+    (torch.utils.flop_counter): analytic, not measured, and the same count for any device.
+    A text model is counted with text_len caption tokens."""
+    from torch.utils.flop_counter import FlopCounterMode
+    p, D = next(model.parameters()), model.config.text_dim
+    x = torch.zeros((1,) + tuple(shape), device=p.device)
+    text = (torch.zeros(1, text_len, D, device=p.device), torch.ones(1, text_len, dtype=torch.bool, device=p.device),
+            torch.zeros(1, D, device=p.device)) if D else None
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, torch.zeros(1, device=p.device), torch.zeros(1, dtype=torch.long, device=p.device), text)
+    return counter.get_total_flops()
+
+
+def guess_peak_flops(dev):
+    """Dense bf16 tensor-core peak FLOP/s of common GPUs (vendor spec sheets, no sparsity), for MFU; 0 if unknown."""
+    if dev.type != 'cuda':
+        return 0.0
+    name = torch.cuda.get_device_name(dev)
+    for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40S', 362e12), ('A10G', 70e12),
+                       ('4090', 165e12), ('3090', 71e12), ('V100', 125e12), ('T4', 65e12)):
+        if key in name:
+            return flops
+    return 0.0
+
+
 def save_checkpoint(ckpt, path):
     """Atomic: a kill mid-write leaves the previous checkpoint intact."""
     with open(path + '.tmp', 'wb') as f:
@@ -325,14 +353,11 @@ def main():
                          'config': config, 'meta': meta}, os.path.join(out_dir, name))
 
     def sample_grid():
-        from sample import sample_images, save_grid, class_labels  # lazy: only the master samples
+        from sample import sample_images, save_grid, class_labels, val_captions  # lazy: only the master samples
         if text:  # the first 8 distinct val captions, 8 samples each (already encoded: no text encoder here)
-            with open(os.path.join(data_dir, 'val_captions.json')) as f:
-                caps = json.load(f)
-            first = sorted({c: i for i, c in reversed(list(enumerate(caps)))}.values())[:8]
-            idx = np.repeat(first, 8)
-            labels, names = torch.zeros(len(idx), dtype=torch.long, device=dev), [caps[i] for i in idx]
-            cond = val_data.get_text(idx)
+            caps = val_captions(data_dir)
+            idx, names = np.repeat(list(caps.values()), 8), [c for c in caps for _ in range(8)]
+            labels, cond = torch.zeros(len(idx), dtype=torch.long, device=dev), val_data.get_text(idx)
         else:
             labels, cond = class_labels(meta, 8).to(dev), None
             names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels.tolist()]

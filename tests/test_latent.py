@@ -56,6 +56,17 @@ def test_prepare_stores_posterior_mean_std_and_flip(setup):
         np.testing.assert_allclose(got.astype(np.float32), want.numpy(), atol=2e-3, rtol=2e-3)  # fp16 storage
 
 
+def test_empty_val_split_gets_an_empty_latent_array(setup, tmp_path):
+    import prepare
+    _, folder, data, _ = setup
+    np.save(tmp_path / 'train_x.npy', np.load(data / 'train_x.npy')[:3])
+    np.save(tmp_path / 'val_x.npy', np.zeros((0, 3, 16, 16), np.uint8))
+    meta = prepare.encode_latents(str(tmp_path), str(folder), '', 2, 'cpu')
+    assert meta['latent_shape'] == [4, 8, 8]
+    assert np.load(tmp_path / 'val_latents.npy').shape == (0, 2, 2, 4, 8, 8)
+    assert np.load(tmp_path / 'train_latents.npy').shape == (3, 2, 2, 4, 8, 8)
+
+
 def test_training_draws_normalised_posterior_samples(setup):
     from train import Data
     _, _, data, _ = setup
