@@ -8,8 +8,8 @@ Throughput and profiling: the same model, precision, compile and optimiser step 
 Prints one table: train img/s, MFU (analytic FLOPs from torch.utils.flop_counter / the peak FLOP/s it
 names), peak memory, the data-loading share of step time, and sampling img/s.
 """
-import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -17,7 +17,9 @@ import torch
 
 from model import DIT_SIZES, Diffusion, build_model, input_shape, model_args_from, setup_device
 from sample import guided, sample_loop
-from train import Data, flops_per_image, guess_peak_flops
+from configurator import check
+from data import Data, read_meta
+from train import flops_per_image, guess_peak_flops
 
 # -----------------------------------------------------------------------------
 # the model keys mean what they mean in train.py, so `python bench.py config/x.py` measures that config
@@ -62,6 +64,19 @@ vae_resolution = 256
 vae_batch = 8
 seed = 1337
 # -----------------------------------------------------------------------------
+
+
+def check_config():
+    """What each setting may be, in one place: a bad value is one line before anything is built."""
+    check(globals(), positive=('resolution', 'channels', 'text_dim', 'patch_size', 'n_layer', 'n_head', 'n_embd',
+                               'share_blocks', 'unet_channels', 'unet_blocks', 'num_timesteps', 'batch_size', 'iters',
+                               'sample_steps', 'sample_batch', 'quality_per_class', 'vae_resolution', 'vae_batch'),
+          non_negative=('num_classes', 'text_len', 'warmup', 'cfg_scale', 'peak_flops', 'seed'),
+          choices=dict(arch=('dit', 'unet'), objective=('flow', 'vp'), schedule=('linear', 'cosine'),
+                       prediction=('eps', 'v', 'x0'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
+                       size=('',) + tuple(f"{k}/{p}" for k in DIT_SIZES for p in (2, 4, 8))))
+    if vae and vae_resolution % 8:
+        sys.exit(f"error: --vae_resolution={vae_resolution} must be a multiple of 8")
 
 
 def sync(dev):
@@ -189,6 +204,7 @@ def vae_table():
 
 
 def main():
+    check_config()
     if vae:
         return vae_table()
     if solvers:
@@ -201,8 +217,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(dev)
     if data_dir:
-        with open(os.path.join(data_dir, 'meta.json')) as f:
-            meta = json.load(f)
+        meta = read_meta(data_dir)
         text = use_text and 'text_dim' in meta
         data = Data(data_dir, 'train', dev, text)
         (c, res, _), ncls = input_shape(meta), 0 if text else meta['num_classes']

@@ -11,6 +11,7 @@ default, so a typo fails loudly on one line instead of silently training the wro
 """
 import ast
 import sys
+import traceback
 
 CONFIG_TYPES = (int, float, bool, str, tuple, list)
 
@@ -39,7 +40,12 @@ def configure(g, argv=None, ignore_unknown_in_files=False):
             except OSError as e:
                 sys.exit(f"error: cannot read config file '{arg}': {e.strerror}")
             scope = {}
-            exec(compile(src, arg, 'exec'), scope)
+            try:
+                exec(compile(src, arg, 'exec'), scope)
+            except Exception as e:  # a typo in a config file: its file and line, not a traceback
+                frames = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == arg]
+                line = e.lineno if isinstance(e, SyntaxError) else (frames or ['?'])[-1]
+                sys.exit(f"error: config file '{arg}' line {line}: {type(e).__name__}: {getattr(e, 'msg', e)}")
             for k, v in scope.items():
                 if k.startswith('_') or callable(v) or type(v).__name__ == 'module':
                     continue
@@ -57,3 +63,16 @@ def configure(g, argv=None, ignore_unknown_in_files=False):
                 value = text  # a string key takes the text as written: --out_dir=2024 stays '2024'
             g[key] = _check(key, value, defaults, f"--{key}")
     return {k: g[k] for k in defaults}
+
+
+def check(cfg, positive=(), non_negative=(), fraction=(), choices=None):
+    """Range checks on settings, so a harmful value is one line before anything runs, not a climbing loss
+    or a NaN in a checkpoint: positive (> 0), non_negative (>= 0), fraction (in [0, 1]), choices {key: allowed}."""
+    for keys, ok, want in ((positive, lambda v: v > 0, 'must be > 0'), (non_negative, lambda v: v >= 0, 'must be >= 0'),
+                           (fraction, lambda v: 0 <= v <= 1, 'must be in [0, 1]')):
+        for k in keys:
+            if not ok(cfg[k]):
+                sys.exit(f"error: --{k}={cfg[k]!r} {want}")
+    for k, allowed in (choices or {}).items():
+        if cfg[k] not in allowed:
+            sys.exit(f"error: --{k}={cfg[k]!r} is not one of {', '.join(map(repr, allowed))}")

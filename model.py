@@ -434,6 +434,8 @@ class Diffusion:
         clean data starts almost clean: a time-uniform grid's last step returns the posterior mean at a
         large noise level, which over-shrinks samples (towards the mean)."""
         T = self.T
+        if spacing not in ('logsnr', 'karras', 'linspace', 'leading', 'trailing'):
+            raise SystemExit(f"error: unknown spacing {spacing!r}: use linspace, leading, trailing, logsnr or karras")
         if spacing in ('logsnr', 'karras'):
             t_max = 1 - 1e-4 if self.objective == 'flow' else T - 1.0  # flow: t=1 has infinite sigma/alpha
             t_min = 0.002 / 1.002 if self.objective == 'flow' else 0.0
@@ -454,10 +456,8 @@ class Diffusion:
             t = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
         elif spacing == 'leading':  # diffusers' DDIM/DDPM default
             t = (torch.arange(steps, dtype=torch.float64) * (T // steps)).flip(0)
-        elif spacing == 'trailing':  # "Common Diffusion Noise Schedules and Sample Steps Are Flawed", table 2
+        else:  # 'trailing': "Common Diffusion Noise Schedules and Sample Steps Are Flawed", table 2
             t = torch.from_numpy(np.round(np.arange(T, 0, -T / steps)) - 1).double()
-        else:
-            raise SystemExit(f"error: unknown spacing {spacing!r}: use linspace, leading, trailing, logsnr or karras")
         alpha, sigma = self.alpha_sigma(t)
         alpha = torch.cat([alpha, torch.ones(1, dtype=torch.float64)])
         sigma = torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])
@@ -482,7 +482,12 @@ def vp_alphas_cumprod(schedule, T):
 def setup_device(device='auto', dtype='auto'):
     """-> (torch.device, torch dtype, autocast context). dtype 'auto': bf16 on GPUs that have it, fp16 on
     older GPUs (train.py adds a GradScaler), fp32 on CPU (CPU autocast is rarely faster for these models)."""
-    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
+    try:
+        dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
+    except RuntimeError:
+        raise SystemExit(f"error: unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: device {device!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s) here: use --device=cpu or auto")
     if dtype == 'auto':
         dtype = 'float32' if dev.type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
     dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}

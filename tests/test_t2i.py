@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model import Diffusion  # noqa: E402
 from sample import guided, read_prompts  # noqa: E402
 from test_text import make_bert  # noqa: E402
-from train import Data  # noqa: E402
+from data import Data  # noqa: E402
 
 ENV = dict(os.environ, TQDM_DISABLE='1')
 TINY = ['--patch_size=4', '--n_layer=2', '--n_head=2', '--n_embd=32', '--unet_channels=16', '--batch_size=16',
@@ -61,7 +61,7 @@ def test_text_model_trains_and_samples_prompts(data, tmp_path, arch):
     assert 'conditioned on captions' in p.stdout
     losses = [float(l.split('loss ')[1].split()[0]) for l in p.stdout.splitlines() if '| lr' in l]
     assert sum(losses[-5:]) < sum(losses[:5])
-    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['model_args']['text_dim'] == 32 and ckpt['model_args']['num_classes'] == 0
     assert (out / 'samples_000030.png').exists()  # the eval grid, from val captions (no encoder at train time)
     # prompts: --prompt repeats, --prompts adds a file's lines; each prompt gets per_class images

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def train(data, out, *extra, check=True):
 
 
 def weights(out):
-    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     return ckpt
 
 
@@ -57,8 +58,53 @@ def test_loss_goes_down(data, tmp_path, arch):
     assert os.path.exists(tmp_path / 'samples_000060.png')
 
 
+def run_with(patch, args):
+    """train.py as a process with `patch` (Python source) applied first: faults injected at exact points."""
+    code = f"import runpy, sys\nsys.argv = {['train.py'] + args!r}\n{textwrap.dedent(patch)}\n" \
+           f"runpy.run_path('train.py', run_name='__main__')\n"
+    return subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=ENV, capture_output=True, text=True)
+
+
+KILL_MID_WRITE = """
+import io, os, signal, checkpoint
+real, writes = checkpoint.atomic_write, []
+def atomic_write(path, write):  # the {n}th write of ckpt.pt: half of it reaches the disk, then SIGKILL
+    if path.endswith('ckpt.pt'):
+        writes.append(path)
+        if len(writes) == {n}:
+            buf = io.BytesIO()
+            write(buf)
+            with open(f"{{path}}.{{os.getpid()}}.tmp", 'wb') as f:
+                f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    real(path, write)
+checkpoint.atomic_write = atomic_write
+"""
+
+
+def test_killed_mid_checkpoint_then_resumed_equals_uninterrupted(data, tmp_path):
+    """Deterministic: SIGKILL half-way through writing a checkpoint (run 1 at its 3rd, run 2 at its 2nd), resume
+    each time: the last checkpoint is always readable, the torn temporary is cleaned up, and the end result is
+    bit-identical to a run that was never interrupted."""
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    args = ['--max_iters=8', '--eval_interval=1']
+    train(data, a, *args)
+    common = [f'--data_dir={data}', f'--out_dir={b}'] + TINY + args
+    p = run_with(KILL_MID_WRITE.format(n=3), common)
+    assert p.returncode == -signal.SIGKILL and list(b.glob('*.tmp'))  # died leaving a torn temporary file
+    assert torch.load(b / 'ckpt.pt', weights_only=True)['step'] == 2  # the previous checkpoint, intact
+    p = run_with(KILL_MID_WRITE.format(n=2), common + ['--init_from=resume'])
+    assert p.returncode == -signal.SIGKILL and 'resuming from' in p.stdout and 'at step 2' in p.stdout
+    assert torch.load(b / 'ckpt.pt', weights_only=True)['step'] == 3
+    p = train(data, b, *args, '--init_from=resume')
+    assert 'at step 3' in p.stdout and not list(b.glob('*.tmp'))
+    assert_same_run(weights(a), weights(b))
+
+
+@pytest.mark.skipif(os.environ.get('NANODIFFUSION_STRESS') != '1', reason='stress test (wall-clock timing): '
+                    'NANODIFFUSION_STRESS=1 runs it; the deterministic kill test above always runs')
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data, tmp_path):
-    """Killed with SIGKILL 4 times at random moments (a checkpoint is written every step, so some kills land
+    """Stress: killed with SIGKILL 4 times at random moments (a checkpoint is written every step, so some kills land
     mid-write), resumed each time: no checkpoint is ever unreadable and the end result is bit-identical."""
     import random
     import time
@@ -76,7 +122,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data, tmp_pa
             break  # it finished first: nothing left to interrupt
         kills += 1
         if (b / 'ckpt.pt').exists():
-            assert torch.load(b / 'ckpt.pt', weights_only=False)['step'] >= 1  # never a torn file
+            assert torch.load(b / 'ckpt.pt', weights_only=True)['step'] >= 1  # never a torn file
     assert kills >= 2, "the run finished before it could be interrupted: make it longer"
     p = train(data, b, *args, '--init_from=resume')
     resumed_at = int(p.stdout.split('at step ')[1].split()[0])
@@ -153,7 +199,94 @@ def test_keep_best_early_stopping_and_loss_curve(data, tmp_path):
     assert 'wandb is not installed' in p.stdout or importlib.util.find_spec('wandb')  # optional: never required
     assert 'early stop: no better val loss in 2 evaluations' in p.stdout
     assert weights(tmp_path)['step'] == 3
-    best = torch.load(tmp_path / 'best.pt', weights_only=False)
+    best = torch.load(tmp_path / 'best.pt', weights_only=True)
     assert best['step'] == 1 and best['stale'] == 0
     curve = Image.open(tmp_path / 'loss.png')
     assert curve.size == (640, 360)
+
+
+def test_atomic_write_failure_leaves_the_old_file_byte_identical(tmp_path, monkeypatch):
+    import checkpoint
+    path = str(tmp_path / 'ckpt.pt')
+    checkpoint.save({'step': 1}, path)
+    before = open(path, 'rb').read()
+
+    def dies_mid_write(f):
+        f.write(b'half a checkpoint')
+        raise KeyboardInterrupt  # anything: a kill, an exception in torch.save
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_write(path, dies_mid_write)
+    assert open(path, 'rb').read() == before and os.listdir(tmp_path) == ['ckpt.pt']  # no partial file left
+    # the new bytes reach the disk (fsync) before the rename makes them the checkpoint
+    events, replace = [], os.replace
+    monkeypatch.setattr(os, 'fsync', lambda fd: events.append('fsync'))
+    monkeypatch.setattr(os, 'replace', lambda src, dst: (events.append(('replace', src != dst)), replace(src, dst)))
+    checkpoint.save({'step': 2}, path)
+    assert events == ['fsync', ('replace', True)] and torch.load(path, weights_only=True)['step'] == 2
+
+
+def init_weights(ckpt):
+    """The weights train.py starts from: the model built right after torch.manual_seed(seed)."""
+    from model import build_model
+    torch.manual_seed(1337)
+    return build_model(ckpt['model_args']).state_dict()
+
+
+def test_ema_follows_the_decay_formula_in_the_loop(data, tmp_path):
+    """EMA after step 5 = 0.9 * EMA after step 4 + 0.1 * weights after step 5 (ema_start=3, decay 0.9), and it is
+    neither the raw weights nor the initial ones: the loop really updates it."""
+    four, five = tmp_path / 'four', tmp_path / 'five'
+    train(data, four, '--max_iters=4', '--eval_interval=0')
+    train(data, five, '--max_iters=5', '--eval_interval=0')
+    e4, c5 = weights(four)['ema'], weights(five)
+    init = init_weights(c5)
+    for name, e5 in c5['ema'].items():
+        torch.testing.assert_close(e5, 0.9 * e4[name] + 0.1 * c5['model'][name], rtol=0, atol=1e-7, msg=name)
+    moved = [n for n in init if not torch.equal(c5['ema'][n], init[n])]
+    assert len(moved) > len(init) // 2 and any(not torch.equal(c5['ema'][n], c5['model'][n]) for n in moved)
+
+
+def test_label_dropout_rate_and_use(data, tmp_path, monkeypatch):
+    """Label dropout happens at the configured rate, and the loop feeds the null class where it does: with
+    class_dropout=1 the real classes' embeddings never get a gradient (Adam leaves them bit-identical, no weight
+    decay on embeddings); with class_dropout=0 the null class's embedding never does."""
+    import train as train_mod
+    from model import Diffusion
+    monkeypatch.setattr(train_mod, 'class_dropout', 0.1)
+    drops = torch.cat([train_mod.batch_noise(Diffusion(), s, 64, (3, 8, 8), torch.device('cpu'), 1)[2] for s in range(200)])
+    assert abs(drops.float().mean().item() - 0.1) < 0.01  # 12,800 draws: 0.1 +- 3 standard errors
+    for rate, frozen, trained in (('1.0', slice(0, 12), slice(12, 13)), ('0.0', slice(12, 13), slice(0, 12))):
+        out = tmp_path / rate
+        train(data, out, '--max_iters=3', '--eval_interval=0', f'--class_dropout={rate}')
+        ckpt = weights(out)
+        y, y0 = ckpt['model']['y_embed.weight'], init_weights(ckpt)['y_embed.weight']
+        assert torch.equal(y[frozen], y0[frozen]) and (y[trained] != y0[trained]).all(dim=1).any(), rate
+
+
+def test_gradient_clipping_bounds_the_update(data, tmp_path):
+    """Adam's first step moves each weight by ~lr * g / (|g| + 1e-8): about lr unclipped, but under 1e-4 * lr once the
+    gradient's norm is clipped to 1e-12. So a loop that ignores grad_clip moves the weights ~10,000x more."""
+    moves = {}
+    for clip in ('0.0', '1e-12'):
+        out = tmp_path / clip
+        train(data, out, '--max_iters=1', '--eval_interval=0', f'--grad_clip={clip}', '--weight_decay=0.0')
+        ckpt, init = weights(out), None
+        init = init_weights(ckpt)
+        moves[clip] = max((ckpt['model'][n] - init[n]).abs().max().item() for n in init)
+    lr0 = 1e-3 / 3  # warm-up: step 0 of warmup_iters=2 runs at lr / 3
+    assert 0.5 * lr0 < moves['0.0'] <= 1.01 * lr0
+    assert moves['1e-12'] < 1e-4 * lr0
+
+
+def test_lr_schedule_by_value(monkeypatch):
+    import train as train_mod
+    for k, v in dict(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110, max_iters=200, lr_schedule='cosine',
+                     restart_iters=40).items():
+        monkeypatch.setattr(train_mod, k, v)
+    get = train_mod.get_lr
+    assert get(0) == pytest.approx(1e-3 / 11) and get(9) == pytest.approx(1e-3 * 10 / 11)  # linear warm-up
+    assert get(10) == pytest.approx(1e-3)  # the peak, then a half cosine down to min_lr at lr_decay_iters
+    assert get(35) == pytest.approx(1e-4 + 0.9e-3 * (1 + np.cos(np.pi / 4)) / 2)
+    assert get(60) == pytest.approx(5.5e-4) and get(110) == pytest.approx(1e-4) and get(150) == pytest.approx(1e-4)
+    monkeypatch.setattr(train_mod, 'lr_schedule', 'restarts')  # SGDR: back to the peak every restart_iters
+    assert get(30) == pytest.approx(5.5e-4) and get(50) == pytest.approx(1e-3) and get(70) == pytest.approx(5.5e-4)

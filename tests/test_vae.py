@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from vae import AutoencoderKL, load_state_dict_any
+from conftest import require
 
-diffusers = pytest.importorskip('diffusers')
+diffusers = require('diffusers')  # skips without diffusers; fails instead in CI (conftest.py)
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

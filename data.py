@@ -1,0 +1,111 @@
+"""
+Reading a dataset made by prepare.py: meta.json and the memory-mapped splits, each checked against the
+other when opened (a torn or mismatched file is one line saying to re-run prepare.py), and which examples
+make up each training batch, a pure function of the step so that resuming needs no data-loader state.
+"""
+import functools
+import json
+import os
+
+import numpy as np
+import torch
+
+
+def bad_data(path, why):
+    raise SystemExit(f"error: {path} {why}: re-run prepare.py to rebuild the dataset")
+
+
+def read_meta(data_dir):
+    """A prepare.py dataset's meta.json, checked."""
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no dataset at {data_dir} ({path} missing): run prepare.py first")
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        bad_data(path, f"is unreadable ({e})")
+    if not isinstance(meta, dict):
+        bad_data(path, "is not a JSON object")
+    need = ('kind', 'num_classes', 'splits') + (('latent_shape',) if meta.get('kind') == 'latents' else ('resolution', 'channels'))
+    if any(k not in meta for k in need):
+        bad_data(path, f"lacks some of {', '.join(need)}")
+    return meta
+
+
+class Data:
+    """A split of a prepare.py dataset, memory-mapped: a batch is one fancy-index and one host->device copy.
+    Pixel data: uint8 [N, 3, H, W]. Latent data: fp16 [N, 2, 2, C, h, w] = (image, h-flipped) x (posterior
+    mean, std) from the VAE, so every step can draw a fresh latent mean + std * eps of either orientation.
+    Captions (text=True): the pre-encoded (states, mask, pooled) arrays, and those of the empty caption."""
+
+    def __init__(self, data_dir, split, device, text=False):
+        meta = read_meta(data_dir)
+        self.latent = meta['kind'] == 'latents'
+        n, L, D = meta['splits'].get(split), meta.get('text_max_len'), meta.get('text_dim')
+        x_shape = (n, 2, 2, *meta['latent_shape']) if self.latent else (n, meta['channels'], meta['resolution'], meta['resolution'])
+
+        def load(name, shape, mmap_mode='r'):  # every array checked against meta: a torn file is one line here
+            path = os.path.join(data_dir, name + '.npy')
+            try:
+                a = np.load(path, mmap_mode=mmap_mode)
+            except (OSError, ValueError, EOFError) as e:
+                bad_data(path, f"is missing or truncated ({(str(e).splitlines() or [''])[0][:80]})")
+            if a.shape != shape:
+                bad_data(path, f"has shape {a.shape}, meta.json says {shape}")
+            return a
+        self.x = load(f"{split}_{'latents' if self.latent else 'x'}", x_shape)
+        self.y = load(f'{split}_y', (n,), None)
+        hi = max(meta['num_classes'], 1)  # labels index the classes (an unconditional set: all 0)
+        if n and (self.y.min() < 0 or self.y.max() >= hi):
+            bad_data(os.path.join(data_dir, f'{split}_y.npy'), f"has labels outside 0..{hi - 1}")
+        self.scale, self.shift = meta.get('scaling_factor', 1.0), meta.get('shift_factor', 0.0)
+        self.device = device
+        if text:
+            self.text = [load(f'{split}_text', (n, L, D)), load(f'{split}_text_mask', (n, L)), load(f'{split}_text_pooled', (n, D))]
+            empty = (load('empty_text', (L, D), None), load('empty_text_mask', (L,), None), load('empty_text_pooled', (D,), None))
+            self.empty = [torch.from_numpy(a).to(device) for a in empty]
+
+    def get_text(self, idx, drop=None):
+        """Captions of idx as (states fp32 [B,L,D], mask bool [B,L], pooled fp32 [B,D]) on the device;
+        where drop [B] is True, the empty caption's (classifier-free guidance dropout)."""
+        out = []
+        for a, e in zip(self.text, self.empty):
+            a = torch.from_numpy(a[idx]).to(self.device, non_blocking=True)
+            a = a if drop is None else torch.where(drop.view(-1, *[1] * (a.dim() - 1)), e, a)
+            out.append(a if a.dtype == torch.bool else a.float())
+        return tuple(out)
+
+    def __len__(self):
+        return len(self.y)
+
+    def get(self, idx, eps=None, flip=None):
+        """(x0, y) on the device. Latents: eps [B, C, h, w] and flip [B] bool pick the sample; None = mean, unflipped."""
+        x, y = torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
+        if self.device.type == 'cuda':
+            x, y = x.pin_memory(), y.pin_memory()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if not self.latent:
+            return x.float() / 127.5 - 1, y  # uint8 pixels -> [-1, 1], on the device
+        x = x.float()
+        pair = x[:, 0] if flip is None else torch.where(flip.view(-1, 1, 1, 1, 1), x[:, 1], x[:, 0])
+        mean, std = pair.unbind(1)  # [B, C, h, w] each
+        z = mean if eps is None else mean + std * eps
+        return (z - self.shift) * self.scale, y  # the VAE's latent normalisation, recorded by prepare.py
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    """A fresh permutation of the dataset each epoch, derived from (seed, epoch): computed once per epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(step, n, global_batch, seed):
+    """Indices of the global batch for `step`: a pure function of the step, so resuming needs no data state."""
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise SystemExit(f"error: the dataset has {n} images, fewer than the global batch {global_batch}: lower batch_size")
+    epoch, i = divmod(step, per_epoch)
+    # sorted: near-sequential reads from the memmap (order within a batch does not matter; it is sorted
+    # here, once, so every process slices the same sequence and pairs each image with the same noise)
+    return np.sort(epoch_order(n, seed, epoch)[i * global_batch:(i + 1) * global_batch])
