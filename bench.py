@@ -147,9 +147,8 @@ def print_solver_table(nfes=(5, 10, 20, 50)):
 
 def quality_table(ckpt_dir, per_class, nfes=(5, 10, 20, 50)):
     """Conditional accuracy of samples from a trained shapes model, per sampler and NFE, graded by
-    prepare.grade; the 1000-step DDPM ancestral sampler is the reference."""
-    from prepare import grade
-    from prepare import shape_caption
+    shapes.grade; the 1000-step DDPM ancestral sampler is the reference."""
+    from shapes import grade, shape_caption
     from sample import encode_prompts, load_model, sample_images
     dev, _, autocast = setup_device(device, dtype)
     model, diffusion, meta, _ = load_model(os.path.join(ckpt_dir, 'ckpt.pt'), dev)

@@ -315,7 +315,7 @@ def main():
     if grade:
         if meta.get('dataset') != 'shapes':
             raise SystemExit("error: --grade=True needs a model trained on the built-in 'shapes' data")
-        from prepare import grade as grade_images, shape_caption
+        from shapes import grade as grade_images, shape_caption
         labels = torch.arange(meta['num_classes']).repeat_interleave(grade_per_class).to(dev)
         # a text model is graded on the prompts "a red circle", ... (the shapes captions)
         images = generate([shape_caption(i) for i in labels.tolist()] if is_text else labels.tolist(), seed + 1)

@@ -13,6 +13,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import prepare  # noqa: E402
+import shapes  # noqa: E402
 
 
 ENV = dict(os.environ, TQDM_DISABLE='1')  # keep progress bars out of the stderr we check
@@ -56,7 +57,7 @@ def test_shapes_format(tmp_path):
     assert meta['resolution'] == 32 and meta['num_classes'] == 12 and meta['seed'] == 1337
     assert meta['class_names'][0] == 'red circle' and meta['class_names'][11] == 'yellow triangle'
     assert meta['splits'] == {'train': 240, 'val': 36} and meta['skipped'] == [] and meta['has_captions']
-    assert meta['shapes'] == prepare.SHAPES and meta['colours'] == prepare.COLOURS
+    assert meta['shapes'] == shapes.SHAPES and meta['colours'] == shapes.COLOURS
     for split, n in (('train', 240), ('val', 36)):
         x, y, caps = load(out, split)
         assert x.shape == (n, 3, 32, 32) and x.dtype == np.uint8
@@ -81,7 +82,7 @@ def test_shapes_deterministic(tmp_path):
 
 
 def test_shapes_look_right():
-    img, y = next(prepare.shape_images(1, 32, 0))
+    img, y = next(shapes.shape_images(1, 32, 0))
     hwc = img.transpose(1, 2, 0).astype(int)
     sat = hwc.max(-1) - hwc.min(-1)
     assert (sat[0] <= 25).all() and (sat[:, 0] <= 25).all()  # border is low-saturation background
@@ -89,26 +90,26 @@ def test_shapes_look_right():
 
 
 def test_read_back_accuracy():
-    imgs, labels = map(np.stack, zip(*prepare.shape_images(2000, 32, 123)))
-    acc, per_class = prepare.grade(imgs, labels)
+    imgs, labels = map(np.stack, zip(*shapes.shape_images(2000, 32, 123)))
+    acc, per_class = shapes.grade(imgs, labels)
     assert acc >= 0.995 and len(per_class) == 12 and min(per_class) >= 0.97
-    assert prepare.grade(imgs[:50].transpose(0, 2, 3, 1), labels[:50])[0] >= 0.98  # [N,H,W,3] too
+    assert shapes.grade(imgs[:50].transpose(0, 2, 3, 1), labels[:50])[0] >= 0.98  # [N,H,W,3] too
     # generated samples are noisy: read-back must survive mild noise
     noisy = np.clip(imgs[:500] + np.random.default_rng(0).normal(0, 10, imgs[:500].shape), 0, 255).astype(np.uint8)
-    assert prepare.grade(noisy, labels[:500])[0] >= 0.98
-    big, big_labels = map(np.stack, zip(*prepare.shape_images(120, 64, 7)))  # other resolutions too
-    assert prepare.grade(big, big_labels)[0] >= 0.98
+    assert shapes.grade(noisy, labels[:500])[0] >= 0.98
+    big, big_labels = map(np.stack, zip(*shapes.shape_images(120, 64, 7)))  # other resolutions too
+    assert shapes.grade(big, big_labels)[0] >= 0.98
 
 
 def test_read_back_rejects_garbage():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 12, 200)
     noise = rng.integers(0, 256, (200, 3, 32, 32), dtype=np.uint8)
-    assert prepare.grade(noise, labels)[0] <= 0.1
+    assert shapes.grade(noise, labels)[0] <= 0.1
     grey = np.full((3, 32, 32), 128, np.uint8)
-    assert prepare.read_shape(grey) == ('none', 'none')
+    assert shapes.read_shape(grey) == ('none', 'none')
     red = np.broadcast_to(np.uint8([220, 40, 40])[:, None, None], (3, 32, 32))
-    assert prepare.read_shape(red) == ('none', 'none')  # a coloured frame is not a square
+    assert shapes.read_shape(red) == ('none', 'none')  # a coloured frame is not a square
 
 # ---------------------------------------------------------------- image folders
 

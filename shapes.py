@@ -1,0 +1,109 @@
+"""
+The built-in 'shapes' data: a circle, square or upward triangle in red, green, blue or yellow (12 classes,
+caption "a red circle"), random size, position and grey-ish background. Its point: the factors that made
+an image can be read back from it, so the correctness of *generated* samples is measured, not eyeballed.
+
+    draw_shape / shape_images   generate (prepare.py stores them as a dataset)
+    read_shape / grade          read a sample back: which shape and colour does it show?
+"""
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ['circle', 'square', 'triangle']
+COLOURS = ['red', 'green', 'blue', 'yellow']
+COLOUR_RGB = [(220, 40, 40), (40, 170, 60), (40, 80, 230), (235, 205, 30)]
+CLASS_NAMES = [f"{c} {s}" for s in SHAPES for c in COLOURS]  # class = shape_index * 4 + colour_index
+shape_caption = lambda label: f"a {CLASS_NAMES[label]}"  # the shapes captions; also the prompts graded
+
+# ---------------------------------------------------------------- shapes: generate
+
+def draw_shape(shape, colour, box, background, resolution, supersample=4):
+    """Render one shape into an RGB uint8 [H,W,3] image. box = (x0, y0, x1, y1) in px, floats ok."""
+    s = supersample  # draw big, then average down: cheap, exact-area antialiasing
+    img = Image.new('RGB', (resolution * s, resolution * s), tuple(int(v) for v in background))
+    x0, y0, x1, y1 = (v * s for v in box)
+    d, fill = ImageDraw.Draw(img), COLOUR_RGB[COLOURS.index(colour)]
+    if shape == 'circle':
+        d.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)  # PIL boxes are inclusive, hence the -1
+    elif shape == 'square':
+        d.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
+    else:  # triangle pointing up, filling its box
+        d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    return np.asarray(img.resize((resolution, resolution), Image.Resampling.BOX))
+
+
+def shape_images(n, resolution, seed):
+    """Yield n (uint8 [3,H,W] image, class index) pairs; deterministic in (n, resolution, seed)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % len(CLASS_NAMES))  # balanced classes, random order
+    for y in labels:
+        side = rng.uniform(0.375, 0.8125) * resolution  # 12..26 px at 32 px
+        x0, y0 = rng.uniform(1, resolution - 1 - side, size=2)  # fully inside, 1 px margin
+        # low-saturation background (max-min of RGB <= 24) so the shape separates by saturation
+        bg = np.clip(rng.uniform(0.1, 0.9) * 255 + rng.uniform(-12, 12, size=3), 0, 255)
+        img = draw_shape(SHAPES[y // 4], COLOURS[y % 4], (x0, y0, x0 + side, y0 + side), bg, resolution)
+        yield img.transpose(2, 0, 1), int(y)
+
+# ---------------------------------------------------------------- shapes: read back (grading)
+
+_REF_HUE = np.asarray(Image.fromarray(np.uint8([COLOUR_RGB])).convert('HSV'))[0, :, 0].astype(int)
+
+
+def _largest_component(mask):
+    """Largest 4-connected component of a bool mask: propagate the min pixel index until stable."""
+    big = mask.size
+    lab = np.where(mask, np.arange(big).reshape(mask.shape), big)
+    while True:
+        p = np.pad(lab, 1, constant_values=big)
+        new = np.minimum.reduce([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
+        new[~mask] = big
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    return lab == np.bincount(lab[mask]).argmax()
+
+
+def read_shape(img):
+    """Which (shape, colour) does a uint8 image [H,W,3] or [3,H,W] show? ('none', 'none') if unclear.
+    Built to grade generated samples, so it tolerates noise and blur but rejects garbage."""
+    img = np.asarray(img, dtype=np.uint8)
+    if img.shape[0] == 3 and img.shape[-1] != 3:
+        img = img.transpose(1, 2, 0)
+    H, W, _ = img.shape
+    sat = img.max(-1).astype(int) - img.min(-1)
+    # threshold at half the shape's saturation ~ half pixel coverage, so the mask has the true
+    # outline even if a model renders colours a little washed out; the floor keeps grey bg out
+    mask = sat > max(40, 0.5 * np.percentile(sat, 99))
+    if mask.sum() < 0.03 * H * W:
+        return 'none', 'none'
+    mask = _largest_component(mask)  # drop specks of noise away from the shape
+    ys, xs = np.nonzero(mask)
+    if mask.sum() < 0.03 * H * W or np.ptp(xs) >= 0.9 * W or np.ptp(ys) >= 0.9 * H:
+        return 'none', 'none'  # too small, or fills the frame: a coloured background is no shape
+    # colour: majority vote of per-pixel nearest reference hue; noise has no clear majority
+    hue = np.asarray(Image.fromarray(img).convert('HSV'))[..., 0][mask].astype(int)
+    dist = np.abs(hue[:, None] - _REF_HUE[None, :])
+    votes = np.bincount(np.minimum(dist, 256 - dist).argmin(1), minlength=len(COLOURS))
+    if votes.max() < 0.6 * len(hue):
+        return 'none', 'none'
+    # shape: best IoU between the mask and each ideal shape drawn into the mask's bounding box
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    v, u = np.mgrid[y0:y1, x0:x1] + 0.5
+    u, v = (u - x0) / (x1 - x0), (v - y0) / (y1 - y0)  # pixel centres in [0,1] within the box
+    ideal = [(u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25, np.ones_like(u, bool), np.abs(u - 0.5) <= v / 2]
+    m = mask[y0:y1, x0:x1]
+    iou = [(m & t).sum() / (m | t).sum() for t in ideal]
+    if max(iou) < 0.6:
+        return 'none', 'none'
+    return SHAPES[int(np.argmax(iou))], COLOURS[int(votes.argmax())]
+
+
+def grade(images, labels):
+    """Score images (uint8 [N,3,H,W] or [N,H,W,3]) against shapes class labels. Returns
+    (accuracy, per_class): accuracy = fraction read back as exactly the label's shape and colour,
+    per_class = list of 12 accuracies (nan for classes with no images)."""
+    labels = np.asarray(labels).astype(int)
+    ok = np.array([read_shape(img) == (SHAPES[y // 4], COLOURS[y % 4]) for img, y in zip(images, labels)])
+    per_class = [float(ok[labels == c].mean()) if (labels == c).any() else float('nan')
+                 for c in range(len(CLASS_NAMES))]
+    return float(ok.mean()) if len(ok) else float('nan'), per_class
