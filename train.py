@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
-from configurator import check
+from configurator import check, configure
 from data import Data, batch_indices, read_meta
 from model import Diffusion, build_model, input_shape, model_args_from, setup_device
 
@@ -86,7 +86,7 @@ compile = True               # torch.compile; used on CUDA only (on CPU it costs
 profile = False              # write a torch.profiler trace of steps 2-4 to out_dir/trace.json (chrome://tracing)
 peak_flops = 0.0             # for MFU; 0 = guess from the GPU name (no MFU on CPU)
 seed = 1337
-config = {}  # filled in by configurator.configure() when run as a script (importing train.py is side-effect free)
+config = {}  # all of the above as main() runs with them (recorded in checkpoints); importing train.py has no side effects
 # -----------------------------------------------------------------------------
 
 
@@ -213,6 +213,7 @@ def save_loss_curve(history, path):
 
 def main():
     check_config()
+    config.update(configure(globals(), []))  # the settings as they are now, as checkpoints record them
     # ---- processes and devices
     ddp = int(os.environ.get('RANK', -1)) != -1
     dev, ptdtype, autocast = setup_device(device, dtype)
@@ -425,6 +426,5 @@ def main():
 
 
 if __name__ == '__main__':
-    from configurator import configure
-    config.update(configure(globals()))
+    configure(globals())  # config files and --key=value overrides on the command line
     main()
