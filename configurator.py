@@ -32,7 +32,8 @@ def configure(g, argv=None, ignore_unknown_in_files=False):
     ignore_unknown_in_files: skip keys a config file sets that `g` does not have (bench.py reads train
     configs for their model keys only); --key=value overrides are always checked."""
     argv = sys.argv[1:] if argv is None else argv
-    defaults = {k: v for k, v in g.items() if not k.startswith('_') and type(v) in CONFIG_TYPES}
+    # settings: lower-case module globals of plain types (UPPER_CASE names are constants, not settings)
+    defaults = {k: v for k, v in g.items() if not k.startswith('_') and not k.isupper() and type(v) in CONFIG_TYPES}
     for arg in argv:
         if not arg.startswith('--'):  # a config file: plain Python that assigns some of the keys
             try:

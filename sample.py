@@ -2,7 +2,8 @@
 Sample from a trained checkpoint with classifier-free guidance, write a PNG grid:
 
     python sample.py --out_dir=out-shapes                    # grid of every class -> out-shapes/grid.png
-    python sample.py --out_dir=out-shapes --grade=True       # shapes only: read samples back, print accuracy
+    python sample.py --out_dir=out-shapes --grade=True       # shapes only: read samples back, print accuracy, factor FD
+    python sample.py --out_dir=out-shapes --save_dir=samples --num_samples=5000   # PNGs + samples.json, for metrics.py
     python sample.py --out_dir=out-shapes --sampler=ddpm --steps=1000 --spacing=linspace
     python sample.py --out_dir=out-emoji --prompt="red heart" --prompt="grinning face"   # text models
     python sample.py --out_dir=out-emoji --prompts=prompts.txt                          # one prompt per line
@@ -14,6 +15,7 @@ diffusers' scheduler of the same name in tests/test_sampler.py.
 """
 import functools
 import json
+import math
 import os
 import sys
 import textwrap
@@ -22,6 +24,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from checkpoint import atomic_write, load_model
 from configurator import check
@@ -44,6 +47,9 @@ prompt = ''                  # text models: --prompt="a red circle", repeatable 
 prompts = ''                 # text models: a text file, one prompt per line
 grade = False                # shapes only: sample grade_per_class images per class and read them back
 grade_per_class = 40
+data_dir = ''                # --grade's real images (the val split) and default prompts; '' = the model's dataset
+save_dir = ''                # instead of the grid: num_samples PNGs + samples.json here (what metrics.py reads)
+num_samples = 0              # with save_dir: the classes (or prompts) in turn, deterministic from seed
 batch_size = 256
 use_ema = True
 seed = 0
@@ -61,6 +67,8 @@ def check_config():
           choices=dict(sampler=SAMPLERS, order=(1, 2, 3), spacing=SPACINGS, dtype=('auto', 'float32', 'bfloat16', 'float16')))
     if threshold_max < 1:
         sys.exit(f"error: --threshold_max={threshold_max} must be >= 1")
+    if num_samples < 0 or bool(save_dir) != (num_samples > 0):
+        sys.exit(f"error: --save_dir={save_dir!r} and --num_samples={num_samples} go together: a folder, a count > 0")
 
 
 def threshold_x0(x0, ratio, max_value=1.0):
@@ -230,6 +238,50 @@ def save_grid(images, captions, path, ncol=None):
     atomic_write(path, lambda f: grid.save(f, format='PNG'))
 
 
+def save_samples(generate, asked, labels, meta, folder, info):
+    """One PNG per entry of `asked` (class indices or prompts) in `folder`, 000000.png, ..., sampled batch_size at a
+    time (batch k from seed * 1_000_003 + k: the same command writes the same bytes, and a longer run starts with
+    the same images), then folder/samples.json, atomically and last: when it exists, every file it names is
+    complete. labels: the class each image was asked for, -1 for none (a prompt that is no class, unconditional)."""
+    manifest = os.path.join(folder, 'samples.json')
+    files = []
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(manifest):
+            os.remove(manifest)  # until the new one is written, no manifest names a mix of old and new files
+        with tqdm(total=len(asked), unit='img', desc=f'sampling to {folder}') as bar:
+            for k, start in enumerate(range(0, len(asked), batch_size)):
+                for img in generate(asked[start:start + batch_size], seed * 1_000_003 + k):
+                    files.append(f"{len(files):06d}.png")
+                    Image.fromarray(img.permute(1, 2, 0).numpy().squeeze()).save(os.path.join(folder, files[-1]))
+                bar.update(min(batch_size, len(asked) - start))
+    except OSError as e:
+        raise SystemExit(f"error: cannot write samples to '{folder}' ({e.strerror or e})") from None
+    names = meta.get('class_names') or []
+    doc = dict(files=files, labels=labels, classes=[names[y] if y >= 0 else '' for y in labels],
+               prompts=[a if isinstance(a, str) else '' for a in asked], **info)
+    text = '{\n' + ',\n'.join(f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in doc.items()) + '\n}\n'
+    atomic_write(manifest, lambda f: f.write(text.encode('utf-8')))  # one key a line: readable at any N
+    return manifest
+
+
+def shapes_reference(folder):
+    """The real images --grade compares samples with: (factors [N, 4], labels) of the val split of a shapes
+    dataset (read back by shapes.factor_matrix, exactly as the samples are, so the reader's biases cancel)."""
+    from shapes import factor_matrix
+    try:
+        x = np.load(os.path.join(folder, 'val_x.npy'), mmap_mode='r')
+        y = np.load(os.path.join(folder, 'val_y.npy'))
+    except (OSError, ValueError, EOFError) as e:
+        raise SystemExit(f"error: the factor FD compares samples with the real val images of the training data, "
+                         f"but {folder}/val_x.npy or val_y.npy cannot be read ({getattr(e, 'strerror', None) or e}): "
+                         f"run prepare.py, or pass --data_dir=<the shapes dataset>") from None
+    if x.ndim != 4 or x.dtype != np.uint8 or y.shape != (len(x),):
+        raise SystemExit(f"error: {folder}/val_x.npy and val_y.npy are not a shapes split (shapes {x.shape}, {y.shape}): "
+                         f"re-run prepare.py")
+    return factor_matrix(x), y
+
+
 def read_prompts(argv, path, data_dir):
     """The prompts for a text model: every --prompt=... in argv (the flag repeats), then the lines of
     `path`; if there are none, the first 8 distinct captions of the dataset's val split."""
@@ -301,28 +353,54 @@ def main():
         labels = torch.zeros(len(names), dtype=torch.long, device=dev)
         return sample_images(model, diffusion, labels, meta, seed=seed_, text=cond, null_text=empty, **kw)
 
-    if is_text:
-        names = [p for p in read_prompts(argv, prompts, train_config['data_dir']) for _ in range(per_class)]
-        images = generate(names, seed)
+    data = data_dir or train_config.get('data_dir', '')
+    is_shapes = meta.get('dataset') == 'shapes'
+    if grade and not is_shapes:
+        raise SystemExit("error: --grade=True needs a model trained on the built-in 'shapes' data")
+    reference = shapes_reference(data) if grade else None  # read first: a missing one fails before any sampling
+
+    if save_dir:  # single images for metrics.py, instead of the grid (a grid of thousands helps no one)
+        if is_text:  # the prompts in turn; a shapes caption ("a red circle") is also that class
+            found = read_prompts(argv, prompts, data)
+            asked = [found[i % len(found)] for i in range(num_samples)]
+            from shapes import CLASS_NAMES, shape_caption
+            caption_class = {shape_caption(c): c for c in range(len(CLASS_NAMES))} if is_shapes else {}
+            labels = [caption_class.get(p, -1) for p in asked]
+        else:  # the classes in turn (balanced); an unconditional model: the null label, -1 in samples.json
+            asked = [i % meta['num_classes'] if meta['num_classes'] else 0 for i in range(num_samples)]
+            labels = asked if meta['num_classes'] else [-1] * num_samples
+        info = dict(checkpoint=os.path.join(out_dir, ckpt_name), sampler=how, seed=seed)
+        path = save_samples(generate, asked, labels, meta, save_dir, info)
+        print(f"wrote {num_samples} images and {path} ({how}, seed {seed})")
     else:
-        labels = class_labels(meta, per_class).tolist()
-        images = generate(labels, seed)
-        names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels]
-    path = os.path.join(out_dir, 'grid.png')
-    save_grid(images, names, path, ncol=per_class if (meta['num_classes'] or is_text) else 8)
-    print(f"wrote {path} ({len(images)} images, {how}, seed {seed})")
+        if is_text:
+            names = [p for p in read_prompts(argv, prompts, data) for _ in range(per_class)]
+            images = generate(names, seed)
+        else:
+            labels = class_labels(meta, per_class).tolist()
+            images = generate(labels, seed)
+            names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels]
+        path = os.path.join(out_dir, 'grid.png')
+        save_grid(images, names, path, ncol=per_class if (meta['num_classes'] or is_text) else 8)
+        print(f"wrote {path} ({len(images)} images, {how}, seed {seed})")
 
     if grade:
-        if meta.get('dataset') != 'shapes':
-            raise SystemExit("error: --grade=True needs a model trained on the built-in 'shapes' data")
-        from shapes import grade as grade_images, shape_caption
-        labels = torch.arange(meta['num_classes']).repeat_interleave(grade_per_class).to(dev)
+        from shapes import factor_fd, grade as grade_images, shape_caption
+        labels = torch.arange(meta['num_classes']).repeat_interleave(grade_per_class)
         # a text model is graded on the prompts "a red circle", ... (the shapes captions)
-        images = generate([shape_caption(i) for i in labels.tolist()] if is_text else labels.tolist(), seed + 1)
-        acc, per_class_acc = grade_images(images.numpy(), labels.cpu().numpy())
+        images = generate([shape_caption(i) for i in labels.tolist()] if is_text else labels.tolist(), seed + 1).numpy()
+        acc, per_class_acc = grade_images(images, labels.numpy())
+        fd = factor_fd(images, labels.numpy(), *reference)
+        n_read, n_real = sum(fd['n'].values()), sum(fd['n_ref'].values())
+        undefined = '' if math.isfinite(fd['overall']) else ' (a class has < 2 readable samples)'
         print(f"conditional accuracy ({'text prompts' if is_text else 'class labels'}; shape and colour read back "
               f"right): {100 * acc:.1f}% of {len(labels)} samples | {how}")
-        print('per class: ' + ', '.join(f"{n} {100 * a:.0f}%" for n, a in zip(meta['class_names'], per_class_acc)))
+        print(f"factor FD (size, x, y, background vs the real images of {data} val; mean over {len(fd['per_class'])} "
+              f"classes; 0 = the same distribution): {fd['overall']:.4f}{undefined} | {n_read} of {len(labels)} "
+              f"samples readable, {n_real} real")
+        per = [f"{name} {100 * a:.0f}% {fd['per_class'][c]:.2g}"
+               for c, (name, a) in enumerate(zip(meta['class_names'], per_class_acc))]
+        print('per class (accuracy, factor FD): ' + ', '.join(per))
 
 
 if __name__ == '__main__':

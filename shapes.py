@@ -3,8 +3,10 @@ The built-in 'shapes' data: a circle, square or upward triangle in red, green, b
 caption "a red circle"), random size, position and grey-ish background. Its point: the factors that made
 an image can be read back from it, so the correctness of *generated* samples is measured, not eyeballed.
 
-    draw_shape / shape_images   generate (prepare.py stores them as a dataset)
-    read_shape / grade          read a sample back: which shape and colour does it show?
+    draw_shape / shape_images   generate (prepare.py stores them as a dataset); shape_draws: their factors
+    read_shape / grade          read a sample back: which shape and colour does it show? (accuracy)
+    read_factors / factor_fd    ... and its size, position and background: how far is the distribution of
+                                those from the real data's, class by class? (an FD on the true factors: no network)
 """
 import numpy as np
 from PIL import Image, ImageDraw
@@ -32,8 +34,9 @@ def draw_shape(shape, colour, box, background, resolution, supersample=4):
     return np.asarray(img.resize((resolution, resolution), Image.Resampling.BOX))
 
 
-def shape_images(n, resolution, seed):
-    """Yield n (uint8 [3,H,W] image, class index) pairs; deterministic in (n, resolution, seed)."""
+def shape_draws(n, resolution, seed):
+    """Yield n (class index, box, background RGB) draws: the factors shape_images renders, so a test can
+    compare what is read back from an image with what made it. Deterministic in (n, resolution, seed)."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % len(CLASS_NAMES))  # balanced classes, random order
     for y in labels:
@@ -41,8 +44,14 @@ def shape_images(n, resolution, seed):
         x0, y0 = rng.uniform(1, resolution - 1 - side, size=2)  # fully inside, 1 px margin
         # low-saturation background (max-min of RGB <= 24) so the shape separates by saturation
         bg = np.clip(rng.uniform(0.1, 0.9) * 255 + rng.uniform(-12, 12, size=3), 0, 255)
-        img = draw_shape(SHAPES[y // 4], COLOURS[y % 4], (x0, y0, x0 + side, y0 + side), bg, resolution)
-        yield img.transpose(2, 0, 1), int(y)
+        yield int(y), (x0, y0, x0 + side, y0 + side), bg
+
+
+def shape_images(n, resolution, seed):
+    """Yield n (uint8 [3,H,W] image, class index) pairs; deterministic in (n, resolution, seed)."""
+    for y, box, bg in shape_draws(n, resolution, seed):
+        img = draw_shape(SHAPES[y // 4], COLOURS[y % 4], box, bg, resolution)
+        yield img.transpose(2, 0, 1), y
 
 # ---------------------------------------------------------------- shapes: read back (grading)
 
@@ -63,9 +72,11 @@ def _largest_component(mask):
     return lab == np.bincount(lab[mask]).argmax()
 
 
-def read_shape(img):
-    """Which (shape, colour) does a uint8 image [H,W,3] or [3,H,W] show? ('none', 'none') if unclear.
-    Built to grade generated samples, so it tolerates noise and blur but rejects garbage."""
+def read_factors(img):
+    """Read back the factors of a uint8 image [H,W,3] or [3,H,W]: a dict of shape, colour, size (the mask's
+    bounding box, longer side / width), x and y (the box's centre / width, height; 0 = left/top edge) and
+    background (mean grey of the pixels more than 2 px away from the shape / 255); None if no shape is
+    readable. Built to grade generated samples, so it tolerates noise and blur but rejects garbage."""
     img = np.asarray(img, dtype=np.uint8)
     if img.shape[0] == 3 and img.shape[-1] != 3:
         img = img.transpose(1, 2, 0)
@@ -75,17 +86,17 @@ def read_shape(img):
     # outline even if a model renders colours a little washed out; the floor keeps grey bg out
     mask = sat > max(40, 0.5 * np.percentile(sat, 99))
     if mask.sum() < 0.03 * H * W:
-        return 'none', 'none'
+        return None
     mask = _largest_component(mask)  # drop specks of noise away from the shape
     ys, xs = np.nonzero(mask)
     if mask.sum() < 0.03 * H * W or np.ptp(xs) >= 0.9 * W or np.ptp(ys) >= 0.9 * H:
-        return 'none', 'none'  # too small, or fills the frame: a coloured background is no shape
+        return None  # too small, or fills the frame: a coloured background is no shape
     # colour: majority vote of per-pixel nearest reference hue; noise has no clear majority
     hue = np.asarray(Image.fromarray(img).convert('HSV'))[..., 0][mask].astype(int)
     dist = np.abs(hue[:, None] - _REF_HUE[None, :])
     votes = np.bincount(np.minimum(dist, 256 - dist).argmin(1), minlength=len(COLOURS))
     if votes.max() < 0.6 * len(hue):
-        return 'none', 'none'
+        return None
     # shape: best IoU between the mask and each ideal shape drawn into the mask's bounding box
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
     v, u = np.mgrid[y0:y1, x0:x1] + 0.5
@@ -94,8 +105,23 @@ def read_shape(img):
     m = mask[y0:y1, x0:x1]
     iou = [(m & t).sum() / (m | t).sum() for t in ideal]
     if max(iou) < 0.6:
-        return 'none', 'none'
-    return SHAPES[int(np.argmax(iou))], COLOURS[int(votes.argmax())]
+        return None
+    # background: pixels beyond the shape's antialiased edge (the mask grown by 2 px in every direction)
+    near = np.zeros_like(mask)
+    padded = np.pad(mask, 2)
+    for dy in range(5):
+        for dx in range(5):
+            near |= padded[dy:dy + H, dx:dx + W]
+    away = img[~near] if (~near).any() else img[~mask]  # a frame-filling shape: whatever is not the shape
+    return dict(shape=SHAPES[int(np.argmax(iou))], colour=COLOURS[int(votes.argmax())],
+                size=float(max(x1 - x0, y1 - y0) / W), x=float((x0 + x1) / 2 / W), y=float((y0 + y1) / 2 / H),
+                background=float(away.mean()) / 255)
+
+
+def read_shape(img):
+    """Which (shape, colour) does a uint8 image [H,W,3] or [3,H,W] show? ('none', 'none') if unclear."""
+    f = read_factors(img)
+    return ('none', 'none') if f is None else (f['shape'], f['colour'])
 
 
 def grade(images, labels):
@@ -107,3 +133,41 @@ def grade(images, labels):
     per_class = [float(ok[labels == c].mean()) if (labels == c).any() else float('nan')
                  for c in range(len(CLASS_NAMES))]
     return float(ok.mean()) if len(ok) else float('nan'), per_class
+
+
+FACTORS = ('size', 'x', 'y', 'background')  # what factor_fd compares: the generator's random draws, read back
+
+
+def factor_matrix(images):
+    """FACTORS of each image (uint8 [N,3,H,W] or [N,H,W,3]) as float64 [N, 4]; a row of NaN where unreadable."""
+    rows = [read_factors(img) for img in images]
+    return np.array([[f[k] for k in FACTORS] if f else [np.nan] * 4 for f in rows], np.float64).reshape(-1, 4)
+
+
+def factor_fd(images, labels, ref_images, ref_labels):
+    """A distribution metric for the shapes data that needs no network: the Frechet distance between the 4-D
+    distribution of FACTORS (size, x, y, background) of samples and that of real images, read back the same
+    way (so the reader's small biases cancel). images/ref_images: uint8 images, or their factor_matrix.
+
+    per_class[c] = FD between the Gaussians (mean, covariance) of the factors of the readable samples asked
+    for class c and of the readable real images of class c: 0 for a perfect sampler, up to the sampling
+    noise of finite N (it is biased upwards at small N: compare at equal N). Per class is what exposes mode
+    collapse (every red circle the same size in the same place) that a pooled distribution would hide.
+    overall = the plain mean of per_class over the classes that occur in `labels`; NaN if any of them has
+    fewer than 2 readable images on either side (a class drawn unreadably has no distribution to compare).
+    Unreadable samples are left out here (accuracy counts them). Returns dict(overall, per_class: {class:
+    FD}, n: {class: readable samples}, n_ref: {class: readable real images})."""
+    from metrics import frechet_distance, gaussian_stats  # lazily: prepare.py imports this file too
+    f = images if np.ndim(images) == 2 else factor_matrix(images)
+    r = ref_images if np.ndim(ref_images) == 2 else factor_matrix(ref_images)
+    labels, ref_labels = np.asarray(labels).astype(int), np.asarray(ref_labels).astype(int)
+    per_class, n, n_ref = {}, {}, {}
+    for c in sorted(set(labels.tolist())):
+        a = f[(labels == c) & ~np.isnan(f).any(1)]
+        b = r[(ref_labels == c) & ~np.isnan(r).any(1)]
+        n[c], n_ref[c] = len(a), len(b)
+        ok = len(a) >= 2 and len(b) >= 2
+        per_class[c] = frechet_distance(*gaussian_stats(a), *gaussian_stats(b)) if ok else float('nan')
+    overall = float(np.mean(list(per_class.values()))) if per_class else float('nan')
+    return dict(overall=overall, per_class=per_class, n=n, n_ref=n_ref)
+

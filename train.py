@@ -76,9 +76,11 @@ log_interval = 50
 eval_interval = 1000         # val loss + checkpoint + sample grid; 0 = only at the end
 eval_batches = 8
 wandb_project = ''           # log to Weights & Biases if set and wandb is installed (it is not a requirement)
-patience = 0                 # early stopping: stop after this many evaluations without a better val loss; 0 = off
-sample_steps = 20
+patience = 0                 # early stopping: stop after this many evaluations without a better keep_best score; 0 = off
+sample_steps = 20            # the eval grid's sampler: DPM-Solver++(2M), this many steps, CFG cfg_scale
 cfg_scale = 4.0
+eval_grade_per_class = 0     # shapes data: read back this many eval samples per class (accuracy, factor FD); 0 = off
+keep_best = 'val_loss'       # best.pt and patience go by 'val_loss', or by graded samples: 'shapes_fd', 'shapes_accuracy'
 # system
 device = 'auto'              # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'               # 'auto' (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), or explicit
@@ -101,13 +103,18 @@ def check_config():
           fraction=('class_dropout', 'ema_decay'),
           choices=dict(init_from=('scratch', 'resume'), arch=('dit', 'unet'), objective=('flow', 'vp'),
                        schedule=('linear', 'cosine'), prediction=('eps', 'v', 'x0'), optim=('adamw', 'adafactor'),
-                       lr_schedule=('cosine', 'restarts'), dtype=('auto', 'float32', 'bfloat16', 'float16')))
+                       lr_schedule=('cosine', 'restarts'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
+                       keep_best=('val_loss', 'shapes_fd', 'shapes_accuracy')))
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
         sys.exit(f"error: --beta1={beta1} and --beta2={beta2} must be in [0, 1)")
     if min_lr > lr:
         sys.exit(f"error: --min_lr={min_lr} is above --lr={lr}")
     if not unet_mult or min(unet_mult) < 1:
         sys.exit(f"error: --unet_mult={unet_mult} must be positive channel multipliers, e.g. (1, 2, 2)")
+    if eval_grade_per_class < 0 or eval_grade_per_class == 1:  # one sample per class has no spread: no factor FD
+        sys.exit(f"error: --eval_grade_per_class={eval_grade_per_class} must be 0 (off) or >= 2")
+    if keep_best != 'val_loss' and not eval_grade_per_class:
+        sys.exit(f"error: --keep_best={keep_best!r} needs graded samples: set --eval_grade_per_class (e.g. 8)")
 
 
 def get_lr(it):
@@ -238,6 +245,9 @@ def main():
     val_data = Data(data_dir, 'val', dev, text) if meta['splits'].get('val') else train_data  # val_fraction=0: no val split
     shape = input_shape(meta)
     num_classes = 0 if text else meta['num_classes']
+    if eval_grade_per_class and meta.get('dataset') != 'shapes':
+        raise SystemExit(f"error: --eval_grade_per_class={eval_grade_per_class} reads samples back: only the "
+                         f"built-in 'shapes' data can be ({data_dir} is not)")
 
     # ---- model, EMA, optimiser, possibly resumed
     model_args = model_args_from(globals(), shape, num_classes, meta['text_dim'] if text else 0)
@@ -248,6 +258,7 @@ def main():
     optimizer = make_optimizer(model, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
     step, best_val, bad_steps, stale, history = 0, float('inf'), 0, 0, []
+    best_score = float('inf')  # best.pt's keep_best score, lower is better: val loss, factor FD or -accuracy
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if master:  # one training run per out_dir: a second one would overwrite this one's checkpoints
         os.makedirs(out_dir, exist_ok=True)
@@ -273,6 +284,9 @@ def main():
             raise SystemExit(f"error: {ckpt_path} has weights or optimizer state that do not fit this model "
                              f"({(str(e).splitlines() or [''])[0][:160]})") from None
         step, best_val, bad_steps, stale, history = (ckpt[k] for k in ('step', 'best_val', 'bad_steps', 'stale', 'history'))
+        # best.pt's score (a checkpoint from before keep_best kept best by val loss); another yardstick starts afresh
+        same = ckpt['config'].get('keep_best', 'val_loss') == keep_best
+        best_score, stale = (ckpt.get('best_score', best_val), stale) if same else (float('inf'), 0)
         if master:
             print(f"resuming from {ckpt_path} at step {step}")
     raw_model = model
@@ -302,23 +316,57 @@ def main():
     def state():  # what a checkpoint holds: tensors and plain values only (checkpoint.load refuses anything else)
         return {'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(),
                 'scaler': scaler.state_dict(), 'step': step, 'best_val': best_val, 'bad_steps': bad_steps,
-                'stale': stale, 'history': history, 'model_args': model_args, 'config': config, 'meta': meta}
+                'stale': stale, 'history': history, 'best_score': best_score, 'model_args': model_args, 'config': config,
+                'meta': meta}
 
     def save(name='ckpt.pt'):
         checkpoint.save(state(), os.path.join(out_dir, name))
 
-    def sample_grid():
-        from sample import sample_images, save_grid, class_labels, val_captions  # lazy: only the master samples
+    reference = None  # the real val images' factors, read once, if samples are graded (rank 0 grades)
+    if eval_grade_per_class and master:
+        from sample import shapes_reference
+        reference = shapes_reference(data_dir)
+
+    def eval_samples():
+        """EMA samples for the eval grid -> (images, captions, graded). graded: with eval_grade_per_class = k (shapes
+        data) k samples per class read back -> (accuracy, factor FD dict, number graded); else None. Class labels:
+        max(8, k) samples per class and the grid shows the first 8, so k <= 8 costs no sampling beyond the grid's."""
+        from sample import sample_images, class_labels, val_captions  # lazy: only the master samples
+        k = eval_grade_per_class
+
+        def sample(labels, cond):
+            return sample_images(ema, diffusion, labels, meta, cfg_scale, seed=seed, autocast=autocast, steps=sample_steps,
+                                 text=cond, null_text=val_data.empty if text else None)
         if text:  # the first 8 distinct val captions, 8 samples each (already encoded: no text encoder here)
             caps = val_captions(data_dir)
             idx, names = np.repeat(list(caps.values()), 8), [c for c in caps for _ in range(8)]
-            labels, cond = torch.zeros(len(idx), dtype=torch.long, device=dev), val_data.get_text(idx)
+            grid = sample(torch.zeros(len(idx), dtype=torch.long, device=dev), val_data.get_text(idx))
+            if not k:
+                return grid, names, None
+            # graded on each class's caption ("a red circle"), taken from a val image of that class
+            first = [np.flatnonzero(val_data.y == c)[:1] for c in range(meta['num_classes'])]
+            idx = np.repeat(np.concatenate(first), k)
+            x, y = sample(torch.zeros(len(idx), dtype=torch.long, device=dev), val_data.get_text(idx)), val_data.y[idx]
         else:
-            labels, cond = class_labels(meta, 8).to(dev), None
-            names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels.tolist()]
-        x = sample_images(ema, diffusion, labels, meta, cfg_scale, seed=seed, autocast=autocast, steps=sample_steps,
-                          text=cond, null_text=val_data.empty if text else None)
-        save_grid(x, names, os.path.join(out_dir, f'samples_{step:06d}.png'))
+            n = max(8, k)
+            labels = class_labels(meta, n)
+            x, y = sample(labels.to(dev), None), labels.numpy()
+            nth = torch.arange(len(labels)) % n  # which sample of its class each one is
+            grid = x[nth < 8]
+            names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels[nth < 8].tolist()]
+            if not k:
+                return grid, names, None
+            x, y = x[nth < k], y[(nth < k).numpy()]
+        from shapes import factor_fd, grade
+        return grid, names, (grade(x.numpy(), y)[0], factor_fd(x.numpy(), y, *reference), len(y))
+
+    def shared(value):
+        """Rank 0's number on every process (only rank 0 samples), so all agree on keep-best and early stopping."""
+        if not ddp:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=dev)
+        dist.broadcast(t, 0)
+        return t.item()
 
     log = lambda **kw: None  # wandb, if asked for and installed; otherwise the stdout lines are the log
     if wandb_project and master:
@@ -400,21 +448,37 @@ def main():
             steps_since, n_loss, t_last = 0, 0, time.time()
         if (eval_interval and step % eval_interval == 0) or step == max_iters:
             vl = val_loss(ema)  # on every process (same EMA, same data), so all agree on early stopping
-            improved = vl < best_val
-            best_val, stale = (vl, 0) if improved else (best_val, stale + 1)
+            best_val = min(best_val, vl)
+            grid, names, graded = eval_samples() if master else (None, None, None)  # graded: (accuracy, FD, n) or None
+            if keep_best == 'val_loss':
+                score = vl
+            else:  # an undefined FD (NaN: a class with < 2 readable samples) is never better
+                score = shared((graded[1]['overall'] if keep_best == 'shapes_fd' else -graded[0]) if master else 0.0)
+            improved = score < best_score
+            best_score, stale = (score, 0) if improved else (best_score, stale + 1)  # accuracy is kept as -accuracy
             if master:
                 history.append((step, 'val', vl))
-                log(val_loss=vl)
-                if improved:  # keep-best: the EMA weights with the lowest val loss so far; written first, so
+                mark = {keep_best: ' (best)' if improved else ''}  # beside the number best.pt goes by
+                line = f"val loss (ema) {vl:.4f}{mark.get('val_loss', '')}"
+                if graded:
+                    acc, fd, n = graded
+                    log(val_loss=vl, shapes_accuracy=acc, shapes_fd=fd['overall'])
+                    line += (f" | shapes accuracy {100 * acc:.1f}%{mark.get('shapes_accuracy', '')}, factor FD "
+                             f"{fd['overall']:.4f}{mark.get('shapes_fd', '')} ({n} samples)")
+                else:
+                    log(val_loss=vl)
+                if improved:  # keep-best: the EMA weights with the best score so far; written first, so
                     save('best.pt')  # a kill between the two leaves best.pt new and ckpt.pt one evaluation older
                 save()
                 save_loss_curve(history, os.path.join(out_dir, 'loss.png'))
-                print(f"step {step} | val loss (ema) {vl:.4f}{' (best)' if improved else ''} | saved {out_dir}/ckpt.pt", flush=True)
-                sample_grid()
+                print(f"step {step} | {line} | saved {out_dir}/ckpt.pt", flush=True)
+                from sample import save_grid
+                save_grid(grid, names, os.path.join(out_dir, f'samples_{step:06d}.png'))
             t_last = time.time()  # do not count evaluation in img/s
             if patience and stale >= patience:
                 if master:
-                    print(f"early stop: no better val loss in {patience} evaluations (best {best_val:.4f}: {out_dir}/best.pt)")
+                    best = f"best {abs(best_score):.4f}: {out_dir}/best.pt" if math.isfinite(best_score) else "none scored"
+                    print(f"early stop: no better {keep_best.replace('_', ' ')} in {patience} evaluations ({best})")
                 break
     if prof is not None:
         prof.stop()

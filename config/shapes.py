@@ -21,3 +21,4 @@ ema_start = 200
 log_interval = 100
 eval_interval = 0            # evaluate, checkpoint and draw a sample grid at the end only: it is a short run
 eval_batches = 4
+eval_grade_per_class = 8     # read the eval grid's 8 samples per class back: accuracy + factor FD in the log, ~1.5 s

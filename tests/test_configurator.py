@@ -49,3 +49,10 @@ def test_unknown_key_in_file(tmp_path):
         run([str(f)])
     cfg, _ = run([str(f)], ignore_unknown_in_files=True)  # bench.py reads train configs for their model keys
     assert cfg == DEFAULTS
+
+
+def test_constants_are_not_settings():
+    g = dict(DEFAULTS, SAMPLERS=('a', 'b'), IMAGE_EXTS=('.png',))
+    assert configure(g, []) == DEFAULTS  # UPPER_CASE globals are the script's constants
+    with pytest.raises(SystemExit, match="unknown config key 'SAMPLERS'"):
+        configure(g, ['--SAMPLERS=("c",)'])
