@@ -10,6 +10,8 @@ import os
 import numpy as np
 import torch
 
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')  # what prepare.py and metrics.py read as images
+
 
 def bad_data(path, why):
     raise SystemExit(f"error: {path} {why}: re-run prepare.py to rebuild the dataset")

@@ -25,6 +25,7 @@ from PIL import Image
 
 from checkpoint import atomic_write
 from configurator import check
+from data import IMAGE_EXTS
 from model import setup_device
 
 # -----------------------------------------------------------------------------
@@ -37,7 +38,6 @@ k = 3                             # precision/recall: a point's ball reaches its
 batch_size = 64
 device = 'auto'
 # -----------------------------------------------------------------------------
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
 
 def check_config():

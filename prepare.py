@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from configurator import check
+from data import IMAGE_EXTS
 from shapes import CLASS_NAMES, COLOURS, SHAPES, shape_caption, shape_images
 
 # -----------------------------------------------------------------------------
@@ -63,7 +64,6 @@ def check_config(cfg):
         sys.exit(f"error: --val_fraction={c['val_fraction']} must be in [0, 1)")
 
 
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
 # ---------------------------------------------------------------- image folders
 

@@ -169,7 +169,7 @@ def test_grade_prints_accuracy_and_factor_fd(trained, data, tmp_path):
     assert 'conditional accuracy (class labels; shape and colour read back right): 100.0% of 96' in p.stdout
     assert 'per class (accuracy, factor FD): red circle 100% 0.' in p.stdout
     one_error_line(run(['sample.py', f'--out_dir={trained}', '--grade=True', '--data_dir=/no/such/dir'], check=False),
-                   '/no/such/dir/val_x.npy', 'prepare.py')
+                   '/no/such/dir', 'prepare.py')
 
 # ---------------------------------------------------------------- train.py
 
