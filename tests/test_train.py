@@ -295,16 +295,16 @@ def test_lr_schedule_by_value(monkeypatch):
 
 
 def test_a_short_run_on_shapes_grades_well_above_chance(tmp_path):
-    """End to end, ~25 s on one core: 300 steps of a 0.15M-parameter UNet on 16 px shapes, then sample.py
-    --grade=True. Chance is 1/12 = 8%; this run reads 58.8% (seed 1337). A flipped training target or an EMA
-    that never updates trains to the same loss but grades 0%, which is what this test is for."""
+    """End to end, ~18 s on one core: 200 steps of a 0.15M-parameter UNet on 16 px shapes, then sample.py
+    --grade=True. Chance is 1/12 = 8%; this run reads ~50% (300 steps: 58.8%). A flipped training target or an
+    EMA that never updates trains to the same loss but grades 0%, which is what this test is for."""
     d, out = tmp_path / 'data', tmp_path / 'out'
     run(['prepare.py', '--num_train=2000', '--num_val=64', '--resolution=16', f'--out_dir={d}'])
     run(['train.py', f'--data_dir={d}', f'--out_dir={out}', '--arch=unet', '--device=cpu', '--compile=False',
          '--unet_channels=16', '--unet_mult=(1,2)', '--unet_blocks=1', '--n_head=2', '--batch_size=32',
-         '--max_iters=300', '--lr=3e-3', '--min_lr=1e-4', '--beta2=0.95', '--warmup_iters=20', '--ema_start=150',
+         '--max_iters=200', '--lr=3e-3', '--min_lr=1e-4', '--beta2=0.95', '--warmup_iters=20', '--ema_start=100',
          '--ema_decay=0.95', '--eval_interval=0', '--eval_batches=1', '--sample_steps=2', '--log_interval=100'])
     p = run(['sample.py', f'--out_dir={out}', '--grade=True', '--grade_per_class=20', '--steps=10', '--per_class=1',
              '--device=cpu'])
     acc = float(p.stdout.split('conditional accuracy')[1].split('%')[0].split()[-1])
-    assert acc >= 40.0, p.stdout
+    assert acc >= 30.0, p.stdout
