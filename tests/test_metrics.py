@@ -19,13 +19,7 @@ ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}  # nothing h
 WORDS = 'a red circle blue square green triangle'.split()
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # tiny tensors: one thread is as fast, and spinning threads fight other jobs on a shared 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.one_thread
 
 
 def random_cov(rng, d):

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import prepare  # noqa: E402
 import shapes  # noqa: E402
+from conftest import one_error_line  # noqa: E402
 
 
 ENV = dict(os.environ, TQDM_DISABLE='1')  # keep progress bars out of the stderr we check
@@ -35,14 +36,6 @@ def meta_of(out):
     with open(os.path.join(out, 'meta.json')) as f:
         return json.load(f)
 
-
-def assert_one_line_error(p, *words):
-    assert p.returncode != 0
-    assert 'Traceback' not in p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error:'), p.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 # ---------------------------------------------------------------- shapes
 
@@ -346,12 +339,12 @@ def test_bad_input_corpus(tmp_path):
     for f in [f for f in bad if f != 'bomb.png'] + ['badcap.txt']:
         (only / f).write_bytes((src / f).read_bytes())
     p = run(f'--dataset={only}', f'--out_dir={out}')
-    assert_one_line_error(p, 'no usable images', '5 files skipped',
+    one_error_line(p, 'no usable images', '5 files skipped',
                           *(f'{f}: {r}' for f, r in bad.items() if f != 'bomb.png'))
     assert meta_of(out)['splits']['train'] == len(good)  # the previous dataset is untouched
     (tmp_path / 'empty').mkdir()
     p = run(f'--dataset={tmp_path / "empty"}', f'--out_dir={tmp_path / "o"}')
-    assert_one_line_error(p, 'no usable images', 'no .png/.jpg', 'files found')
+    one_error_line(p, 'no usable images', 'no .png/.jpg', 'files found')
     assert sorted(os.listdir(tmp_path)) == ['corpus', 'empty', 'only_bad', 'out']
 
 
@@ -360,21 +353,21 @@ def test_bad_input_corpus(tmp_path):
 
 def test_errors(tmp_path):
     (tmp_path / 'empty').mkdir()
-    assert_one_line_error(run(f'--dataset={tmp_path / "empty"}', f'--out_dir={tmp_path / "o"}'),
+    one_error_line(run(f'--dataset={tmp_path / "empty"}', f'--out_dir={tmp_path / "o"}'),
                           'no usable images', 'empty')
-    assert_one_line_error(run(f'--dataset={tmp_path / "missing"}'), 'does not exist', 'missing')
+    one_error_line(run(f'--dataset={tmp_path / "missing"}'), 'does not exist', 'missing')
     (tmp_path / 'bad').mkdir()
     (tmp_path / 'bad' / 'x.png').write_bytes(b'not an image')
-    assert_one_line_error(run(f'--dataset={tmp_path / "bad"}', f'--out_dir={tmp_path / "o"}'),
+    one_error_line(run(f'--dataset={tmp_path / "bad"}', f'--out_dir={tmp_path / "o"}'),
                           'no usable images', '1 files skipped', 'x.png')
     assert not os.path.exists(tmp_path / 'o')  # a failed run leaves no dataset behind
-    assert_one_line_error(run('--bogus=1'), 'bogus')
-    assert_one_line_error(run('--resolution=big'), 'resolution')
+    one_error_line(run('--bogus=1'), 'bogus')
+    one_error_line(run('--resolution=big'), 'resolution')
     solid(tmp_path / 'imgs' / 'a.png', (8, 8), (0, 0, 0))
-    assert_one_line_error(run(f'--dataset={tmp_path / "imgs"}', f'--out_dir={tmp_path / "imgs"}'), 'overlaps')
+    one_error_line(run(f'--dataset={tmp_path / "imgs"}', f'--out_dir={tmp_path / "imgs"}'), 'overlaps')
     (tmp_path / 'notdata').mkdir()
     (tmp_path / 'notdata' / 'precious.txt').write_text('keep me')
-    assert_one_line_error(run('--num_train=12', '--num_val=0', f'--out_dir={tmp_path / "notdata"}'), 'meta.json')
+    one_error_line(run('--num_train=12', '--num_val=0', f'--out_dir={tmp_path / "notdata"}'), 'meta.json')
     assert (tmp_path / 'notdata' / 'precious.txt').exists()
 
 # ---------------------------------------------------------------- atomic output

@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 import sample  # noqa: E402
 import shapes  # noqa: E402
 import train  # noqa: E402
+from conftest import one_error_line  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', TQDM_DISABLE='1')
 TINY = ['--patch_size=4', '--n_layer=2', '--n_head=2', '--n_embd=32', '--batch_size=8', '--lr=1e-3',
@@ -29,12 +30,6 @@ def run(args, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed:\n{p.stdout}\n{p.stderr}")
     return p
-
-
-def one_error_line(p, *words):
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith('error:'), p.stderr
-    assert all(w in lines[0] for w in words), lines[0]
 
 
 def images_of(n, seed, res=32):

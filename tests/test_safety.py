@@ -21,6 +21,7 @@ import checkpoint  # noqa: E402
 import prepare  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
+from conftest import one_error_line, one_line_exit  # noqa: E402
 from data import Data  # noqa: E402
 from model import setup_device  # noqa: E402
 
@@ -32,26 +33,6 @@ TINY = ['--patch_size=4', '--n_layer=2', '--n_head=2', '--n_embd=32', '--batch_s
 
 def run(args, **kw):
     return subprocess.run([sys.executable] + args, cwd=ROOT, env=ENV, capture_output=True, text=True, **kw)
-
-
-def one_error_line(p, *words):
-    """Exit status != 0, exactly one line on stderr, starting 'error:', no traceback."""
-    assert p.returncode != 0, p.stdout
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error:') and 'Traceback' not in p.stderr, p.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
-def one_line_exit(fn, *words):
-    """The same, in-process: fn() raises SystemExit whose message is one 'error:' line."""
-    with pytest.raises(SystemExit) as e:
-        fn()
-    msg = str(e.value.code)
-    assert msg.startswith('error:') and '\n' not in msg, msg
-    for w in words:
-        assert w in msg, msg
-    return msg
 
 
 def snapshot(folder):

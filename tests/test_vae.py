@@ -20,14 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # tensors here are tiny: one thread is about as fast, and OpenMP threads spinning against another job on
-    # the same 2 cores made this file ~5x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.one_thread
 
 
 def config(ch=(32, 64), layers=1, groups=8, latent=4, sample_size=32, **kw):
