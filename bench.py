@@ -15,8 +15,8 @@ import time
 import numpy as np
 import torch
 
-from model import DIT_SIZES, Diffusion, build_model, input_shape, model_args_from, setup_device
-from sample import guided, sample_loop
+from diffusion import Diffusion, guided, sample_loop
+from model import DIT_SIZES, build_model, input_shape, model_args_from, setup_device
 from configurator import check
 from data import Data, read_meta
 from train import flops_per_image, guess_peak_flops

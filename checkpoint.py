@@ -20,7 +20,8 @@ import warnings
 
 import torch
 
-from model import Diffusion, build_model
+from diffusion import Diffusion
+from model import build_model
 
 # what train.py stores; sampling needs only the last four (and the weights)
 TRAIN_KEYS = ('model', 'ema', 'optimizer', 'scaler', 'step', 'best_val', 'bad_steps', 'stale', 'history')

@@ -1,17 +1,15 @@
 """
-The denoiser (a DiT) and all of the diffusion math, in one place: train.py and sample.py import both.
+The denoisers (a DiT, and a small UNet), built from the dict a checkpoint stores, and the device/precision
+choice. The diffusion math and the samplers are in diffusion.py.
 
 References:
 - DiT: Peebles & Xie, "Scalable Diffusion Models with Transformers" (2023), facebookresearch/DiT.
-- DDPM: Ho et al. (2020); cosine schedule: Nichol & Dhariwal, "Improved DDPM" (2021).
-- v-prediction: Salimans & Ho, "Progressive Distillation" (2022).
-- Rectified flow / flow matching: Liu et al. (2022), Lipman et al. (2022); logit-normal t: SD3, Esser et al. (2024).
+- UNet: Ronneberger et al. (2015), in the ADM form of Dhariwal & Nichol (2021).
 """
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -342,138 +340,6 @@ def build_model(model_args):
         return DiT(DiTConfig(**args)) if arch == 'dit' else UNet(UNetConfig(**args))
     except AssertionError as e:  # a shape that does not fit together: one line naming the keys
         raise SystemExit(f"error: {e}") from None
-
-
-# -----------------------------------------------------------------------------
-# Diffusion math: how x_t is made from data, what the network is trained to predict, how x0 is read
-# back from its output. Every objective is written as x_t = alpha_t * x0 + sigma_t * noise, which is
-# all a sampler needs (DPM-Solver++ works in log-SNR lambda = log(alpha / sigma)).
-
-class Diffusion:
-    def __init__(self, objective='flow', schedule='cosine', prediction='v', num_timesteps=1000):
-        assert objective in ('flow', 'vp'), f"objective must be 'flow' or 'vp', got {objective!r}"
-        assert prediction in ('eps', 'v', 'x0'), f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}"
-        self.objective, self.schedule, self.prediction, self.T = objective, schedule, prediction, num_timesteps
-        if objective == 'vp':
-            self.alphas_cumprod = vp_alphas_cumprod(schedule, num_timesteps)
-
-    def alpha_sigma(self, t):
-        """Signal and noise scales at time t (a float64 tensor): flow t in [0, 1]; vp t in [0, T-1]."""
-        if self.objective == 'flow':  # straight line from data (t=0) to noise (t=1)
-            return 1 - t, t
-        ac = self.alphas_cumprod.to(t.device)
-        lo = t.floor().long().clamp(0, self.T - 1)  # linear interpolation between discrete steps
-        a = ac[lo] + (t - lo) * (ac[(lo + 1).clamp(max=self.T - 1)] - ac[lo])
-        return a.sqrt(), (1 - a).sqrt()
-
-    def model_time(self, t):
-        """The timestep value the network sees, on a 0..1000 scale for both objectives."""
-        return t * 1000 if self.objective == 'flow' else t
-
-    def sample_t(self, n, generator=None, device='cpu'):
-        if self.objective == 'flow':  # logit-normal(0, 1): more weight on the middle times (SD3 sec. 3.1)
-            return torch.sigmoid(torch.randn(n, generator=generator, device=device, dtype=torch.float64))
-        return torch.randint(0, self.T, (n,), generator=generator, device=device).double()
-
-    def loss(self, model, x0, y, t, noise, min_snr_gamma=0.0, text=None):
-        """Mean squared error of the network's prediction; t and noise are drawn by the caller.
-        min_snr_gamma > 0: Min-SNR-gamma weighting (Hang et al. 2023), see min_snr_weight.
-        text: the captions' (states, mask, pooled) for a text-conditional model, else None."""
-        alpha, sigma = (s.float().view(-1, 1, 1, 1) for s in self.alpha_sigma(t))
-        x_t = alpha * x0 + sigma * noise
-        out = model(x_t, self.model_time(t).float(), y, text)
-        if self.objective == 'flow':
-            target = noise - x0  # velocity dx_t/dt
-        else:
-            target = {'eps': noise, 'v': alpha * noise - sigma * x0, 'x0': x0}[self.prediction]
-        if not min_snr_gamma:
-            return F.mse_loss(out.float(), target)
-        per_example = (out.float() - target).pow(2).mean(dim=(1, 2, 3))
-        return (per_example * self.min_snr_weight(t, min_snr_gamma)).mean()
-
-    def min_snr_weight(self, t, gamma):
-        """Per-example weight so that the loss is min(SNR, gamma) * |x0 error|^2 whatever the network predicts:
-        the error of each output type is k * (x0 error) with k^2 = SNR (eps), 1/sigma^2 (v, and flow's
-        velocity: x0 = x_t - t v), 1 (x0); the weight is min(SNR, gamma) / k^2. High-SNR (nearly clean) steps
-        stop dominating, which the paper shows speeds up convergence ~3x."""
-        alpha, sigma = self.alpha_sigma(t)
-        snr = (alpha / sigma) ** 2
-        k2 = {'eps': snr, 'v': 1 / sigma ** 2, 'x0': torch.ones_like(snr)}['v' if self.objective == 'flow' else self.prediction]
-        return (snr.clamp(max=gamma) / k2).float()
-
-    def to_x0(self, out, x_t, alpha, sigma):
-        """The data prediction implied by the network output (what DPM-Solver++ integrates)."""
-        if self.objective == 'flow':
-            return x_t - sigma * out  # x0 = x_t - t * v
-        if self.prediction == 'eps':
-            return (x_t - sigma * out) / alpha
-        if self.prediction == 'v':
-            return alpha * x_t - sigma * out
-        return out
-
-    def edm_sigma(self, t):
-        """sigma/alpha, the noise level of x/alpha (EDM's sigma); +inf at pure noise."""
-        alpha, sigma = self.alpha_sigma(t)
-        return sigma / alpha
-
-    def t_from_edm_sigma(self, s):
-        """Inverse of edm_sigma. vp: alpha_bar = 1 / (1 + s^2), found on the same piecewise-linear alpha_bar(t)
-        that alpha_sigma uses, so the round trip is exact."""
-        if self.objective == 'flow':
-            return s / (1 + s)
-        ac = self.alphas_cumprod.flip(0).numpy()  # increasing, for np.interp
-        t = np.interp((1 / (1 + s ** 2)).numpy(), ac, np.arange(self.T - 1, -1, -1, dtype=np.float64))
-        return torch.from_numpy(t)
-
-    def sampling_schedule(self, steps, spacing='linspace'):
-        """Times for a `steps`-step sampler, from pure noise to clean data: the model is evaluated at
-        t[0..steps-1]; alpha/sigma have steps+1 entries, the last one clean (alpha=1, sigma=0).
-        spacing: 'linspace', 'leading', 'trailing': uniform in time, exactly as diffusers spaces them;
-        'logsnr': uniform in log-SNR (DPM-Solver's choice); 'karras': EDM's rho=7 spacing of sigma/alpha.
-        The last two span sigma/alpha from min(start, 80) to s_min (0.002, or the first training step), so the final step to
-        clean data starts almost clean: a time-uniform grid's last step returns the posterior mean at a
-        large noise level, which over-shrinks samples (towards the mean)."""
-        T = self.T
-        if spacing not in ('logsnr', 'karras', 'linspace', 'leading', 'trailing'):
-            raise SystemExit(f"error: unknown spacing {spacing!r}: use linspace, leading, trailing, logsnr or karras")
-        if spacing in ('logsnr', 'karras'):
-            t_max = 1 - 1e-4 if self.objective == 'flow' else T - 1.0  # flow: t=1 has infinite sigma/alpha
-            t_min = 0.002 / 1.002 if self.objective == 'flow' else 0.0
-            s_max, s_min = self.edm_sigma(torch.tensor([t_max, t_min], dtype=torch.float64))
-            s_max = s_max.clamp(max=80.0)  # EDM's sigma_max: above it no signal of [-1, 1] data is visible,
-            # so grid points there are wasted; the first call stays at the true start, pure noise
-            i = torch.linspace(0, 1, steps, dtype=torch.float64)
-            if spacing == 'logsnr':
-                s = (s_max.log() + i * (s_min.log() - s_max.log())).exp()
-            else:
-                rho = 7.0
-                s = (s_max ** (1 / rho) + i * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-            t = self.t_from_edm_sigma(s)
-            t[0] = 1.0 if self.objective == 'flow' else t_max  # start from pure noise
-        elif self.objective == 'flow':
-            t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
-        elif spacing == 'linspace':  # diffusers' DPMSolverMultistepScheduler default
-            t = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
-        elif spacing == 'leading':  # diffusers' DDIM/DDPM default
-            t = (torch.arange(steps, dtype=torch.float64) * (T // steps)).flip(0)
-        else:  # 'trailing': "Common Diffusion Noise Schedules and Sample Steps Are Flawed", table 2
-            t = torch.from_numpy(np.round(np.arange(T, 0, -T / steps)) - 1).double()
-        alpha, sigma = self.alpha_sigma(t)
-        alpha = torch.cat([alpha, torch.ones(1, dtype=torch.float64)])
-        sigma = torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])
-        return t, alpha, sigma
-
-
-def vp_alphas_cumprod(schedule, T):
-    """Cumulative signal fraction alpha_bar_t for discrete steps 0..T-1 (float64)."""
-    if schedule == 'linear':  # DDPM: betas from 1e-4 to 0.02
-        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-    elif schedule == 'cosine':  # iDDPM: alpha_bar(s) = cos^2((s + 0.008) / 1.008 * pi/2), betas capped at 0.999
-        f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-        betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
-    else:
-        raise ValueError(f"unknown noise schedule {schedule!r}: use 'linear' or 'cosine'")
-    return torch.cumprod(1 - betas, dim=0)
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Sample from a trained checkpoint with classifier-free guidance, write a PNG grid
     python sample.py --out_dir=out-emoji --prompt="red heart" --prompt="grinning face"   # text models
     python sample.py --out_dir=out-emoji --prompts=prompts.txt                          # one prompt per line
 
-Samplers (all in sample_loop, on the alpha/sigma of model.Diffusion): DPM-Solver++ 1/2/3 (Lu et al. 2022,
+Samplers (in diffusion.py: sample_loop, on the alpha/sigma of diffusion.Diffusion): DPM-Solver++ 1/2/3 (Lu et al. 2022,
 the default: 2M), DDIM (Song et al. 2021, eta >= 0), DDPM ancestral (Ho et al. 2020), Euler/Heun for
 flow models. CFG: Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022). Each is checked against
 diffusers' scheduler of the same name in tests/test_sampler.py.
@@ -21,13 +21,13 @@ import sys
 import textwrap
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from checkpoint import atomic_write, load_model
 from configurator import check
+from diffusion import SAMPLERS, SPACINGS, guided, sample_loop
 from model import input_shape, setup_device
 
 # -----------------------------------------------------------------------------
@@ -56,8 +56,6 @@ seed = 0
 device = 'auto'
 dtype = 'auto'
 # -----------------------------------------------------------------------------
-SAMPLERS = ('dpm++', 'ddim', 'ddpm', 'euler', 'heun')
-SPACINGS = ('logsnr', 'karras', 'linspace', 'leading', 'trailing')
 
 
 def check_config():
@@ -69,105 +67,6 @@ def check_config():
         sys.exit(f"error: --threshold_max={threshold_max} must be >= 1")
     if num_samples < 0 or bool(save_dir) != (num_samples > 0):
         sys.exit(f"error: --save_dir={save_dir!r} and --num_samples={num_samples} go together: a folder, a count > 0")
-
-
-def threshold_x0(x0, ratio, max_value=1.0):
-    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): per sample, s = the `ratio` quantile
-    of |x0| (at least 1, at most max_value); clip x0 to [-s, s] and divide by s. For pixel-space models
-    with strong guidance; off (ratio 0) by default."""
-    s = x0.flatten(1).abs().float().quantile(ratio, dim=1).clamp(1, max_value).to(x0.dtype)
-    s = s.view(-1, *[1] * (x0.dim() - 1))
-    return x0.clamp(-s, s) / s
-
-
-def sample_loop(model_fn, x, diffusion, steps, sampler='dpm++', order=2, spacing='logsnr', eta=0.0,
-                threshold=0.0, threshold_max=1.0, generator=None):
-    """Integrate from noise x to data in `steps` steps. model_fn(x, t) returns the network output at
-    objective time t (CFG already applied: one batched call). Returns (x, nfe).
-      dpm++: DPM-Solver++ multistep, order 1-3 (Lu et al. 2022), data-prediction form
-      ddim:  DDIM (Song et al. 2021); eta=0 deterministic, eta=1 is DDPM's ancestral sampler
-      ddpm:  = ddim with eta=1
-      euler, heun: the flow ODE dx/dt = v in t (flow objective only; heun uses 2 NFE per step but the last)"""
-    ts, alphas, sigmas = diffusion.sampling_schedule(steps, spacing)
-    A, S = alphas.tolist(), sigmas.tolist()
-    nfe = 0
-
-    def x0_at(x, i):
-        nonlocal nfe
-        nfe += 1
-        x0 = diffusion.to_x0(model_fn(x, ts[i].item()), x, A[i], S[i])
-        return threshold_x0(x0, threshold, threshold_max) if threshold else x0
-
-    if sampler == 'dpm++':
-        lam = (alphas.log() - sigmas.log()).tolist()  # log-SNR/2: -inf at pure noise, +inf when clean
-        hist = []  # data predictions of the last steps, newest last
-        for i in range(steps):
-            hist = (hist + [x0_at(x, i)])[-3:]
-            # warm up from first order; the step to sigma=0 is first order and, in short runs, the one
-            # before it at most second (as in diffusers: fewer, larger steps make extrapolation unstable)
-            k = min(order, len(hist), 1 if i == steps - 1 else 2 if i == steps - 2 and steps < 15 else 3)
-            h = lam[i + 1] - lam[i]
-            phi = np.expm1(-h)  # exp(-h) - 1
-            D0 = hist[-1]
-            x = (S[i + 1] / S[i]) * x - A[i + 1] * phi * D0  # exact for a constant D: DDIM
-            if k >= 2:  # + the linear term of D in lambda (2M: eq. 9 of DPM-Solver++)
-                r0 = (lam[i] - lam[i - 1]) / h
-                D1 = (D0 - hist[-2]) / r0
-                if k == 2:
-                    x = x - 0.5 * A[i + 1] * phi * D1
-                else:  # 3M: a quadratic in lambda through the last three predictions
-                    r1 = (lam[i - 1] - lam[i - 2]) / h
-                    D1_1 = (hist[-2] - hist[-3]) / r1
-                    D2 = (D1 - D1_1) / (r0 + r1)
-                    D1 = D1 + r0 / (r0 + r1) * (D1 - D1_1)
-                    x = x + A[i + 1] * (phi / h + 1) * D1 - A[i + 1] * ((phi + h) / h ** 2 - 0.5) * D2
-    elif sampler in ('ddim', 'ddpm'):
-        eta = 1.0 if sampler == 'ddpm' else eta
-        for i in range(steps):
-            a, s, a_n, s_n = A[i], S[i], A[i + 1], S[i + 1]
-            x0 = x0_at(x, i)
-            eps = (x - a * x0) / s
-            # variance of the posterior q(x_next | x, x0), scaled by eta^2 (DDIM eq. 16 in alpha/sigma form)
-            var = eta ** 2 * (s_n / s) ** 2 * (s ** 2 - (a / a_n) ** 2 * s_n ** 2) if s_n > 0 else 0.0
-            x = a_n * x0 + max(s_n ** 2 - var, 0.0) ** 0.5 * eps
-            if var > 0:
-                x = x + var ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    elif sampler in ('euler', 'heun'):
-        if diffusion.objective != 'flow':
-            raise SystemExit(f"error: sampler {sampler!r} integrates the flow ODE in t: use it with objective='flow'")
-        for i in range(steps):
-            t, t_n = S[i], S[i + 1]  # flow: sigma = t
-            v = (x - x0_at(x, i)) / t
-            x_next = x + (t_n - t) * v
-            if sampler == 'heun' and t_n > 0:  # trapezoid: average with the slope at the Euler end point
-                v_n = (x_next - x0_at(x_next, i + 1)) / t_n
-                x_next = x + (t_n - t) * 0.5 * (v + v_n)
-            x = x_next
-    else:
-        raise SystemExit(f"error: unknown sampler {sampler!r}: use dpm++, ddim, ddpm, euler or heun")
-    return x, nfe
-
-
-def guided(model, diffusion, y, null_class, cfg_scale, text=None, null_text=None):
-    """The network with classifier-free guidance: out = uncond + s * (cond - uncond), with the conditional and
-    unconditional halves in one batched forward (one network evaluation per step). A text model: text =
-    the prompts' (states, mask, pooled), one per image; null_text = the empty caption's, which is the
-    unconditional half (y is then the null class throughout)."""
-    use_cfg = cfg_scale != 1 and (null_class > 0 or text is not None)  # unconditional: nothing to guide with
-    if use_cfg:
-        y = torch.cat([y, torch.full_like(y, null_class)])
-        if text is not None:
-            text = tuple(torch.cat([a, e.expand_as(a)]) for a, e in zip(text, null_text))
-
-    def model_fn(x, t):
-        xx = torch.cat([x, x]) if use_cfg else x
-        tt = torch.full((len(xx),), diffusion.model_time(t), device=x.device)
-        out = model(xx, tt, y, text).float()
-        if not use_cfg:
-            return out
-        cond, uncond = out.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
-    return model_fn
 
 
 @torch.inference_mode()

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 from configurator import check, configure
 from data import Data, batch_indices, read_meta
-from model import Diffusion, build_model, input_shape, model_args_from, setup_device
+from diffusion import Diffusion
+from model import build_model, input_shape, model_args_from, setup_device
 
 # -----------------------------------------------------------------------------
 # config: defaults here, overridden by config/*.py files and --key=value (see configurator.py)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import train
-from model import DiT, DiTConfig, Diffusion, UNet, UNetConfig
+from diffusion import Diffusion
+from model import DiT, DiTConfig, UNet, UNetConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

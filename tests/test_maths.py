@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import Diffusion
-from sample import guided, sample_loop
+from diffusion import Diffusion, guided, sample_loop
 from conftest import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

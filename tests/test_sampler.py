@@ -1,13 +1,11 @@
 """Samplers against diffusers' reference schedulers, on a model whose answer is known in closed form:
 for data x0 ~ N(MU, S^2 I) the optimal denoiser E[x0 | x_t] is linear, so the 'network' below is exact and
 any difference between two samplers is a difference in the samplers."""
-import numpy as np
 import pytest
 import torch
 
-from model import Diffusion
+from diffusion import Diffusion, sample_loop, threshold_x0
 from bench import gaussian_x0
-from sample import sample_loop, threshold_x0
 from conftest import require
 
 diffusers = require('diffusers')  # skips without diffusers; fails instead in CI (conftest.py)

@@ -13,8 +13,8 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model import Diffusion  # noqa: E402
-from sample import guided, read_prompts  # noqa: E402
+from diffusion import Diffusion, guided  # noqa: E402
+from sample import read_prompts  # noqa: E402
 from test_text import make_bert  # noqa: E402
 from data import Data  # noqa: E402
 

@@ -253,7 +253,7 @@ def test_label_dropout_rate_and_use(data, tmp_path, monkeypatch):
     class_dropout=1 the real classes' embeddings never get a gradient (Adam leaves them bit-identical, no weight
     decay on embeddings); with class_dropout=0 the null class's embedding never does."""
     import train as train_mod
-    from model import Diffusion
+    from diffusion import Diffusion
     monkeypatch.setattr(train_mod, 'class_dropout', 0.1)
     drops = torch.cat([train_mod.batch_noise(Diffusion(), s, 64, (3, 8, 8), torch.device('cpu'), 1)[2] for s in range(200)])
     assert abs(drops.float().mean().item() - 0.1) < 0.01  # 12,800 draws: 0.1 +- 3 standard errors
