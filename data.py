@@ -41,7 +41,7 @@ class Data:
     mean, std) from the VAE, so every step can draw a fresh latent mean + std * eps of either orientation.
     Captions (text=True): the pre-encoded (states, mask, pooled) arrays, and those of the empty caption."""
 
-    def __init__(self, data_dir, split, device, text=False):
+    def __init__(self, data_dir, split, device, text=False, resident=None):
         meta = read_meta(data_dir)
         self.latent = meta['kind'] == 'latents'
         n, L, D = meta['splits'].get(split), meta.get('text_max_len'), meta.get('text_dim')
@@ -63,17 +63,34 @@ class Data:
             bad_data(os.path.join(data_dir, f'{split}_y.npy'), f"has labels outside 0..{hi - 1}")
         self.scale, self.shift = meta.get('scaling_factor', 1.0), meta.get('shift_factor', 0.0)
         self.device = device
+        self.text = []
         if text:
             self.text = [load(f'{split}_text', (n, L, D)), load(f'{split}_text_mask', (n, L)), load(f'{split}_text_pooled', (n, D))]
             empty = (load('empty_text', (L, D), None), load('empty_text_mask', (L,), None), load('empty_text_pooled', (D,), None))
             self.empty = [torch.from_numpy(a).to(device) for a in empty]
+        # resident (None = auto: on a GPU, if the split fits in a quarter of its free memory): the split is copied to
+        # the device once, and a batch is a gather there: no host work, no host->device copy in the step
+        arrays = [self.x, self.y] + self.text
+        if resident is None:
+            resident = device.type == 'cuda' and sum(a.nbytes for a in arrays) < torch.cuda.mem_get_info(device)[0] / 4
+        self.resident = resident
+        if self.resident:
+            self.x_dev, self.y_dev, *self.text_dev = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
+
+    def fetch(self, a, idx, resident=None):
+        """a[idx] on the device: a device-side gather when the split is resident, else a gather from the memmap into
+        pinned memory and an asynchronous copy, so the host can gather the next batch while the GPU computes."""
+        if resident is not None:
+            return resident[torch.from_numpy(np.asarray(idx)).to(self.device)]
+        a = torch.from_numpy(a[idx])
+        return a.pin_memory().to(self.device, non_blocking=True) if self.device.type == 'cuda' else a
 
     def get_text(self, idx, drop=None):
         """Captions of idx as (states fp32 [B,L,D], mask bool [B,L], pooled fp32 [B,D]) on the device;
         where drop [B] is True, the empty caption's (classifier-free guidance dropout)."""
         out = []
-        for a, e in zip(self.text, self.empty):
-            a = torch.from_numpy(a[idx]).to(self.device, non_blocking=True)
+        for i, (a, e) in enumerate(zip(self.text, self.empty)):
+            a = self.fetch(a, idx, self.text_dev[i] if self.resident else None)
             a = a if drop is None else torch.where(drop.view(-1, *[1] * (a.dim() - 1)), e, a)
             out.append(a if a.dtype == torch.bool else a.float())
         return tuple(out)
@@ -83,10 +100,8 @@ class Data:
 
     def get(self, idx, eps=None, flip=None):
         """(x0, y) on the device. Latents: eps [B, C, h, w] and flip [B] bool pick the sample; None = mean, unflipped."""
-        x, y = torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
-        if self.device.type == 'cuda':
-            x, y = x.pin_memory(), y.pin_memory()
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x = self.fetch(self.x, idx, self.x_dev if self.resident else None)
+        y = self.fetch(self.y, idx, self.y_dev if self.resident else None)
         if not self.latent:
             return x.float() / 127.5 - 1, y  # uint8 pixels -> [-1, 1], on the device
         x = x.float()

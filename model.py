@@ -177,7 +177,8 @@ class DiT(nn.Module):
         """x: [B, C, H, W] noisy input; t: [B] timestep on a 0..1000 scale; y: [B] class (num_classes = null);
         text: None, or pre-encoded captions (states [B, L, text_dim], mask [B, L] bool, pooled [B, text_dim])."""
         c, p, g = self.config, self.config.patch_size, self.grid
-        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, n_embd]
+        h = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, T, n_embd]
+        h = h + self.pos_embed.to(h.dtype)  # fp32 here would make the whole residual stream fp32 under bf16 autocast
         cond = self.t_embed(timestep_embedding(t, 256).to(h.dtype)) + self.y_embed(y)
         ctx = mask = None
         if text is not None:
@@ -240,9 +241,12 @@ class SelfAttention2d(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, 3, self.n_head, C // self.n_head, H * W).transpose(-1, -2).unbind(1)
+        # tokens [B, HW, 3C] with channels last in memory (free for a channels_last input), so q, k, v have a unit
+        # last stride: SDPA's fused kernels need it (else it falls back to the math kernel and its HW x HW matrix)
+        qkv = self.qkv(self.norm(x)).flatten(2).mT.contiguous()
+        q, k, v = qkv.view(B, H * W, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
-        return x + self.proj(y.transpose(-1, -2).reshape(B, C, H, W))
+        return x + self.proj(y.transpose(1, 2).reshape(B, H * W, C).mT.reshape(B, C, H, W))
 
 
 class UNet(nn.Module):

@@ -9,9 +9,10 @@ Sample from a trained checkpoint with classifier-free guidance, write a PNG grid
     python sample.py --out_dir=out-emoji --prompts=prompts.txt                          # one prompt per line
 
 Samplers (in diffusion.py: sample_loop, on the alpha/sigma of diffusion.Diffusion): DPM-Solver++ 1/2/3 (Lu et al. 2022,
-the default: 2M), DDIM (Song et al. 2021, eta >= 0), DDPM ancestral (Ho et al. 2020), Euler/Heun for
-flow models. CFG: Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022). Each is checked against
-diffusers' scheduler of the same name in tests/test_sampler.py.
+the default: 2M), UniPC 1/2/3 (Zhao et al. 2023, its B(h) = e^h - 1 variant), DDIM (Song et al. 2021, eta >= 0),
+DDPM ancestral (Ho et al. 2020), Euler/Heun for flow models. CFG: Ho & Salimans, "Classifier-Free Diffusion
+Guidance" (2022). Each is checked against diffusers' scheduler of the same name in tests/test_sampler.py.
+diffusion.tune_grid fits the step times to a checkpoint; sample_loop takes them as its spacing.
 """
 import functools
 import json
@@ -21,6 +22,7 @@ import sys
 import textwrap
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
@@ -34,8 +36,8 @@ from model import input_shape, setup_device
 out_dir = 'out'              # where the checkpoint is, and where the grid goes
 ckpt_name = 'ckpt.pt'        # or 'best.pt', or 'model.safetensors' (the shareable export: EMA weights)
 steps = 20                   # solver steps; NFE = steps (heun: 2*steps-1); CFG's cond+uncond is one batched call
-sampler = 'dpm++'            # 'dpm++', 'ddim', 'ddpm', 'euler', 'heun' (the last two: flow models)
-order = 2                    # dpm++ order: 1, 2 or 3
+sampler = 'dpm++'            # 'dpm++', 'unipc', 'ddim', 'ddpm', 'euler', 'heun' (the last two: flow models)
+order = 2                    # dpm++ and unipc order: 1, 2 or 3
 spacing = 'logsnr'           # step times: 'logsnr', 'karras', or time-uniform 'linspace', 'leading', 'trailing'
 eta = 0.0                    # ddim: 0 = deterministic, 1 = DDPM
 threshold = 0.0              # Imagen dynamic thresholding quantile of |x0| (e.g. 0.995); 0 = off
@@ -162,6 +164,39 @@ def save_samples(generate, asked, labels, meta, folder, info):
     text = '{\n' + ',\n'.join(f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in doc.items()) + '\n}\n'
     atomic_write(manifest, lambda f: f.write(text.encode('utf-8')))  # one key a line: readable at any N
     return manifest
+
+
+def eval_samples(model, diffusion, meta, data_dir, val_data, k, reference, **kw):
+    """train.py's evaluation samples -> (images, captions, graded) for the eval grid. graded: with k > 0 (shapes
+    data) k samples per class read back -> (accuracy, factor FD dict, number graded) against reference (see
+    shapes_reference); else None. Class labels: max(8, k) samples per class and the grid shows the first 8, so
+    k <= 8 costs no sampling beyond the grid's. kw: cfg_scale, seed, autocast, and the solver's (sample_images)."""
+    dev, text = val_data.device, bool(model.config.text_dim)
+
+    def sample(labels, cond):
+        return sample_images(model, diffusion, labels, meta, text=cond, null_text=val_data.empty if text else None, **kw)
+    if text:  # the first 8 distinct val captions, 8 samples each (already encoded: no text encoder here)
+        caps = val_captions(data_dir)
+        idx, names = np.repeat(list(caps.values()), 8), [c for c in caps for _ in range(8)]
+        grid = sample(torch.zeros(len(idx), dtype=torch.long, device=dev), val_data.get_text(idx))
+        if not k:
+            return grid, names, None
+        # graded on each class's caption ("a red circle"), taken from a val image of that class
+        first = [np.flatnonzero(val_data.y == c)[:1] for c in range(meta['num_classes'])]
+        idx = np.repeat(np.concatenate(first), k)
+        x, y = sample(torch.zeros(len(idx), dtype=torch.long, device=dev), val_data.get_text(idx)), val_data.y[idx]
+    else:
+        n = max(8, k)
+        labels = class_labels(meta, n)
+        x, y = sample(labels.to(dev), None), labels.numpy()
+        nth = torch.arange(len(labels)) % n  # which sample of its class each one is
+        grid = x[nth < 8]
+        names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels[nth < 8].tolist()]
+        if not k:
+            return grid, names, None
+        x, y = x[nth < k], y[(nth < k).numpy()]
+    from shapes import factor_fd, grade
+    return grid, names, (grade(x.numpy(), y)[0], factor_fd(x.numpy(), y, *reference), len(y))
 
 
 def shapes_reference(folder):

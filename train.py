@@ -86,6 +86,7 @@ keep_best = 'val_loss'       # best.pt and patience go by 'val_loss', or by grad
 device = 'auto'              # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'               # 'auto' (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), or explicit
 compile = True               # torch.compile; used on CUDA only (on CPU it costs more than it saves here)
+compile_mode = 'default'     # or 'max-autotune' (slower compile, tuned kernels), 'reduce-overhead' (CUDA graphs)
 profile = False              # write a torch.profiler trace of steps 2-4 to out_dir/trace.json (chrome://tracing)
 peak_flops = 0.0             # for MFU; 0 = guess from the GPU name (no MFU on CPU)
 seed = 1337
@@ -105,7 +106,8 @@ def check_config():
           choices=dict(init_from=('scratch', 'resume'), arch=('dit', 'unet'), objective=('flow', 'vp'),
                        schedule=('linear', 'cosine'), prediction=('eps', 'v', 'x0'), optim=('adamw', 'adafactor'),
                        lr_schedule=('cosine', 'restarts'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
-                       keep_best=('val_loss', 'shapes_fd', 'shapes_accuracy')))
+                       keep_best=('val_loss', 'shapes_fd', 'shapes_accuracy'),
+                       compile_mode=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')))
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
         sys.exit(f"error: --beta1={beta1} and --beta2={beta2} must be in [0, 1)")
     if min_lr > lr:
@@ -139,7 +141,8 @@ def make_optimizer(model, device_type):
         (decay if p.dim() >= 2 and 'embed' not in name else no_decay).append(p)
     groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
     if optim == 'adamw':
-        return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
+        # fused: one kernel for all parameters, and it can skip a step on the device (found_inf, see the loop)
+        return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=True)
     if optim == 'adafactor':  # our LR schedule drives it, so its own relative-step schedule is off
         from transformers.optimization import Adafactor
         return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
@@ -174,25 +177,33 @@ def update_ema(ema, model, step):
 
 def flops_per_image(model, shape, text_len=77):
     """Forward FLOPs for one image, counted from the shapes of every matmul/conv/attention call
-    (torch.utils.flop_counter): analytic, not measured, and the same count for any device.
-    A text model is counted with text_len caption tokens."""
+    (torch.utils.flop_counter): analytic, not measured. The forward runs on meta tensors standing in for the
+    weights and inputs, so the count is the same on any device (on a CPU, SDPA's kernel is invisible to the
+    counter) and nothing is computed. A text model is counted with text_len caption tokens."""
+    from torch.func import functional_call
     from torch.utils.flop_counter import FlopCounterMode
-    p, D = next(model.parameters()), model.config.text_dim
-    x = torch.zeros((1,) + tuple(shape), device=p.device)
-    text = (torch.zeros(1, text_len, D, device=p.device), torch.ones(1, text_len, dtype=torch.bool, device=p.device),
-            torch.zeros(1, D, device=p.device)) if D else None
+    config = getattr(model, 'config', None)  # any model with our forward(x, t, y, text), e.g. bench.py's peer
+    D = getattr(config, 'text_dim', 0) or 0
+    meta = lambda *s, dtype=torch.float32: torch.zeros(s, dtype=dtype, device='meta')
+    weights = {k: torch.empty_like(v, device='meta') for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    text = (meta(1, text_len, D), meta(1, text_len, dtype=torch.bool), meta(1, D)) if D else None
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, torch.zeros(1, device=p.device), torch.zeros(1, dtype=torch.long, device=p.device), text)
+        functional_call(model, weights, (meta(1, *shape), meta(1), meta(1, dtype=torch.long), text))
     return counter.get_total_flops()
 
 
 def guess_peak_flops(dev):
-    """Dense bf16 tensor-core peak FLOP/s of common GPUs (vendor spec sheets, no sparsity), for MFU; 0 if unknown."""
+    """Dense bf16 tensor-core peak FLOP/s (vendor spec sheets, no sparsity) of the GPU torch names, for MFU; 0 if
+    unknown. The first key in the name wins, so a variant comes before its family: an H100 is SXM (989) unless
+    its name says PCIe (756) or NVL (835); 'NVIDIA H100 80GB HBM3' is the SXM part."""
     if dev.type != 'cuda':
         return 0.0
-    name = torch.cuda.get_device_name(dev)
-    for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40S', 362e12), ('A10G', 70e12),
-                       ('4090', 165e12), ('3090', 71e12), ('V100', 125e12), ('T4', 65e12)):
+    name = torch.cuda.get_device_name(dev).upper()
+    for key, flops in (('H100 PCIE', 756e12), ('H100 NVL', 835e12), ('H100', 989e12),  # Hopper
+                       ('H800 PCIE', 756e12), ('H800', 989e12), ('H200 NVL', 835e12), ('GH200', 989e12), ('H200', 989e12),
+                       ('GB200', 2500e12), ('B200', 2250e12), ('A100', 312e12), ('A800', 312e12),  # Blackwell, Ampere
+                       ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12), ('A10G', 70e12), ('A10', 125e12),
+                       ('4090', 165e12), ('3090', 71e12), ('V100', 125e12), ('T4', 65e12)):  # V100, T4: fp16
         if key in name:
             return flops
     return 0.0
@@ -254,6 +265,8 @@ def main():
     model_args = model_args_from(globals(), shape, num_classes, meta['text_dim'] if text else 0)
     diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
     model = build_model(model_args).to(dev)
+    if arch == 'unet' and dev.type == 'cuda':  # NHWC: the layout cuDNN's tensor-core convolutions run in
+        model = model.to(memory_format=torch.channels_last)
     model.grad_checkpoint = grad_checkpoint
     ema = copy.deepcopy(model).float().requires_grad_(False)
     optimizer = make_optimizer(model, dev.type)
@@ -292,7 +305,7 @@ def main():
             print(f"resuming from {ckpt_path} at step {step}")
     raw_model = model
     if compile and dev.type == 'cuda':
-        model = torch.compile(model)
+        model = torch.compile(model, mode=compile_mode)
     if ddp:
         model = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None)
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -328,38 +341,10 @@ def main():
         from sample import shapes_reference
         reference = shapes_reference(data_dir)
 
-    def eval_samples():
-        """EMA samples for the eval grid -> (images, captions, graded). graded: with eval_grade_per_class = k (shapes
-        data) k samples per class read back -> (accuracy, factor FD dict, number graded); else None. Class labels:
-        max(8, k) samples per class and the grid shows the first 8, so k <= 8 costs no sampling beyond the grid's."""
-        from sample import sample_images, class_labels, val_captions  # lazy: only the master samples
-        k = eval_grade_per_class
-
-        def sample(labels, cond):
-            return sample_images(ema, diffusion, labels, meta, cfg_scale, seed=seed, autocast=autocast, steps=sample_steps,
-                                 text=cond, null_text=val_data.empty if text else None)
-        if text:  # the first 8 distinct val captions, 8 samples each (already encoded: no text encoder here)
-            caps = val_captions(data_dir)
-            idx, names = np.repeat(list(caps.values()), 8), [c for c in caps for _ in range(8)]
-            grid = sample(torch.zeros(len(idx), dtype=torch.long, device=dev), val_data.get_text(idx))
-            if not k:
-                return grid, names, None
-            # graded on each class's caption ("a red circle"), taken from a val image of that class
-            first = [np.flatnonzero(val_data.y == c)[:1] for c in range(meta['num_classes'])]
-            idx = np.repeat(np.concatenate(first), k)
-            x, y = sample(torch.zeros(len(idx), dtype=torch.long, device=dev), val_data.get_text(idx)), val_data.y[idx]
-        else:
-            n = max(8, k)
-            labels = class_labels(meta, n)
-            x, y = sample(labels.to(dev), None), labels.numpy()
-            nth = torch.arange(len(labels)) % n  # which sample of its class each one is
-            grid = x[nth < 8]
-            names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels[nth < 8].tolist()]
-            if not k:
-                return grid, names, None
-            x, y = x[nth < k], y[(nth < k).numpy()]
-        from shapes import factor_fd, grade
-        return grid, names, (grade(x.numpy(), y)[0], factor_fd(x.numpy(), y, *reference), len(y))
+    def eval_samples():  # the EMA's eval grid, and its shapes grade if asked (sample.eval_samples)
+        from sample import eval_samples  # lazy: only the master samples
+        return eval_samples(ema, diffusion, meta, data_dir, val_data, eval_grade_per_class, reference, cfg_scale=cfg_scale,
+                            seed=seed, autocast=autocast, steps=sample_steps)
 
     def shared(value):
         """Rank 0's number on every process (only rank 0 samples), so all agree on keep-best and early stopping."""
@@ -389,7 +374,8 @@ def main():
         prof.start()
 
     # ---- the loop
-    loss_sum, t_last, steps_since, n_loss, bad_run = torch.zeros((), device=dev), time.time(), 0, 0, 0
+    t_last, steps_since, loss_sum = time.time(), 0, torch.zeros((), device=dev)
+    n_loss, bad_run, bad_max, bad_new = (torch.zeros((), dtype=torch.long, device=dev) for _ in range(4))  # device-side counts
     while step < max_iters:
         for group in optimizer.param_groups:
             group['lr'] = get_lr(step)
@@ -414,40 +400,46 @@ def main():
                              f"or use a smaller model") from None
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
-        # A non-finite gradient (a corrupt example, an overflow) would poison the weights and Adam's moments
-        # for good: skip that update, say so, and stop if it keeps happening. This costs one host sync a step.
-        # (fp16: GradScaler skips such steps itself and lowers its scale, which is the normal fp16 life.)
-        if ptdtype != torch.float16 and not torch.isfinite(grad_norm):
-            bad_run, bad_steps = bad_run + 1, bad_steps + 1
-            if master:
-                print(f"step {step} | non-finite gradient: update skipped ({bad_steps} skipped so far)", flush=True)
-            if bad_run >= max_bad_steps:
-                raise SystemExit(f"error: {bad_run} non-finite gradients in a row at step {step}: lower lr, check the "
-                                 f"data, or resume from the last checkpoint ({ckpt_path})")
-        else:
-            bad_run = 0
+        # A non-finite gradient (a corrupt example, an overflow) would poison the weights and Adam's moments for
+        # good: that update is skipped on the device (fused AdamW's found_inf, GradScaler's own mechanism, which
+        # fp16 uses), so no step waits for the host; the skips are counted on the device and read at log time.
+        # (Adafactor has no such switch: it pays one host sync a step.)
+        ok = torch.isfinite(grad_norm) | (ptdtype == torch.float16)  # fp16: GradScaler's overflow skips are its normal life
+        optimizer.found_inf = (~ok).float()  # (fp16: GradScaler sets it itself)
+        if optim == 'adamw' or ok.item():
             scaler.step(optimizer)
             scaler.update()
-            update_ema(ema, raw_model, step)
-            loss_sum += step_loss
-            n_loss += 1
+            update_ema(ema, raw_model, step)  # a skipped step left the weights as they were: the EMA moves towards them
+        bad_run = (bad_run + 1) * ~ok  # non-finite gradients in a row, on the device
+        bad_max, bad_new = torch.maximum(bad_max, bad_run), bad_new + ~ok
+        loss_sum, n_loss = loss_sum + torch.where(ok, step_loss, 0.0), n_loss + ok
         optimizer.zero_grad(set_to_none=True)
         step += 1
         steps_since += 1
         if prof is not None:
             prof.step()
 
+        evaluating = (eval_interval and step % eval_interval == 0) or step == max_iters
+        if step % log_interval == 0 or evaluating:  # every process: all read the same (all-reduced) gradients' skips
+            skipped, longest = bad_new.item(), bad_max.item()
+            bad_steps += skipped
+            if skipped and master:
+                print(f"step {step} | {skipped} non-finite gradient(s) since the last log: update(s) skipped "
+                      f"({bad_steps} skipped so far)", flush=True)
+            if longest >= max_bad_steps:
+                raise SystemExit(f"error: {longest} non-finite gradients in a row by step {step}: lower lr, check the "
+                                 f"data, or resume from the last checkpoint ({ckpt_path})")
+            bad_max.zero_(), bad_new.zero_()
         if master and (step % log_interval == 0 or step == max_iters):
             dt = time.time() - t_last
             img_s = steps_since * global_batch / dt
-            mfu = f" | mfu {100 * flops_per_step * steps_since / dt / peak:.1f}%" if peak else ''
-            train_loss = loss_sum.item() / max(n_loss, 1)
+            mfu = f" | mfu {100 * flops_per_step * steps_since / dt / (peak * world):.1f}%" if peak else ''  # N GPUs: N peaks
+            train_loss = loss_sum.item() / max(n_loss.item(), 1)
             history.append((step, 'train', train_loss))
             log(train_loss=train_loss, lr=get_lr(step - 1), img_s=img_s)
             print(f"step {step} | loss {train_loss:.4f} | lr {get_lr(step - 1):.2e} | {img_s:.0f} img/s{mfu}", flush=True)
-            loss_sum.zero_()
-            steps_since, n_loss, t_last = 0, 0, time.time()
-        if (eval_interval and step % eval_interval == 0) or step == max_iters:
+            loss_sum, n_loss, steps_since, t_last = loss_sum * 0, n_loss * 0, 0, time.time()
+        if evaluating:
             vl = val_loss(ema)  # on every process (same EMA, same data), so all agree on early stopping
             best_val = min(best_val, vl)
             grid, names, graded = eval_samples() if master else (None, None, None)  # graded: (accuracy, FD, n) or None

@@ -105,3 +105,32 @@ def test_cross_attention_to_captions_ignores_padding(arch):
     model(x, t, y, (states, mask, pooled)).square().mean().backward()
     cross = model.blocks[0].cross if arch == 'dit' else model.cross
     assert cross.q.weight.grad.abs().sum() > 0
+
+
+def test_dit_residual_stream_stays_bf16_under_autocast():
+    """The fp32 position embedding must not promote the residual stream: every block reads and writes bf16."""
+    model = DiT(DiTConfig(input_size=8, in_channels=4, n_layer=2, n_head=2, n_embd=32, num_classes=3))
+    seen = []
+    for b in model.blocks:
+        b.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model(torch.randn(2, 4, 8, 8), torch.ones(2), torch.zeros(2, dtype=torch.long))
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2
+
+
+def test_unet_attention_feeds_sdpa_unit_stride_tokens(monkeypatch):
+    """SDPA's fused kernels need a unit last stride on q, k, v (else the math kernel and its HW x HW matrix);
+    the same output with a channels_last model and input."""
+    import model as model_mod
+    strides, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(model_mod.F, 'scaled_dot_product_attention',
+                        lambda q, k, v, **kw: strides.append((q.stride(-1), k.stride(-1), v.stride(-1))) or sdpa(q, k, v, **kw))
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(input_size=8, in_channels=3, channels=16, channel_mult=(1, 2), n_head=2, num_classes=3))
+    for p in unet.parameters():  # the zero-initialised output convs would hide the attention
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.ones(2), torch.zeros(2, dtype=torch.long)
+    out = unet(x, t, y)
+    out_cl = unet.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t, y)
+    assert strides and set(strides) == {(1, 1, 1)}
+    torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-5)

@@ -51,6 +51,8 @@ def test_data_swaps_in_the_empty_caption_where_dropped(data):
     assert np.array_equal(states[1].numpy(), empty.astype(np.float32))
     assert torch.equal(mask[1], torch.from_numpy(np.load(os.path.join(data, 'empty_text_mask.npy'))))
     assert torch.equal(pooled[2], torch.from_numpy(np.load(os.path.join(data, 'train_text_pooled.npy'))[5]).float())
+    resident = Data(data, 'train', torch.device('cpu'), text=True, resident=True).get_text(idx, torch.tensor([False, True, False]))
+    assert all(torch.equal(u, v) for u, v in zip(resident, (states, mask, pooled)))  # a device-side gather, same captions
 
 
 @pytest.mark.parametrize('arch', ['dit', 'unet'])
