@@ -7,7 +7,8 @@ References:
 - DDPM: Ho et al. (2020); cosine schedule: Nichol & Dhariwal, "Improved DDPM" (2021).
 - v-prediction: Salimans & Ho, "Progressive Distillation" (2022).
 - Rectified flow / flow matching: Liu et al. (2022), Lipman et al. (2022); logit-normal t: SD3, Esser et al. (2024).
-- DPM-Solver++: Lu et al. (2022); DDIM: Song et al. (2021); CFG: Ho & Salimans (2022).
+- DPM-Solver++: Lu et al. (2022); UniPC: Zhao et al. (2023); DDIM: Song et al. (2021); CFG: Ho & Salimans (2022).
+- Tuned step times (tune_grid): after "Align Your Steps", Sabour et al. (2024).
 """
 import math
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SAMPLERS = ('dpm++', 'ddim', 'ddpm', 'euler', 'heun')
+SAMPLERS = ('dpm++', 'unipc', 'ddim', 'ddpm', 'euler', 'heun')
 SPACINGS = ('logsnr', 'karras', 'linspace', 'leading', 'trailing')
 
 # -----------------------------------------------------------------------------
@@ -106,11 +107,22 @@ class Diffusion:
         'logsnr': uniform in log-SNR (DPM-Solver's choice); 'karras': EDM's rho=7 spacing of sigma/alpha.
         The last two span sigma/alpha from min(start, 80) to s_min (0.002, or the first training step), so the final step to
         clean data starts almost clean: a time-uniform grid's last step returns the posterior mean at a
-        large noise level, which over-shrinks samples (towards the mean)."""
+        large noise level, which over-shrinks samples (towards the mean).
+        spacing may also be the `steps` times themselves (e.g. from tune_grid): strictly decreasing, from the
+        start (flow 1.0, vp T-1) down to above 0 (flow) or 0 (vp)."""
         T = self.T
-        if spacing not in ('logsnr', 'karras', 'linspace', 'leading', 'trailing'):
+        if not isinstance(spacing, str):  # an explicit grid; a str test first: `tensor in tuple` is elementwise
+            t = torch.as_tensor(spacing, dtype=torch.float64).flatten()
+            flow = self.objective == 'flow'
+            start = 1.0 if flow else T - 1.0
+            # asked positively, so that a NaN fails; flow's t = 0 is clean data: no model call there
+            ok = len(t) == steps and t[0] == start and (t[1:] < t[:-1]).all() and (t[-1] > 0 if flow else t[-1] >= 0)
+            if not ok:
+                raise SystemExit(f"error: an explicit spacing must be {steps} strictly decreasing times from {start:g} "
+                                 f"down to {'above 0' if flow else '0'}, got {t.tolist()}")
+        elif spacing not in ('logsnr', 'karras', 'linspace', 'leading', 'trailing'):
             raise SystemExit(f"error: unknown spacing {spacing!r}: use linspace, leading, trailing, logsnr or karras")
-        if spacing in ('logsnr', 'karras'):
+        elif spacing in ('logsnr', 'karras'):
             t_max = 1 - 1e-4 if self.objective == 'flow' else T - 1.0  # flow: t=1 has infinite sigma/alpha
             t_min = 0.002 / 1.002 if self.objective == 'flow' else 0.0
             s_max, s_min = self.edm_sigma(torch.tensor([t_max, t_min], dtype=torch.float64))
@@ -162,11 +174,67 @@ def threshold_x0(x0, ratio, max_value=1.0):
     return x0.clamp(-s, s) / s
 
 
+def unipc_update(x, m, lam, A, S, s, p, variant, m_new=None):
+    """One UniPC step of order p from grid point s to s+1, in data-prediction form (Zhao et al. 2023, "UniPC":
+    UniP-p, or with m_new, the data prediction at s+1, UniC-p). m: data predictions at s, s-1, ..., newest last.
+    x_next = sigma_n/sigma_s x - alpha_n (e^-h - 1) m_s - alpha_n B(h) sum_k rho_k D_k, D_k = (m_k - m_s) / r_k,
+    with h = lambda_n - lambda_s and r_k = (lambda_k - lambda_s) / h; the same arithmetic as diffusers'
+    UniPCMultistepScheduler (multistep_uni_p_bh_update / multistep_uni_c_bh_update)."""
+    h = lam[s + 1] - lam[s]
+    phi1 = math.expm1(-h)  # e^-h - 1
+    x = (S[s + 1] / S[s]) * x - A[s + 1] * phi1 * m[-1]  # a constant data prediction: exact (DDIM)
+    # the other points: p-1 earlier predictions (r < 0) and, correcting, the new one (r = 1)
+    r = [(lam[s - k] - lam[s]) / h for k in range(1, p)] + ([1.0] if m_new is not None else [])
+    D = [(mk - m[-1]) / rk for mk, rk in zip(m[-2::-1][:p - 1] + [m_new], r)]
+    if not r:
+        return x
+    # B(h) = h (bh1) or e^h - 1 (bh2), both in -h here; from pure noise (flow's t=1: lambda = -inf, h = inf)
+    # bh1's is infinite, so that step uses bh2's (= -1)
+    B = -h if variant == 'bh1' and math.isfinite(h) else phi1
+    if len(r) == 1:  # UniP-2 and UniC-1: rho = 1/2, the paper's (and diffusers') choice
+        rho = [0.5]
+    else:  # rho solves sum_k rho_k r_k^(n-1) = b_n = n! (-h) phi_{n+1}(-h) / B(h), n = 1..len(r)
+        b, g = [], phi1 / -h - 1  # g = (-h) phi_2(-h)
+        for n in range(1, len(r) + 1):
+            b.append(g * math.factorial(n) / B)
+            g = g / -h - 1 / math.factorial(n + 1)  # phi_{k+1}(z) = (phi_k(z) - 1/k!) / z
+        # a point at lambda = -inf (the pure-noise start) has r = -inf and D = 0: dropping it and the last
+        # equation is the limit of the system as r -> -inf (what IEEE arithmetic gives diffusers at order 2)
+        keep = [k for k, rk in enumerate(r) if math.isfinite(rk)]
+        rho = [0.0] * len(r)
+        sol = np.linalg.solve(np.vander([r[k] for k in keep], increasing=True).T, b[:len(keep)])
+        for k, v in zip(keep, sol):
+            rho[k] = float(v)
+    return x - A[s + 1] * B * sum(c * d for c, d in zip(rho, D))
+
+
+def unipc(x0_at, x, lam, A, S, steps, order=2, variant='bh2'):
+    """UniPC multistep (Zhao et al. 2023), data-prediction form, as diffusers' UniPCMultistepScheduler runs it:
+    after each model call (but the last) the corrector UniC redoes the step that led there with the new
+    prediction, at no extra call; then the predictor UniP steps on. Warm-up from order 1; order
+    min(order, steps left) at the end (lower_order_final). x0_at(x, i): the data prediction at grid point i;
+    lam, A, S: log(alpha/sigma), alpha, sigma at the steps+1 grid points, the last clean."""
+    m = []  # data predictions of the last steps, newest last
+    x_prev = x  # the sample the last predictor step started from: the corrector redoes that step
+    p = 1  # and its order
+    for i in range(steps):
+        m_i = x0_at(x, i)
+        if i > 0:  # UniC: the prediction at x_i raises the order of the step x_{i-1} -> x_i by one
+            x = unipc_update(x_prev, m, lam, A, S, i - 1, p, variant, m_new=m_i)
+        m = (m + [m_i])[-3:]
+        p = min(order, i + 1, steps - i)
+        x_prev = x
+        x = unipc_update(x, m, lam, A, S, i, p, variant)
+    return x
+
+
 def sample_loop(model_fn, x, diffusion, steps, sampler='dpm++', order=2, spacing='logsnr', eta=0.0,
-                threshold=0.0, threshold_max=1.0, generator=None):
+                threshold=0.0, threshold_max=1.0, generator=None, variant='bh2'):
     """Integrate from noise x to data in `steps` steps. model_fn(x, t) returns the network output at
     objective time t (CFG already applied: one batched call). Returns (x, nfe).
+    spacing: a name (see Diffusion.sampling_schedule) or the `steps` model times themselves (tune_grid's).
       dpm++: DPM-Solver++ multistep, order 1-3 (Lu et al. 2022), data-prediction form
+      unipc: UniPC multistep, order 1-3 (Zhao et al. 2023), data-prediction form; variant 'bh1' or 'bh2'
       ddim:  DDIM (Song et al. 2021); eta=0 deterministic, eta=1 is DDPM's ancestral sampler
       ddpm:  = ddim with eta=1
       euler, heun: the flow ODE dx/dt = v in t (flow objective only; heun uses 2 NFE per step but the last)"""
@@ -180,8 +248,8 @@ def sample_loop(model_fn, x, diffusion, steps, sampler='dpm++', order=2, spacing
         x0 = diffusion.to_x0(model_fn(x, ts[i].item()), x, A[i], S[i])
         return threshold_x0(x0, threshold, threshold_max) if threshold else x0
 
+    lam = (alphas.log() - sigmas.log()).tolist()  # log-SNR/2: -inf at pure noise, +inf when clean
     if sampler == 'dpm++':
-        lam = (alphas.log() - sigmas.log()).tolist()  # log-SNR/2: -inf at pure noise, +inf when clean
         hist = []  # data predictions of the last steps, newest last
         for i in range(steps):
             hist = (hist + [x0_at(x, i)])[-3:]
@@ -203,6 +271,10 @@ def sample_loop(model_fn, x, diffusion, steps, sampler='dpm++', order=2, spacing
                     D2 = (D1 - D1_1) / (r0 + r1)
                     D1 = D1 + r0 / (r0 + r1) * (D1 - D1_1)
                     x = x + A[i + 1] * (phi / h + 1) * D1 - A[i + 1] * ((phi + h) / h ** 2 - 0.5) * D2
+    elif sampler == 'unipc':
+        if variant not in ('bh1', 'bh2'):
+            raise SystemExit(f"error: unknown UniPC variant {variant!r}: use bh1 or bh2")
+        x = unipc(x0_at, x, lam, A, S, steps, order, variant)
     elif sampler in ('ddim', 'ddpm'):
         eta = 1.0 if sampler == 'ddpm' else eta
         for i in range(steps):
@@ -226,8 +298,64 @@ def sample_loop(model_fn, x, diffusion, steps, sampler='dpm++', order=2, spacing
                 x_next = x + (t_n - t) * 0.5 * (v + v_n)
             x = x_next
     else:
-        raise SystemExit(f"error: unknown sampler {sampler!r}: use dpm++, ddim, ddpm, euler or heun")
+        raise SystemExit(f"error: unknown sampler {sampler!r}: use dpm++, unipc, ddim, ddpm, euler or heun")
     return x, nfe
+
+
+def tune_grid(model_fn, x, diffusion, steps, sampler='dpm++', order=2, ref_steps=100, sweeps=6, **solver):
+    """A grid of `steps` model times tuned to this model and solver, for sample_loop(spacing=...): in the
+    spirit of "Align Your Steps" (Sabour et al. 2024), but minimising the plain end-point error on the
+    start noise x instead of a KL bound. Reference: the same solver with 2*ref_steps log-SNR steps. Search: from
+    the best analytic spacing, each time after the first (the start stays at pure noise) moves by +-delta
+    in log-SNR if that lowers the RMS error, the grid kept strictly monotone; delta halves each sweep.
+    Cost: 3*ref_steps + steps * (len(SPACINGS) + 2 * sweeps * (steps - 1)) solver calls at most, on x.
+    Returns (t, info): info has ref_change (RMS change of the reference from ref_steps to 2*ref_steps: its
+    own error, roughly), start (the spacing it began from), start_error, error and evals (grids tried)."""
+    if sampler == 'ddpm' or solver.get('eta', 0.0):
+        raise SystemExit("error: tune_grid needs a deterministic sampler (ddpm and ddim with eta > 0 draw noise)")
+    rms = lambda a, b: (a - b).double().pow(2).mean().sqrt().item()
+    solve = lambda n, spacing: sample_loop(model_fn, x, diffusion, n, sampler, order, spacing, **solver)[0]
+    ref = solve(2 * ref_steps, 'logsnr')
+    ref_change = rms(solve(ref_steps, 'logsnr'), ref)  # converged if << the few-step errors below
+    evals = 0
+
+    def error(t):
+        nonlocal evals
+        evals += 1
+        return rms(solve(steps, t), ref)
+
+    # start from the best analytic grid that begins at pure noise (vp 'leading' starts lower)
+    start = 1.0 if diffusion.objective == 'flow' else diffusion.T - 1.0
+    grids = {name: diffusion.sampling_schedule(steps, name)[0] for name in SPACINGS}
+    errors = {name: error(t) for name, t in grids.items() if t[0] == start}
+    name = min(errors, key=errors.get)
+    t, err = grids[name], errors[name]
+    # coordinates: lambda = log(alpha/sigma) = -log(edm sigma); u[0] (the start, maybe -inf) is fixed
+    u = (-diffusion.edm_sigma(t).log()).tolist()
+    u_max = math.inf  # flow: any finite lambda is a time above 0; vp: up to t = 0
+    if diffusion.objective == 'vp':
+        u_max = -math.log(diffusion.edm_sigma(torch.zeros(1, dtype=torch.float64)).item())
+    delta = 0.5 * (u[-1] - u[1]) / max(steps - 2, 1) or 1.0  # half an average step
+    for _ in range(sweeps):
+        for k in range(1, steps):
+            hi = u[k + 1] if k + 1 < steps else u_max
+            for v in (u[k] - delta, u[k] + delta):
+                if not u[k - 1] < v < hi:
+                    continue
+                cand = u[:k] + [v] + u[k + 1:]
+                s_cand = torch.tensor(cand[1:], dtype=torch.float64).neg().exp()  # edm sigma = e^-lambda
+                t_cand = torch.cat([t[:1], diffusion.t_from_edm_sigma(s_cand)])
+                if (t_cand[1:] >= t_cand[:-1]).any():  # lambdas too close to tell apart in t
+                    continue
+                e = error(t_cand)
+                if e < err:
+                    t, err, u = t_cand, e, cand
+        delta /= 2
+    if ref_change > 0.1 * err:
+        print(f"warning: tune_grid's reference moved {ref_change:.2e} from {ref_steps} to {2 * ref_steps} steps, "
+              f"not << the tuned error {err:.2e}: raise ref_steps")
+    info = dict(ref_change=ref_change, start=name, start_error=errors[name], error=err, evals=evals)
+    return t, info
 
 
 def guided(model, diffusion, y, null_class, cfg_scale, text=None, null_text=None):

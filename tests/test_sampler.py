@@ -4,9 +4,9 @@ any difference between two samplers is a difference in the samplers."""
 import pytest
 import torch
 
-from diffusion import Diffusion, sample_loop, threshold_x0
+from diffusion import Diffusion, sample_loop, threshold_x0, tune_grid, unipc
 from bench import gaussian_x0
-from conftest import require
+from conftest import one_line_exit, require
 
 diffusers = require('diffusers')  # skips without diffusers; fails instead in CI (conftest.py)
 
@@ -164,3 +164,159 @@ def test_default_sampler_error_falls_with_nfe_and_beats_diffusers_default():
     ref = rows[('vp', 'diffusers DPMSolverMultistep')]
     assert rows[("vp", "dpm++2 linspace")] == pytest.approx(ref, rel=1e-6, abs=1e-6)  # same algorithm, same grid
     assert rows[('vp', 'dpm++2 logsnr')][0] <= ref[0] / 3 and rows[('vp', 'dpm++2 logsnr')][1] <= ref[1] / 3
+
+
+# -----------------------------------------------------------------------------
+# UniPC (Zhao et al. 2023) against diffusers' UniPCMultistepScheduler (predict_x0=True, disable_corrector=[],
+# lower_order_final=True: its defaults), in float64 on the same grid, driven by the same exact denoiser.
+
+def run_unipc_diffusers(sched, x, model, times):
+    """diffusers' UniPC, the model called at our `times` (sched.sigmas set by the caller). Its step to sigma = 0
+    is order 1, which returns the last data prediction exactly, sched.model_outputs[-1]; that is what we compare
+    with, because diffusers' bh1 makes it NaN: B(h) = h = inf times an empty sum, -inf * 0."""
+    for t, time in zip(sched.timesteps, times):
+        out = sched.step(model(x, time), t, x).prev_sample
+        x = out
+    if sched.config.solver_type == 'bh2':
+        assert torch.equal(out, sched.model_outputs[-1])  # ... as it is when diffusers computes it
+    return sched.model_outputs[-1]
+
+
+@pytest.mark.parametrize('schedule, prediction, order, variant, steps, spacing', [
+    ('linear', 'eps', 2, 'bh2', 10, 'linspace'), ('linear', 'eps', 3, 'bh1', 10, 'linspace'),
+    ('linear', 'eps', 1, 'bh2', 5, 'linspace'), ('linear', 'eps', 3, 'bh2', 20, 'trailing'),
+    ('cosine', 'v', 2, 'bh2', 10, 'linspace'), ('cosine', 'v', 3, 'bh1', 20, 'trailing'),
+    ('cosine', 'v', 2, 'bh1', 5, 'linspace')])
+def test_unipc_matches_diffusers_vp(schedule, prediction, order, variant, steps, spacing):
+    # our 'linspace' and 'trailing' are diffusers' timestep_spacing of the same name: the same integer times
+    diffusion = Diffusion('vp', schedule, prediction, 1000)
+    sched = diffusers.UniPCMultistepScheduler(
+        beta_schedule=BETAS[schedule], beta_start=1e-4, beta_end=0.02, solver_order=order, solver_type=variant,
+        prediction_type={'eps': 'epsilon', 'v': 'v_prediction'}[prediction], timestep_spacing=spacing)
+    x = noise(torch.float64)
+    ours, nfe = sample_loop(net(diffusion, prediction), x, diffusion, steps, 'unipc', order, spacing, variant=variant)
+    sched.set_timesteps(steps)
+    float64_sigmas(sched, diffusion)
+    ref = run_unipc_diffusers(sched, x, net(diffusion, prediction), sched.timesteps.tolist())
+    assert nfe == steps
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize('order, spacing', [(1, 'linspace'), (2, 'linspace'), (2, 'logsnr'), (2, 'karras')])
+def test_unipc_matches_diffusers_flow(order, spacing):
+    # diffusers' own flow grid is linspace(1, 1/1000) and starts at 1 - 1e-6; ours is passed in (sigmas=) and then
+    # set exactly, in float64, starting at pure noise t = 1 (lambda = -inf). There diffusers' bh1 and order 3 are
+    # NaN (-inf * 0; a solve with an infinite r), so it is bh2 at order <= 2 here; order 3 is checked below
+    diffusion = Diffusion('flow')
+    steps = 10
+    ts, _, _ = diffusion.sampling_schedule(steps, spacing)
+    sched = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type='flow_prediction', flow_shift=1.0,
+                                              solver_order=order)
+    sched.set_timesteps(sigmas=ts.numpy())
+    sched.sigmas = torch.cat([ts, torch.zeros(1, dtype=torch.float64)])  # flow: sigma = t
+    x = noise(torch.float64)
+    ours, _ = sample_loop(net(diffusion), x, diffusion, steps, 'unipc', order, spacing)
+    ref = run_unipc_diffusers(sched, x, net(diffusion), ts.tolist())
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def unipc_on(diffusion, ts, model, x, order, variant, lam0=None):
+    """Our unipc() on the times ts directly (sample_loop's grids start at pure noise; diffusers' flow grid does not);
+    lam0: replace the start's lambda."""
+    alphas, sigmas = (torch.cat([v, end]) for v, end in zip(diffusion.alpha_sigma(ts), (torch.ones(1), torch.zeros(1))))
+    A, S, lam = alphas.tolist(), sigmas.tolist(), (alphas.log() - sigmas.log()).tolist()
+    lam[0] = lam[0] if lam0 is None else lam0
+    x0_at = lambda x, i: diffusion.to_x0(model(x, ts[i].item()), x, A[i], S[i])
+    return unipc(x0_at, x, lam, A, S, len(ts), order, variant)
+
+
+@pytest.mark.parametrize('variant', ['bh1', 'bh2'])
+def test_unipc_flow_order_3_on_diffusers_own_grid(variant):
+    diffusion = Diffusion('flow')
+    sched = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type='flow_prediction', flow_shift=1.0,
+                                              solver_order=3, solver_type=variant)
+    sched.set_timesteps(12)
+    ts = sched.sigmas[:-1].double()  # 1 - 1e-6, then linspace(1, 1/1000) in float32, as diffusers has them
+    sched.sigmas = torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
+    x = noise(torch.float64)
+    ours = unipc_on(diffusion, ts, net(diffusion), x, 3, variant)
+    ref = run_unipc_diffusers(sched, x, net(diffusion), ts.tolist())
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_unipc_pure_noise_start_is_the_limit():
+    # at lambda = -inf (flow's t = 1) unipc drops the start from its polynomial fits; that must be the limit of a
+    # start at ever lower lambda (bh2: bh1's B(h) = h has no finite limit there, see unipc_update). Its effect
+    # decays like 1/|lambda_0|: -13.8 (diffusers' 1 - 1e-6) is still 3e-4 away, -1e6 must be ~1e-8
+    diffusion = Diffusion('flow')
+    ts, _, _ = diffusion.sampling_schedule(10, 'logsnr')
+    x = noise(torch.float64)
+    exact = unipc_on(diffusion, ts, net(diffusion), x, 3, 'bh2')
+    gaps = [(unipc_on(diffusion, ts, net(diffusion), x, 3, 'bh2', lam0) - exact).abs().max().item()
+            for lam0 in (-1e2, -1e4, -1e6)]
+    assert gaps[0] < 1e-4 and gaps[1] < 1e-6 and gaps[2] < 1e-8, gaps
+
+
+def test_unipc_bad_variant_is_one_line():
+    diffusion = Diffusion('flow')
+    one_line_exit(lambda: sample_loop(net(diffusion), noise(), diffusion, 3, 'unipc', variant='bh3'), 'bh3')
+
+
+# -----------------------------------------------------------------------------
+# Explicit grids, and tune_grid
+
+@pytest.mark.parametrize('objective', ['vp', 'flow'])
+@pytest.mark.parametrize('sampler', ['dpm++', 'unipc'])
+def test_explicit_grid_is_the_named_grid(objective, sampler):
+    diffusion = Diffusion(objective, 'linear', 'eps')
+    ts, _, _ = diffusion.sampling_schedule(8, 'logsnr')
+    x = noise(torch.float64)
+    named, _ = sample_loop(net(diffusion), x, diffusion, 8, sampler, 3, 'logsnr')
+    assert torch.equal(sample_loop(net(diffusion), x, diffusion, 8, sampler, 3, ts)[0], named)
+    assert torch.equal(sample_loop(net(diffusion), x, diffusion, 8, sampler, 3, ts.tolist())[0], named)
+
+
+@pytest.mark.parametrize('objective, grid', [('vp', [999, 500]), ('vp', [999, 500, 500]), ('vp', [900, 500, 0]),
+                                             ('vp', [999, 500, -0.5]), ('vp', [999, float('nan'), 0]),
+                                             ('vp', [999, 1000, 0]), ('flow', [1, 0.5, 0]),
+                                             ('flow', [0.9, 0.5, 0.1])])
+def test_bad_explicit_grid_is_one_line(objective, grid):
+    diffusion = Diffusion(objective, 'linear', 'eps')
+    one_line_exit(lambda: diffusion.sampling_schedule(3, grid), 'explicit spacing', '3 strictly decreasing')
+
+
+MEANS = torch.tensor([[0.6, -0.4, 0.2, 0.5], [-0.5, 0.3, -0.6, -0.2]], dtype=torch.float64)
+SD = 0.15
+
+
+def mixture_net(diffusion):
+    """The exact denoiser of an even mixture of N(MEANS[j], SD^2 I) in 4 dims: E[x0 | x_t] is each component's
+    Gaussian posterior mean (bench.gaussian_x0) weighted by its responsibility for x_t ~ N(alpha mu_j, var I)."""
+    def fn(x, t):
+        alpha, sigma = (float(v) for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
+        var = alpha ** 2 * SD ** 2 + sigma ** 2
+        resp = (-((x[:, None] - alpha * MEANS) ** 2).sum(-1) / (2 * var)).softmax(1)
+        x0 = (resp[..., None] * gaussian_x0(x[:, None], alpha, sigma, MEANS, SD)).sum(1)
+        return (x - x0) / sigma if diffusion.objective == 'flow' else (x - alpha * x0) / sigma
+    return fn
+
+
+@pytest.mark.usefixtures('one_thread')  # ~800 tiny solver steps: OpenMP threads fighting over 2 cores cost 50x
+@pytest.mark.parametrize('objective, sampler', [('vp', 'dpm++'), ('flow', 'unipc')])
+def test_tune_grid_beats_its_start_on_held_out_noise(objective, sampler):
+    diffusion = Diffusion(objective, 'linear', 'eps')
+    model, steps = mixture_net(diffusion), 5
+    x, held_out = (torch.randn(256, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (0, 1))
+    t, info = tune_grid(model, x, diffusion, steps, sampler, 2, ref_steps=100, sweeps=6)
+    assert info['ref_change'] < 0.02 * info['start_error']  # the reference is converged
+    assert info['evals'] <= 5 + 2 * 6 * (steps - 1)
+    assert info['error'] <= 0.8 * info['start_error']  # on the tuning noise (<= holds by construction)
+
+    def error(x, spacing):
+        ref = sample_loop(model, x, diffusion, 200, 'dpm++', 3, 'logsnr')[0]
+        return (sample_loop(model, x, diffusion, steps, sampler, 2, spacing)[0] - ref).pow(2).mean().sqrt().item()
+    assert error(x, t) == pytest.approx(info['error'], rel=0.05)
+    assert error(held_out, t) <= 0.8 * error(held_out, info['start'])  # not just fitted to x
+    print(f"{objective} {sampler}: start {info['start']} {info['start_error']:.3e}, tuned {info['error']:.3e}, "
+          f"held out {error(held_out, info['start']):.3e} -> {error(held_out, t):.3e}, ref change "
+          f"{info['ref_change']:.1e}, {info['evals']} grids")
