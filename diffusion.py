@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 
 SAMPLERS = ('dpm++', 'unipc', 'ddim', 'ddpm', 'euler', 'heun')
-SPACINGS = ('logsnr', 'karras', 'linspace', 'leading', 'trailing')
+SPACINGS = ('flowtime', 'logsnr', 'karras', 'linspace', 'leading', 'trailing')
+
+
+def default_solver(objective, steps):
+    """The solver sample_loop uses when none is named, chosen by the Gaussian-mixture benchmark (bench_samplers.py,
+    README): UniPC-3 for every objective, on the 'flowtime' grid below 30 steps (at 5-20 NFE it leads the log-SNR
+    grid: its coarse steps go where each sample's mode is decided) and on 'logsnr' from 30 (the flowtime grid's last
+    model call, at sigma/alpha = 1/(steps-1), then limits it: 8x the log-SNR grid's error at 50 NFE)."""
+    return dict(sampler='unipc', order=3, spacing='flowtime' if steps < 30 else 'logsnr')
 
 # -----------------------------------------------------------------------------
 # Diffusion math: how x_t is made from data, what the network is trained to predict, how x0 is read
@@ -104,7 +112,10 @@ class Diffusion:
         """Times for a `steps`-step sampler, from pure noise to clean data: the model is evaluated at
         t[0..steps-1]; alpha/sigma have steps+1 entries, the last one clean (alpha=1, sigma=0).
         spacing: 'linspace', 'leading', 'trailing': uniform in time, exactly as diffusers spaces them;
-        'logsnr': uniform in log-SNR (DPM-Solver's choice); 'karras': EDM's rho=7 spacing of sigma/alpha.
+        'logsnr': uniform in log-SNR (DPM-Solver's choice); 'karras': EDM's rho=7 spacing of sigma/alpha;
+        'flowtime': uniform in rectified-flow time u = sigma/(alpha+sigma), i.e. sigma/alpha = u/(1-u), for any
+        objective (a flow model's 'linspace'): few steps in the near-pure noise, and the best grid at 5-10 NFE
+        of the mixture benchmark (bench_samplers.py) on every objective.
         The last two span sigma/alpha from min(start, 80) to s_min (0.002, or the first training step), so the final step to
         clean data starts almost clean: a time-uniform grid's last step returns the posterior mean at a
         large noise level, which over-shrinks samples (towards the mean).
@@ -120,8 +131,8 @@ class Diffusion:
             if not ok:
                 raise SystemExit(f"error: an explicit spacing must be {steps} strictly decreasing times from {start:g} "
                                  f"down to {'above 0' if flow else '0'}, got {t.tolist()}")
-        elif spacing not in ('logsnr', 'karras', 'linspace', 'leading', 'trailing'):
-            raise SystemExit(f"error: unknown spacing {spacing!r}: use linspace, leading, trailing, logsnr or karras")
+        elif spacing not in SPACINGS:
+            raise SystemExit(f"error: unknown spacing {spacing!r}: use {', '.join(SPACINGS)}")
         elif spacing in ('logsnr', 'karras'):
             t_max = 1 - 1e-4 if self.objective == 'flow' else T - 1.0  # flow: t=1 has infinite sigma/alpha
             t_min = 0.002 / 1.002 if self.objective == 'flow' else 0.0
@@ -136,8 +147,9 @@ class Diffusion:
                 s = (s_max ** (1 / rho) + i * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
             t = self.t_from_edm_sigma(s)
             t[0] = 1.0 if self.objective == 'flow' else t_max  # start from pure noise
-        elif self.objective == 'flow':
-            t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
+        elif self.objective == 'flow' or spacing == 'flowtime':
+            u = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
+            t = u if self.objective == 'flow' else self.t_from_edm_sigma(u / (1 - u))  # u = 1: pure noise, t = T-1
         elif spacing == 'linspace':  # diffusers' DPMSolverMultistepScheduler default
             t = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
         elif spacing == 'leading':  # diffusers' DDIM/DDPM default
@@ -228,7 +240,7 @@ def unipc(x0_at, x, lam, A, S, steps, order=2, variant='bh2'):
     return x
 
 
-def sample_loop(model_fn, x, diffusion, steps, sampler='dpm++', order=2, spacing='logsnr', eta=0.0,
+def sample_loop(model_fn, x, diffusion, steps, sampler=None, order=None, spacing=None, eta=0.0,
                 threshold=0.0, threshold_max=1.0, generator=None, variant='bh2'):
     """Integrate from noise x to data in `steps` steps. model_fn(x, t) returns the network output at
     objective time t (CFG already applied: one batched call). Returns (x, nfe).
@@ -238,7 +250,9 @@ def sample_loop(model_fn, x, diffusion, steps, sampler='dpm++', order=2, spacing
       ddim:  DDIM (Song et al. 2021); eta=0 deterministic, eta=1 is DDPM's ancestral sampler
       ddpm:  = ddim with eta=1
       euler, heun: the flow ODE dx/dt = v in t (flow objective only; heun uses 2 NFE per step but the last)"""
-    ts, alphas, sigmas = diffusion.sampling_schedule(steps, spacing)
+    default = default_solver(diffusion.objective, steps)  # for what the caller leaves unsaid (None)
+    sampler, order = sampler or default['sampler'], order or default['order']
+    ts, alphas, sigmas = diffusion.sampling_schedule(steps, default['spacing'] if spacing is None else spacing)
     A, S = alphas.tolist(), sigmas.tolist()
     nfe = 0
 

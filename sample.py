@@ -8,11 +8,13 @@ Sample from a trained checkpoint with classifier-free guidance, write a PNG grid
     python sample.py --out_dir=out-emoji --prompt="red heart" --prompt="grinning face"   # text models
     python sample.py --out_dir=out-emoji --prompts=prompts.txt                          # one prompt per line
 
-Samplers (in diffusion.py: sample_loop, on the alpha/sigma of diffusion.Diffusion): DPM-Solver++ 1/2/3 (Lu et al. 2022,
-the default: 2M), UniPC 1/2/3 (Zhao et al. 2023, its B(h) = e^h - 1 variant), DDIM (Song et al. 2021, eta >= 0),
-DDPM ancestral (Ho et al. 2020), Euler/Heun for flow models. CFG: Ho & Salimans, "Classifier-Free Diffusion
-Guidance" (2022). Each is checked against diffusers' scheduler of the same name in tests/test_sampler.py.
-diffusion.tune_grid fits the step times to a checkpoint; sample_loop takes them as its spacing.
+Samplers (in diffusion.py: sample_loop, on the alpha/sigma of diffusion.Diffusion): UniPC 1/2/3 (Zhao et al. 2023;
+the default: order 3 on the 'flowtime' grid below 30 steps, 'logsnr' above, for every objective:
+diffusion.default_solver, chosen by bench_samplers.py), DPM-Solver++ 1/2/3 (Lu et al. 2022), DDIM (Song et al. 2021, eta >= 0), DDPM ancestral (Ho et
+al. 2020), Euler/Heun for flow models. CFG: Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022). Each is
+checked against diffusers' scheduler of the same name in tests/test_sampler.py.
+
+    python sample.py --out_dir=out-shapes --steps=5 --tune=True   # fit 5 step times to this checkpoint (grids.json)
 """
 import functools
 import json
@@ -29,16 +31,20 @@ from tqdm import tqdm
 
 from checkpoint import atomic_write, load_model
 from configurator import check
-from diffusion import SAMPLERS, SPACINGS, guided, sample_loop
+from diffusion import SAMPLERS, SPACINGS, default_solver, guided, sample_loop, tune_grid
 from model import input_shape, setup_device
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'              # where the checkpoint is, and where the grid goes
 ckpt_name = 'ckpt.pt'        # or 'best.pt', or 'model.safetensors' (the shareable export: EMA weights)
 steps = 20                   # solver steps; NFE = steps (heun: 2*steps-1); CFG's cond+uncond is one batched call
-sampler = 'dpm++'            # 'dpm++', 'unipc', 'ddim', 'ddpm', 'euler', 'heun' (the last two: flow models)
-order = 2                    # dpm++ and unipc order: 1, 2 or 3
-spacing = 'logsnr'           # step times: 'logsnr', 'karras', or time-uniform 'linspace', 'leading', 'trailing'
+sampler = 'auto'             # 'dpm++', 'unipc', 'ddim', 'ddpm', 'euler', 'heun' (the last two: flow models);
+                             # 'auto': the default (diffusion.default_solver, chosen by bench_samplers.py)
+order = 0                    # dpm++ and unipc order: 1, 2 or 3; 0 = the default's
+spacing = 'auto'             # step times: 'logsnr', 'karras', time-uniform 'linspace', 'leading', 'trailing', or
+                             # 'auto': the grid tuned to this checkpoint (out_dir/grids.json) if any, else the default's
+tune = False                 # first fit the step times to this checkpoint (diffusion.tune_grid), save them to grids.json
+tune_batch = 48              # noise samples the grid is fitted on (classes in turn)
 eta = 0.0                    # ddim: 0 = deterministic, 1 = DDPM
 threshold = 0.0              # Imagen dynamic thresholding quantile of |x0| (e.g. 0.995); 0 = off
 threshold_max = 1.0
@@ -64,7 +70,10 @@ def check_config():
     """What each setting may be, in one place: a bad value is one line before the checkpoint is even read."""
     check(globals(), positive=('steps', 'per_class', 'grade_per_class', 'batch_size'),
           non_negative=('eta', 'cfg_scale', 'seed'), fraction=('threshold',),
-          choices=dict(sampler=SAMPLERS, order=(1, 2, 3), spacing=SPACINGS, dtype=('auto', 'float32', 'bfloat16', 'float16')))
+          choices=dict(sampler=('auto',) + SAMPLERS, order=(0, 1, 2, 3), spacing=('auto',) + SPACINGS,
+                       dtype=('auto', 'float32', 'bfloat16', 'float16')))
+    if tune and (spacing != 'auto' or sampler in ('ddpm', 'ddim') and (sampler == 'ddpm' or eta > 0)):
+        sys.exit("error: --tune=True fits the grid for --spacing=auto and a deterministic sampler (not ddpm, eta = 0)")
     if threshold_max < 1:
         sys.exit(f"error: --threshold_max={threshold_max} must be >= 1")
     if num_samples < 0 or bool(save_dir) != (num_samples > 0):
@@ -257,6 +266,50 @@ def encode_prompts(texts, meta, dev):
     return (states[idx], mask[idx], pooled[idx]), (states[-1:], mask[-1:], pooled[-1:])
 
 
+def solver_settings(diffusion, grids):
+    """What sample_loop gets: each 'auto' (order 0) setting from the default (diffusion.default_solver),
+    and for spacing 'auto' the grid tuned to this checkpoint for this sampler, order, steps and cfg, if grids.json
+    has one. -> (solver dict, grids.json key)."""
+    d = default_solver(diffusion.objective, steps)
+    s = dict(sampler=d['sampler'] if sampler == 'auto' else sampler, order=order or d['order'], eta=eta,
+             threshold=threshold, threshold_max=threshold_max)
+    key = f"{s['sampler']}{s['order']} {steps} steps cfg {cfg_scale:g}"
+    s['spacing'] = spacing if spacing != 'auto' else grids[key]['t'] if key in grids else d['spacing']
+    return s, key
+
+
+def read_grids(folder):
+    """folder/grids.json, the step grids tuned to the checkpoint there ({key: {'t': [times], ...}}); {} if none."""
+    path = os.path.join(folder, 'grids.json')
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding='utf-8') as f:
+            grids = json.load(f)
+        if not all(isinstance(g['t'], list) for g in grids.values()):
+            raise ValueError('a grid without its times')
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise SystemExit(f"error: {path} is not a grids file ({e}): delete it, or re-run with --tune=True") from None
+    return grids
+
+
+def tune_and_save(model, diffusion, meta, cond, solver, key, grids, autocast):
+    """Fit the step times to this checkpoint (diffusion.tune_grid) on tune_batch noise samples with the conditions
+    cond = (labels, text, null_text), at this cfg; add them to out_dir/grids.json (atomically). -> the times."""
+    labels, text, empty = cond
+    g = torch.Generator(labels.device).manual_seed(seed + 1_000_003)  # not the noise the samples are drawn from
+    x = torch.randn((len(labels),) + input_shape(meta), generator=g, device=labels.device)
+    model_fn = guided(model, diffusion, labels, model.config.num_classes, cfg_scale, text, empty)
+    with torch.inference_mode(), autocast:
+        t, info = tune_grid(model_fn, x, diffusion, steps, **{k: v for k, v in solver.items() if k != 'spacing'})
+    print(f"tuned {key}: RMS error vs a converged solve {info['start_error']:.4f} ({info['start']}) -> {info['error']:.4f}, "
+          f"{info['evals']} grids tried, reference converged to {info['ref_change']:.1e}")
+    grids[key] = dict(t=t.tolist(), checkpoint=ckpt_name, batch=len(labels), **info)
+    text_out = json.dumps(grids, indent=1)
+    atomic_write(os.path.join(out_dir, 'grids.json'), lambda f: f.write(text_out.encode('utf-8')))
+    return t.tolist()
+
+
 def main():
     from configurator import configure
     argv = sys.argv[1:]
@@ -264,12 +317,21 @@ def main():
     check_config()
     dev, _, autocast = setup_device(device, dtype)
     model, diffusion, meta, train_config = load_model(os.path.join(out_dir, ckpt_name), dev, use_ema)
-    kw = dict(cfg_scale=cfg_scale, autocast=autocast, batch_size=batch_size, steps=steps, sampler=sampler, order=order,
-              spacing=spacing, eta=eta, threshold=threshold, threshold_max=threshold_max)
-    how = f"{sampler}{order if sampler == 'dpm++' else ''} {spacing}, {steps} steps, cfg {cfg_scale}"
+    grids = read_grids(out_dir)
+    solver, key = solver_settings(diffusion, grids)
     is_text = bool(model.config.text_dim)
     if (prompts or any(a.startswith('--prompt=') for a in argv)) and not is_text:
         raise SystemExit(f"error: {out_dir}/{ckpt_name} is not a text model (it was trained on class labels): drop --prompt")
+    data = data_dir or train_config.get('data_dir', '')
+    if tune:  # on the classes in turn (a text model: the prompts in turn)
+        asked = read_prompts(argv, prompts, data) if is_text else list(range(max(meta['num_classes'], 1)))
+        asked = [asked[i % len(asked)] for i in range(tune_batch)]
+        cond = encode_prompts(asked, meta, dev) if is_text else (None, None)
+        labels = torch.tensor([0] * tune_batch if is_text or not meta['num_classes'] else asked, device=dev)
+        solver['spacing'] = tune_and_save(model, diffusion, meta, (labels,) + cond, solver, key, grids, autocast)
+    tuned = not isinstance(solver['spacing'], str)
+    how = f"{solver['sampler']}{solver['order']} {'tuned grid' if tuned else solver['spacing']}, {steps} steps, cfg {cfg_scale}"
+    kw = dict(cfg_scale=cfg_scale, autocast=autocast, batch_size=batch_size, steps=steps, **solver)
 
     def generate(names, seed_):
         """Images for a list of prompts (text model) or class indices, one image each."""
@@ -279,7 +341,6 @@ def main():
         labels = torch.zeros(len(names), dtype=torch.long, device=dev)
         return sample_images(model, diffusion, labels, meta, seed=seed_, text=cond, null_text=empty, **kw)
 
-    data = data_dir or train_config.get('data_dir', '')
     is_shapes = meta.get('dataset') == 'shapes'
     if grade and not is_shapes:
         raise SystemExit("error: --grade=True needs a model trained on the built-in 'shapes' data")

@@ -208,3 +208,20 @@ def test_harmful_quality_settings_are_refused(monkeypatch, module, key, value):
     with pytest.raises(SystemExit) as e:
         module.check_config()
     assert str(e.value).startswith('error:') and f'--{key}=' in str(e.value)
+
+
+def test_tune_writes_a_grid_that_later_runs_use(trained, tmp_path):
+    """--tune=True fits the step times to the checkpoint and stores them beside it; a later run with the same
+    sampler, steps and cfg samples on them (spacing 'auto'), another step count does not; a bad file is one line."""
+    import shutil
+    out = tmp_path / 'o'
+    shutil.copytree(trained, out)
+    args = ['sample.py', f'--out_dir={out}', '--steps=3', '--per_class=1', '--device=cpu']
+    p = run(args + ['--tune=True', '--tune_batch=4'])
+    (key, g), = json.loads((out / 'grids.json').read_text()).items()
+    assert key.endswith(' 3 steps cfg 4') and len(g['t']) == 3 and g['error'] <= g['start_error'] and g['batch'] == 4
+    assert f"tuned {key}" in p.stdout and 'tuned grid, 3 steps' in p.stdout
+    assert 'tuned grid, 3 steps' in run(args).stdout
+    assert 'tuned grid' not in run(args[:2] + ['--steps=4'] + args[3:]).stdout
+    (out / 'grids.json').write_text('{"dpm++2 3 steps cfg 4": {"t": 1}}')
+    one_error_line(run(args, check=False), 'grids.json', '--tune=True')

@@ -4,7 +4,7 @@ any difference between two samplers is a difference in the samplers."""
 import pytest
 import torch
 
-from diffusion import Diffusion, sample_loop, threshold_x0, tune_grid, unipc
+from diffusion import SPACINGS, Diffusion, sample_loop, threshold_x0, tune_grid, unipc
 from bench import gaussian_x0
 from conftest import one_line_exit, require
 
@@ -309,7 +309,7 @@ def test_tune_grid_beats_its_start_on_held_out_noise(objective, sampler):
     x, held_out = (torch.randn(256, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (0, 1))
     t, info = tune_grid(model, x, diffusion, steps, sampler, 2, ref_steps=100, sweeps=6)
     assert info['ref_change'] < 0.02 * info['start_error']  # the reference is converged
-    assert info['evals'] <= 5 + 2 * 6 * (steps - 1)
+    assert info['evals'] <= len(SPACINGS) + 2 * 6 * (steps - 1)
     assert info['error'] <= 0.8 * info['start_error']  # on the tuning noise (<= holds by construction)
 
     def error(x, spacing):
@@ -320,3 +320,27 @@ def test_tune_grid_beats_its_start_on_held_out_noise(objective, sampler):
     print(f"{objective} {sampler}: start {info['start']} {info['start_error']:.3e}, tuned {info['error']:.3e}, "
           f"held out {error(held_out, info['start']):.3e} -> {error(held_out, t):.3e}, ref change "
           f"{info['ref_change']:.1e}, {info['evals']} grids")
+
+
+@pytest.mark.parametrize('objective,schedule', [('flow', 'cosine'), ('vp', 'linear'), ('vp', 'cosine')])
+def test_flowtime_grid_is_uniform_in_flow_time(objective, schedule):
+    """'flowtime': sigma / (alpha + sigma), a flow model's t, falls in equal steps from pure noise to clean on
+    every objective (a flow model's 'linspace'); the vp start is its last training step."""
+    d = Diffusion(objective, schedule, 'eps')
+    t, alpha, sigma = d.sampling_schedule(8, 'flowtime')
+    u = sigma / (alpha + sigma)
+    assert t[0] == (1.0 if objective == 'flow' else d.T - 1)
+    torch.testing.assert_close(u[1:], torch.linspace(1, 0, 9, dtype=torch.float64)[1:], rtol=0, atol=1e-9)
+    if objective == 'flow':
+        assert torch.equal(t, d.sampling_schedule(8, 'linspace')[0])
+
+
+def test_unnamed_solver_settings_are_the_objectives_default():
+    from diffusion import default_solver
+    d = Diffusion('vp', 'linear', 'eps')
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    net = lambda x, t: 0.5 * x  # any deterministic model
+    out = sample_loop(net, x, d, 5)[0]
+    assert torch.equal(out, sample_loop(net, x, d, 5, 'unipc', 3, 'flowtime')[0])
+    assert torch.equal(sample_loop(net, x, d, 30)[0], sample_loop(net, x, d, 30, 'unipc', 3, 'logsnr')[0])
+    assert default_solver('flow', 29)['spacing'] == 'flowtime' and default_solver('flow', 30)['spacing'] == 'logsnr'
