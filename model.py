@@ -5,7 +5,10 @@ choice. The diffusion math and the samplers are in diffusion.py.
 References:
 - DiT: Peebles & Xie, "Scalable Diffusion Models with Transformers" (2023), facebookresearch/DiT.
 - UNet: Ronneberger et al. (2015), in the ADM form of Dhariwal & Nichol (2021).
+- Control branch: Zhang et al., "Adding Conditional Control to Text-to-Image Diffusion Models" (ControlNet, 2023)
+  for the UNet; Chen et al., "PixArt-delta" (2024), section 3, for the DiT.
 """
+import copy
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,6 +37,9 @@ class DiTConfig:
     num_classes: int = 0     # 0 = unconditional; index num_classes is the null ("no label") class for CFG
     share: int = 1           # each block's weights serve `share` consecutive layers (ALBERT-style): 1 = none
     text_dim: int = 0        # width of pre-encoded caption tokens; > 0 adds cross-attention to them (0 = no text)
+    hint_channels: int = 0   # > 0 adds a control branch for a [B, hint_channels, hint_size, hint_size] hint (0 = none)
+    hint_size: int = 0       # the hint's side in pixels: input_size, or 8 x input_size for an SD-VAE latent model
+    control_blocks: int = 0  # base blocks the branch copies; 0 = half the depth (PixArt-delta copies 13 of 28)
 
 
 def run_block(model, block, *args):
@@ -154,6 +160,13 @@ class DiT(nn.Module):
         self.adaLN_f = nn.Sequential(nn.SiLU(), nn.Linear(c.n_embd, 2 * c.n_embd))
         self.head = nn.Linear(c.n_embd, c.patch_size ** 2 * c.in_channels)
         self.init_weights()
+        if c.hint_channels:  # PixArt-delta: trainable copies of the first blocks, each added back through a zero linear
+            n = c.control_blocks or max(1, c.n_layer // 2)
+            assert n <= c.n_layer, f"control_blocks {n} is more than n_layer {c.n_layer}"
+            self.control = nn.Module()
+            self.control.hint = hint_encoder(c.hint_channels, c.n_embd, c.hint_size, self.grid)
+            self.control.blocks = nn.ModuleList(copy.deepcopy(self.blocks[i // c.share]) for i in range(n))
+            self.control.zero = nn.ModuleList(zero_init(nn.Linear(c.n_embd, c.n_embd)) for _ in range(n))
 
     def init_weights(self):
         c = self.config
@@ -173,9 +186,16 @@ class DiT(nn.Module):
             nn.init.zeros_(mod.weight)
             nn.init.zeros_(mod.bias)
 
-    def forward(self, x, t, y, text=None):
+    def init_control_from_base(self):
+        """Set the control branch's copies to the base blocks' current weights (after loading a base checkpoint)."""
+        for i, block in enumerate(self.control.blocks):
+            block.load_state_dict(self.blocks[i // self.config.share].state_dict())
+
+    def forward(self, x, t, y, text=None, hint=None, control_scale=1.0):
         """x: [B, C, H, W] noisy input; t: [B] timestep on a 0..1000 scale; y: [B] class (num_classes = null);
-        text: None, or pre-encoded captions (states [B, L, text_dim], mask [B, L] bool, pooled [B, text_dim])."""
+        text: None, or pre-encoded captions (states [B, L, text_dim], mask [B, L] bool, pooled [B, text_dim]);
+        hint: None, or [B, hint_channels, hint_size, hint_size] in [0, 1] for the control branch, whose additions
+        are multiplied by control_scale (a number, or [B]); no hint or a scale of 0 is exactly the base model."""
         c, p, g = self.config, self.config.patch_size, self.grid
         h = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, T, n_embd]
         h = h + self.pos_embed.to(h.dtype)  # fp32 here would make the whole residual stream fp32 under bf16 autocast
@@ -184,8 +204,15 @@ class DiT(nn.Module):
         if text is not None:
             ctx, mask, pooled = self.text(text)
             cond = cond + pooled
+        on = control_on(self, hint, control_scale)
+        if on:  # the branch's own stream starts from the same tokens plus the hint's
+            k = self.control
+            hc = h + k.hint(hint).flatten(2).transpose(1, 2)
         for i in range(c.n_layer):
             h = run_block(self, self.blocks[i // c.share], h, cond, ctx, mask)
+            if on and i < len(k.blocks):  # copy block i's output joins the base stream after base block i
+                hc = run_block(self, k.blocks[i], hc, cond, ctx, mask)
+                h = h + scaled(k.zero[i](hc), control_scale)
         shift, scale = self.adaLN_f(cond).chunk(2, dim=1)
         h = self.head(modulate(self.norm_f(h), shift, scale))  # [B, T, p*p*C]
         h = h.view(-1, g, g, p, p, c.in_channels).permute(0, 5, 1, 3, 2, 4)  # unpatchify
@@ -206,6 +233,8 @@ class UNetConfig:
     n_head: int = 4               # attention heads at the lowest resolution (and in the middle)
     num_classes: int = 0
     text_dim: int = 0             # > 0: caption tokens via cross-attention in the middle, pooled caption into emb
+    hint_channels: int = 0        # > 0 adds a control branch (as DiTConfig)
+    hint_size: int = 0            # the hint's side in pixels
 
 
 def group_norm(ch):
@@ -288,31 +317,103 @@ class UNet(nn.Module):
         self.grad_checkpoint = False
         nn.init.zeros_(self.conv_out.weight)  # the untrained model predicts 0
         nn.init.zeros_(self.conv_out.bias)
+        if c.hint_channels:  # ControlNet: a trainable copy of the encoder and middle, added to the skips by zero convs
+            self.control = nn.Module()
+            for name in self.copied():
+                setattr(self.control, name, copy.deepcopy(getattr(self, name)))
+            self.control.hint = hint_encoder(c.hint_channels, chs[0], c.hint_size, c.input_size)
+            self.control.zero = nn.ModuleList(zero_init(nn.Conv2d(w, w, 1)) for w in skip_chs + chs[-1:])
 
-    def forward(self, x, t, y, text=None):
-        """As DiT.forward; text = (states [B, L, text_dim], mask [B, L], pooled [B, text_dim]) or None."""
-        emb = self.t_embed(timestep_embedding(t, 256).to(x.dtype)) + self.y_embed(y)
-        if text is not None:
-            ctx, mask, pooled = self.text(text)
-            emb = emb + pooled
-        h, skips = self.conv_in(x), []
-        for level in self.down:
+    def copied(self):
+        """The base modules the control branch copies: the encoder and the middle, cross-attention included."""
+        return ['conv_in', 'down', 'mid1', 'mid_attn', 'mid2'] + (['norm_c', 'cross'] if self.config.text_dim else [])
+
+    def init_control_from_base(self):
+        """Set the control branch's copy to the base's current weights (after loading a base checkpoint)."""
+        for name in self.copied():
+            getattr(self.control, name).load_state_dict(getattr(self, name).state_dict())
+
+    def encode(self, net, h, emb, ctx, mask):
+        """conv_in's output -> (the middle's output, the skips), through net's encoder: the base's (net = self)
+        or the control branch's copy (net = self.control)."""
+        skips = []
+        for level in net.down:
             for block in level['blocks']:
                 h = run_block(self, block, h, emb)
             skips.append(h)
             h = level['down'](h)
-        h = self.mid_attn(self.mid1(h, emb))
-        if text is not None:
+        h = net.mid_attn(net.mid1(h, emb))
+        if ctx is not None:
             B, C, H, W = h.shape
-            tokens = self.norm_c(h).flatten(2).transpose(1, 2)  # [B, HW, C]
-            h = h + self.cross(tokens, ctx, mask).transpose(1, 2).reshape(B, C, H, W)
-        h = self.mid2(h, emb)
+            tokens = net.norm_c(h).flatten(2).transpose(1, 2)  # [B, HW, C]
+            h = h + net.cross(tokens, ctx, mask).transpose(1, 2).reshape(B, C, H, W)
+        return net.mid2(h, emb), skips
+
+    def forward(self, x, t, y, text=None, hint=None, control_scale=1.0):
+        """As DiT.forward; text = (states [B, L, text_dim], mask [B, L], pooled [B, text_dim]) or None."""
+        emb = self.t_embed(timestep_embedding(t, 256).to(x.dtype)) + self.y_embed(y)
+        ctx = mask = None
+        if text is not None:
+            ctx, mask, pooled = self.text(text)
+            emb = emb + pooled
+        h, skips = self.encode(self, self.conv_in(x), emb, ctx, mask)
+        if control_on(self, hint, control_scale):  # the copy sees the hint after its conv_in; its features join ours
+            k = self.control
+            hc, extra = self.encode(k, k.conv_in(x) + k.hint(hint), emb, ctx, mask)
+            skips = [s + scaled(z(e), control_scale) for s, z, e in zip(skips, k.zero, extra)]
+            h = h + scaled(k.zero[-1](hc), control_scale)
         for level in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
             for block in level['blocks']:
                 h = run_block(self, block, h, emb)
             h = level['up'](h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# -----------------------------------------------------------------------------
+# The control branch's shared parts. It starts with no effect (its links are zero) and trains with the base
+# frozen, so the base model is never harmed and the branch's strength can be scaled at sampling.
+
+def zero_init(m):
+    """m with a zero weight and bias: the branch's links into the base (ControlNet's zero convolutions)."""
+    nn.init.zeros_(m.weight)
+    nn.init.zeros_(m.bias)
+    return m
+
+
+def hint_encoder(cin, width, hint_size, size):
+    """ControlNet's input hint block: the pixel-resolution hint down to the model's resolution `size` (a latent
+    model's too) by stride-2 convs, into `width` channels through a zero conv."""
+    steps = (hint_size // size).bit_length() - 1
+    ok = steps >= 0 and hint_size == size << steps
+    assert ok, f"hint_size {hint_size} is not {size} (the model's grid) times a power of 2"
+    layers, ch = [nn.Conv2d(cin, 16, 3, padding=1), nn.SiLU()], 16
+    for _ in range(steps):  # each halves the side and doubles the width, up to 256
+        layers += [nn.Conv2d(ch, min(2 * ch, 256), 3, stride=2, padding=1), nn.SiLU()]
+        ch = min(2 * ch, 256)
+    return nn.Sequential(*layers, zero_init(nn.Conv2d(ch, width, 3, padding=1)))
+
+
+def control_on(model, hint, scale):
+    """Whether forward runs the branch: not without a hint or at strength 0 (then it is exactly the base model)."""
+    if hint is None or (not torch.is_tensor(scale) and scale == 0):
+        return False
+    assert hasattr(model, 'control'), "a hint was given to a model without a control branch (hint_channels=0)"
+    return True
+
+
+def scaled(out, scale):
+    """A branch's addition times its strength: a number, or a [B] tensor (one strength per sample)."""
+    if torch.is_tensor(scale):
+        scale = scale.to(out.dtype).view(-1, *[1] * (out.dim() - 1))
+    return out * scale
+
+
+def freeze_base(model):
+    """Only the control branch trains (ControlNet locks the base): -> its parameters, for the optimizer."""
+    model.requires_grad_(False)
+    model.control.requires_grad_(True)
+    return list(model.control.parameters())
 
 
 def input_shape(meta):
