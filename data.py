@@ -30,6 +30,7 @@ def read_meta(data_dir):
     if not isinstance(meta, dict):
         bad_data(path, "is not a JSON object")
     need = ('kind', 'num_classes', 'splits') + (('latent_shape',) if meta.get('kind') == 'latents' else ('resolution', 'channels'))
+    need += ('hint_shape',) if meta.get('hint') else ()
     if any(k not in meta for k in need):
         bad_data(path, f"lacks some of {', '.join(need)}")
     return meta
@@ -39,7 +40,8 @@ class Data:
     """A split of a prepare.py dataset, memory-mapped: a batch is one fancy-index and one host->device copy.
     Pixel data: uint8 [N, 3, H, W]. Latent data: fp16 [N, 2, 2, C, h, w] = (image, h-flipped) x (posterior
     mean, std) from the VAE, so every step can draw a fresh latent mean + std * eps of either orientation.
-    Captions (text=True): the pre-encoded (states, mask, pooled) arrays, and those of the empty caption."""
+    Captions (text=True): the pre-encoded (states, mask, pooled) arrays, and those of the empty caption.
+    Hints (when meta has one): uint8 [N, 1, H, W] control maps at the pixel resolution, also for latents."""
 
     def __init__(self, data_dir, split, device, text=False, resident=None):
         meta = read_meta(data_dir)
@@ -61,6 +63,7 @@ class Data:
         hi = max(meta['num_classes'], 1)  # labels index the classes (an unconditional set: all 0)
         if n and (self.y.min() < 0 or self.y.max() >= hi):
             bad_data(os.path.join(data_dir, f'{split}_y.npy'), f"has labels outside 0..{hi - 1}")
+        self.hint = load(f'{split}_hint', (n, *meta['hint_shape'])) if meta.get('hint') else None
         self.scale, self.shift = meta.get('scaling_factor', 1.0), meta.get('shift_factor', 0.0)
         self.device = device
         self.text = []
@@ -70,12 +73,13 @@ class Data:
             self.empty = [torch.from_numpy(a).to(device) for a in empty]
         # resident (None = auto: on a GPU, if the split fits in a quarter of its free memory): the split is copied to
         # the device once, and a batch is a gather there: no host work, no host->device copy in the step
-        arrays = [self.x, self.y] + self.text
+        arrays = [self.x, self.y] + self.text + ([] if self.hint is None else [self.hint])
         if resident is None:
             resident = device.type == 'cuda' and sum(a.nbytes for a in arrays) < torch.cuda.mem_get_info(device)[0] / 4
         self.resident = resident
         if self.resident:
-            self.x_dev, self.y_dev, *self.text_dev = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
+            self.x_dev, self.y_dev, *self.text_dev = [torch.from_numpy(np.array(a)).to(device) for a in arrays]
+            self.hint_dev = None if self.hint is None else self.text_dev.pop()  # the hint came last
 
     def fetch(self, a, idx, resident=None):
         """a[idx] on the device: a device-side gather when the split is resident, else a gather from the memmap into
@@ -94,6 +98,13 @@ class Data:
             a = a if drop is None else torch.where(drop.view(-1, *[1] * (a.dim() - 1)), e, a)
             out.append(a if a.dtype == torch.bool else a.float())
         return tuple(out)
+
+    def get_hint(self, idx, flip=None):
+        """Hint maps of idx as float [B, 1, H, W] in [0, 1] on the device; flip [B] bool mirrors them like get's latents."""
+        if self.hint is None:
+            raise SystemExit("error: this dataset has no hints: re-run prepare.py with --hint=canny, mask or file")
+        h = self.fetch(self.hint, idx, self.hint_dev if self.resident else None).float() / 255
+        return h if flip is None else torch.where(flip.view(-1, 1, 1, 1), h.flip(-1), h)
 
     def __len__(self):
         return len(self.y)

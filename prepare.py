@@ -7,7 +7,8 @@ Prepare a dataset for training: uint8 image arrays on disk that train.py memory-
                                   # built-in: 4k Twemoji PNGs captioned by their Unicode names -> data/emoji
 
 Output folder: meta.json, {train,val}_x.npy (uint8 [N,3,H,W]), {train,val}_y.npy (int64 [N]),
-{train,val}_captions.json; with --vae also {train,val}_latents.npy; with --text_encoder also
+{train,val}_captions.json; with --hint also {train,val}_hint.npy (uint8 [N,1,H,W] at the pixel resolution, even
+for latents); with --vae also {train,val}_latents.npy; with --text_encoder also
 {train,val}_text.npy (fp16 [N,L,D]), _text_mask.npy (bool [N,L]), _text_pooled.npy (fp16 [N,D]) and
 empty_text*.npy for the caption "" (classifier-free guidance). It is written to a sibling '.tmp'
 folder and swapped into place at the end, so a kill at any moment leaves the previous complete dataset (or the new one).
@@ -48,6 +49,8 @@ text_encoder = 'none' # 'none' = no text; a transformers hub id or folder (CLIP,
 text_max_len = 77     # tokens per caption: padded/truncated to this
 text_batch = 64
 device = 'auto'       # where the VAE and text encoder run
+hint = ''             # control maps: '' none, 'canny', 'mask' (shapes), 'file' (NAME.hint.png beside NAME.png)
+canny = (1.0, 0.1, 0.2)  # hint='canny': (blur sigma in px, low, high threshold as edge contrast), see hints.canny
 # -----------------------------------------------------------------------------
 
 
@@ -62,6 +65,12 @@ def check_config(cfg):
         sys.exit(f"error: --resolution={c['resolution']} must be a multiple of 8 for a VAE")
     if not 0 <= c['val_fraction'] < 1:
         sys.exit(f"error: --val_fraction={c['val_fraction']} must be in [0, 1)")
+    h, cy = cfg.get('hint', ''), cfg.get('canny', canny)  # .get: callers with a pre-hint config dict keep working
+    check(dict(hint=h), choices=dict(hint=('', 'canny', 'mask', 'file')))
+    if not dict(mask=c['dataset'] == 'shapes', file=c['dataset'] not in ('shapes', 'emoji')).get(h, True):
+        sys.exit(f"error: --hint={h} needs {'--dataset=shapes' if h == 'mask' else 'an image folder'}")
+    if not (len(cy) == 3 and all(type(v) in (int, float) for v in cy) and cy[0] >= 0 and 0 <= cy[1] <= cy[2]):
+        sys.exit(f"error: --canny={cy} must be (sigma >= 0, low, high) with 0 <= low <= high")
 
 
 
@@ -121,7 +130,8 @@ def scan_folder(root):
         seen.add(os.path.realpath(d))
         dirs[:] = [x for x in dirs if not x.startswith('.')]  # .git, .ipynb_checkpoints are no classes
         found += [os.path.relpath(os.path.join(d, n), root) for n in names
-                  if not n.startswith('.') and n.lower().endswith(IMAGE_EXTS)]
+                  if not n.startswith('.') and n.lower().endswith(IMAGE_EXTS)
+                  and not os.path.splitext(n)[0].lower().endswith('.hint')]  # NAME.hint.png: NAME.png's hint
     found.sort()
     class_names = sorted({f.split(os.sep)[0] for f in found if os.sep in f})
     if not class_names:
@@ -143,6 +153,20 @@ def read_caption(path):
         raise ValueError(f"caption {os.path.basename(txt)} is not valid UTF-8")
     except OSError as e:
         raise ValueError(f"cannot read caption {os.path.basename(txt)} ({e.strerror})")
+
+
+def read_hint(path, resolution):
+    """NAME.hint.png (or .jpg, ...) beside NAME.png, decoded/resized/cropped like the image (load_image), then grey:
+    uint8 [1,res,res]. ValueError if there is none or it is unusable: the image is skipped for that reason."""
+    base = os.path.splitext(path)[0] + '.hint'
+    found = [base + e for e in IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS) if os.path.isfile(base + e)]
+    if not found:
+        raise ValueError(f"no hint file {os.path.basename(base)}.png")
+    try:
+        rgb = load_image(found[0], resolution)
+    except ValueError as e:
+        raise ValueError(f"hint {os.path.basename(found[0])}: {e}")
+    return np.asarray(Image.fromarray(rgb.transpose(1, 2, 0)).convert('L'))[None]
 
 # ---------------------------------------------------------------- emoji
 
@@ -209,40 +233,52 @@ def new_array(path, dtype, shape):
     return a
 
 
-def write_split(folder, split, pairs, captions, n, resolution):
-    """Stream n (image, label) pairs into {split}_x.npy / {split}_y.npy (memmaps, never all in RAM)."""
+def write_split(folder, split, rows, captions, n, resolution, hint=False):
+    """Stream n (image, label) rows, or (image, label, hint map) with hint=True, into {split}_x.npy, _y.npy
+    and _hint.npy (memmaps, never all in RAM)."""
     path = os.path.join(folder, split)
     x = new_array(path + '_x.npy', np.uint8, (n, 3, resolution, resolution))
     y = new_array(path + '_y.npy', np.int64, (n,))
-    for i, (img, label) in enumerate(tqdm(pairs, total=n, desc=split, leave=False)):
-        x[i], y[i] = img, label
-    x.flush(), y.flush()
+    arrays = [x, y] + ([new_array(path + '_hint.npy', np.uint8, (n, 1, resolution, resolution))] if hint else [])
+    for i, row in enumerate(tqdm(rows, total=n, desc=split, leave=False)):
+        for a, v in zip(arrays, row, strict=True):
+            a[i] = v
+    for a in arrays:
+        a.flush()
     with open(path + '_captions.json', 'w') as f:
         json.dump([shape_caption(c) for c in y] if captions is None else captions, f, ensure_ascii=False)
 
 
-def prepare_shapes(folder, resolution, num_train, num_val, seed):
+def prepare_shapes(folder, resolution, num_train, num_val, seed, mask=False):
     for split, n, sub in (('train', num_train, 0), ('val', num_val, 1)):
         # val draws from its own derived stream; captions=None: "a red circle" from the labels
-        write_split(folder, split, shape_images(n, resolution, (seed, sub)), None, n, resolution)
+        rows = shape_images(n, resolution, (seed, sub))
+        if mask:  # each shape's exact mask, drawn from the same draws: the same (n, resolution, seed)
+            from hints import shape_masks  # lazily: hints.py imports torch
+            rows = ((img, y, m) for (img, y), m in zip(rows, shape_masks(n, resolution, (seed, sub))))
+        write_split(folder, split, rows, None, n, resolution, mask)
     return dict(num_classes=len(CLASS_NAMES), class_names=CLASS_NAMES, has_captions=True, splits=dict(
         train=num_train, val=num_val), seed=seed, skipped=[], shapes=SHAPES, colours=COLOURS)
 
 
-def prepare_folder(folder, root, resolution, val_fraction, seed, caption_of=read_caption, keep=None):
+def prepare_folder(folder, root, resolution, val_fraction, seed, caption_of=read_caption, keep=None, hint=False):
     """Decode, shuffle and split the images under root; caption_of(path) -> str, ValueError skips the file;
-    keep(relative path) -> False leaves a file out by choice (counted in meta 'left_out', not 'skipped')."""
+    keep(relative path) -> False leaves a file out by choice (counted in meta 'left_out', not 'skipped');
+    hint=True: each image's NAME.hint.png too (read_hint), and an image without a usable one is skipped."""
     files, class_names, skipped = scan_folder(root)
     n_found = len(files)
     files = [f for f in files if keep is None or keep(f[0])]
     # decode everything once into a scratch memmap in sorted order, then shuffle/split from it
     buf = new_array(os.path.join(folder, 'all_x.npy'), np.uint8, (max(len(files), 1), 3, resolution, resolution))
+    hbuf = new_array(os.path.join(folder, 'all_hint.npy'), np.uint8, (len(buf), 1, resolution, resolution)) if hint else []
     labels, captions = [], []
     for rel, y in tqdm(files, desc='decode', leave=False):
         path = os.path.join(root, rel)
         try:
             caption = caption_of(path)
             buf[len(labels)] = load_image(path, resolution)
+            if hint:  # after the image: a bad image is skipped for itself, not for its hint
+                hbuf[len(labels)] = read_hint(path, resolution)
         except ValueError as e:
             skipped.append([rel, str(e)])
             continue
@@ -255,13 +291,26 @@ def prepare_folder(folder, root, resolution, val_fraction, seed, caption_of=read
     n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(n * val_fraction)))
     perm = np.random.default_rng(seed).permutation(n)
     for split, idx in (('val', perm[:n_val]), ('train', perm[n_val:])):
-        write_split(folder, split, ((buf[i], labels[i]) for i in idx), [captions[i] for i in idx],
-                    len(idx), resolution)
-    del buf
-    os.remove(os.path.join(folder, 'all_x.npy'))
+        rows = ((buf[i], labels[i], *hbuf[i:i + 1]) for i in idx)  # with the hint map, if any (hbuf [] has none)
+        write_split(folder, split, rows, [captions[i] for i in idx], len(idx), resolution, hint)
+    del buf, hbuf
+    for scratch in ['all_x.npy'] + ['all_hint.npy'] * hint:
+        os.remove(os.path.join(folder, scratch))
     skipped.sort()
     return dict(num_classes=len(class_names), class_names=class_names, has_captions=any(captions),
                 splits=dict(train=n - n_val, val=n_val), seed=seed, skipped=skipped, left_out=n_found - len(files))
+
+
+def write_canny(folder, sigma, low, high, batch=256):
+    """Canny edges of each split's pixels into {split}_hint.npy uint8 [N,1,H,W], in batches; -> the meta entry."""
+    import hints  # lazily: hints.py imports torch
+    for split in ('train', 'val'):
+        x = np.load(os.path.join(folder, f'{split}_x.npy'), mmap_mode='r')
+        h = new_array(os.path.join(folder, f'{split}_hint.npy'), np.uint8, (len(x), 1, *x.shape[2:]))
+        for i in tqdm(range(0, len(x), batch), desc=f'canny {split}', leave=False):
+            h[i:i + batch] = hints.canny(np.array(x[i:i + batch]), sigma, low, high).numpy()
+        h.flush()
+    return dict(canny=[sigma, low, high])
 
 
 def encode_latents(folder, vae_id, subfolder, batch, device):
@@ -394,6 +443,7 @@ def main(cfg):
     check_config(cfg)
     res = cfg['resolution']
     text = cfg.get('text_encoder', 'none')  # .get: callers with a pre-text config dict keep working
+    hint = cfg.get('hint', '')
     if not builtin:  # the swap deletes the old out_dir: it must never be (or hold) the source images
         a, b = os.path.realpath(root), os.path.realpath(out)
         if os.path.commonpath([a, b]) in (a, b):
@@ -409,7 +459,7 @@ def main(cfg):
     os.makedirs(tmp)
     try:
         if builtin:
-            meta = prepare_shapes(tmp, res, cfg['num_train'], cfg['num_val'], cfg['seed'])
+            meta = prepare_shapes(tmp, res, cfg['num_train'], cfg['num_val'], cfg['seed'], hint == 'mask')
         elif emoji:  # a flat image folder (no classes) captioned from the file names
             tones = {f'{c:x}' for c in SKIN_TONES}  # as they appear in the file names
             no_tone = lambda rel: not tones & set(os.path.splitext(rel)[0].split('-'))
@@ -417,8 +467,10 @@ def main(cfg):
                                        None if cfg.get('skin_tones', True) else no_tone),
                         license=EMOJI_LICENSE)
         else:
-            meta = prepare_folder(tmp, root, res, cfg['val_fraction'], cfg['seed'])
+            meta = prepare_folder(tmp, root, res, cfg['val_fraction'], cfg['seed'], hint=hint == 'file')
         meta = dict(dataset=cfg['dataset'], kind='pixels', resolution=res, channels=3, **meta)
+        if hint:  # canny edges come from the pixels, which every dataset keeps (also with --vae)
+            meta.update(hint=hint, hint_shape=[1, res, res], **(write_canny(tmp, *cfg['canny']) if hint == 'canny' else {}))
         if text != 'none' and not meta['has_captions']:  # checked before the (slow) VAE pass
             sys.exit(f"error: --text_encoder needs captions, but '{root}' has none (add NAME.txt beside each image)")
         if cfg['vae'] != 'none':  # pixels stay too: small, and what grading and FID read

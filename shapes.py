@@ -20,11 +20,13 @@ shape_caption = lambda label: f"a {CLASS_NAMES[label]}"  # the shapes captions; 
 # ---------------------------------------------------------------- shapes: generate
 
 def draw_shape(shape, colour, box, background, resolution, supersample=4):
-    """Render one shape into an RGB uint8 [H,W,3] image. box = (x0, y0, x1, y1) in px, floats ok."""
+    """Render one shape into an RGB uint8 [H,W,3] image. box = (x0, y0, x1, y1) in px, floats ok.
+    colour: a name of COLOURS, or an RGB tuple (hints.shape_masks draws the shape in white on black)."""
     s = supersample  # draw big, then average down: cheap, exact-area antialiasing
     img = Image.new('RGB', (resolution * s, resolution * s), tuple(int(v) for v in background))
     x0, y0, x1, y1 = (v * s for v in box)
-    d, fill = ImageDraw.Draw(img), COLOUR_RGB[COLOURS.index(colour)]
+    d = ImageDraw.Draw(img)
+    fill = COLOUR_RGB[COLOURS.index(colour)] if isinstance(colour, str) else colour
     if shape == 'circle':
         d.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)  # PIL boxes are inclusive, hence the -1
     elif shape == 'square':
