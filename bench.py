@@ -2,13 +2,20 @@
 Throughput and profiling: the same model, precision, compile and optimiser step as train.py, timed.
 
     python bench.py config/shapes.py                         # the CPU demo model on the real shapes data
-    python bench.py --size=B/2 --resolution=32 --channels=4  # DiT-B/2 on 32x32x4 random latents (GPU)
+    python bench.py --size=B/2 --resolution=32 --channels=4  # DiT-B/2 on 32x32x4 latents (GPU), beside diffusers'
+    python bench.py --size=XL/2 --batch_size=256 --grad_checkpoint=True   # less memory: blocks recomputed in backward
     python bench.py config/shapes.py --profile=True          # + a torch.profiler trace in bench_trace.json
+    python bench.py --suite=True                             # every GPU figure of BENCHMARKS.md, written there
 
 Prints one table: train img/s, MFU (analytic FLOPs from torch.utils.flop_counter / the peak FLOP/s it
-names), peak memory, the data-loading share of step time, and sampling img/s.
+names), peak memory, the data-loading share of step time, and sampling img/s. For a class-conditional DiT,
+the same rows for diffusers' DiTTransformer2DModel of the same size (same batches, precision, compile and
+step, in the same run) and the ratio ours / diffusers.
 """
+import json
 import os
+import re
+import subprocess
 import sys
 import time
 
@@ -16,7 +23,7 @@ import numpy as np
 import torch
 
 from diffusion import Diffusion, guided, sample_loop
-from model import DIT_SIZES, build_model, input_shape, model_args_from, setup_device
+from model import DIT_SIZES, UNet, build_model, input_shape, model_args_from, setup_device
 from configurator import check
 from data import Data, read_meta
 from train import flops_per_image, guess_peak_flops
@@ -45,19 +52,20 @@ schedule = 'cosine'
 prediction = 'v'
 num_timesteps = 1000
 batch_size = 64
-warmup = 5                   # untimed steps first (compile, allocator, cudnn autotune)
+warmup = 5                   # untimed steps first (compile, allocator, cudnn autotune): peak memory is theirs
 iters = 20                   # timed steps
-sample_steps = 20
+grad_checkpoint = False      # as train.py: recompute each block's activations in backward (less memory, more compute)
+peer = True                  # a DiT: also time diffusers' DiTTransformer2DModel of the same size (needs diffusers)
+sample_steps = 20            # the sampling row; 0 = none
 sample_batch = 64
 cfg_scale = 4.0
 device = 'auto'
 dtype = 'auto'
 compile = True               # CUDA only, as in train.py
+compile_mode = 'default'     # torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune', ...
 peak_flops = 0.0             # 0 = guess from the GPU name
 profile = False
-solvers = False              # instead: the exact-answer sampler error table (Gaussian data, closed-form ODE solution)
-quality = ''                 # instead: a shapes checkpoint folder -> conditional accuracy vs NFE for each sampler
-quality_per_class = 10
+suite = False                # instead: every GPU figure (SUITE below), each in its own process, -> BENCHMARKS.md
 vae = ''                     # instead: VAE encode img/s, ours vs diffusers' AutoencoderKL with the same weights;
                              # a hub id/folder, or 'random' for SD-size random weights (no download)
 vae_resolution = 256
@@ -70,105 +78,21 @@ def check_config():
     """What each setting may be, in one place: a bad value is one line before anything is built."""
     check(globals(), positive=('resolution', 'channels', 'text_dim', 'patch_size', 'n_layer', 'n_head', 'n_embd',
                                'share_blocks', 'unet_channels', 'unet_blocks', 'num_timesteps', 'batch_size', 'iters',
-                               'sample_steps', 'sample_batch', 'quality_per_class', 'vae_resolution', 'vae_batch'),
-          non_negative=('num_classes', 'text_len', 'warmup', 'cfg_scale', 'peak_flops', 'seed'),
+                               'warmup', 'sample_batch', 'vae_resolution', 'vae_batch'),
+          non_negative=('num_classes', 'text_len', 'sample_steps', 'cfg_scale', 'peak_flops', 'seed'),
           choices=dict(arch=('dit', 'unet'), objective=('flow', 'vp'), schedule=('linear', 'cosine'),
                        prediction=('eps', 'v', 'x0'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
-                       size=('',) + tuple(f"{k}/{p}" for k in DIT_SIZES for p in (2, 4, 8))))
+                       size=('',) + tuple(f"{k}/{p}" for k in DIT_SIZES for p in (2, 4, 8)),
+                       compile_mode=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')))
     if vae and vae_resolution % 8:
         sys.exit(f"error: --vae_resolution={vae_resolution} must be a multiple of 8")
+    if suite and not torch.cuda.is_available():
+        sys.exit("error: --suite=True measures GPU figures and torch sees no CUDA GPU here: BENCHMARKS.md is unchanged")
 
 
 def sync(dev):
     if dev.type == 'cuda':
         torch.cuda.synchronize(dev)
-
-
-def gaussian_x0(x_t, alpha, sigma, mu, s):
-    """E[x0 | x_t] for data x0 ~ N(mu, s^2 I) and x_t = alpha x0 + sigma eps: the optimal denoiser in closed
-    form, so every sampler has an exact answer to be measured against."""
-    return mu + alpha * s ** 2 / (alpha ** 2 * s ** 2 + sigma ** 2) * (x_t - alpha * mu)
-
-
-def solver_errors(mu=0.3, s=0.5, nfes=(5, 10, 20, 50)):
-    """Rows (model, sampler, [error at each NFE]): the RMS distance of each sampler's end point from the exact probability-flow ODE solution, which for
-    Gaussian data maps the start x_T to mu + s * (x_T - alpha_T mu) / sqrt(alpha_T^2 s^2 + sigma_T^2)."""
-    x = torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    rows = []
-    for objective in ('vp', 'flow'):
-        diffusion = Diffusion(objective, 'linear', 'eps', 1000)
-
-        def net(x_t, t):
-            a, sg = (float(v) for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
-            x0 = gaussian_x0(x_t, a, sg, mu, s)
-            return (x_t - x0) / sg if objective == 'flow' else (x_t - a * x0) / sg
-
-        t0 = 1.0 if objective == 'flow' else diffusion.T - 1.0
-        a, sg = (float(v) for v in diffusion.alpha_sigma(torch.tensor(t0, dtype=torch.float64)))
-        exact = mu + s * (x - a * mu) / (a * a * s * s + sg * sg) ** 0.5
-        rms = lambda out: (out - exact).pow(2).mean().sqrt().item()
-        uniform = 'leading' if objective == 'vp' else 'linspace'  # time-uniform, as diffusers' DDIM default
-        configs = [('dpm++', 2, 'logsnr'), ('dpm++', 1, 'logsnr'), ('dpm++', 3, 'logsnr'), ('dpm++', 2, 'karras'),
-                   ('dpm++', 3, 'karras'), ('dpm++', 2, 'linspace'), ('ddim', 1, uniform)]
-        if objective == 'flow':
-            configs += [('euler', 1, 'linspace'), ('heun', 2, 'karras')]
-        for sampler, order, spacing in configs:
-            errs = []
-            for nfe in nfes:
-                steps = (nfe + 1) // 2 if sampler == 'heun' else nfe
-                errs.append(rms(sample_loop(net, x.clone(), diffusion, steps, sampler, order, spacing)[0]))
-            name = f"{sampler}{order if sampler == 'dpm++' else ''} {spacing}" + (' (our default)' if (sampler, order, spacing) == ('dpm++', 2, 'logsnr') else '')
-            rows.append((objective, name, errs))
-        if objective == 'vp':
-            try:
-                import diffusers
-            except ImportError:
-                rows.append(('vp', 'diffusers DPMSolverMultistep default: not installed', [float('nan')] * len(nfes)))
-                continue
-            errs = []
-            for nfe in nfes:
-                sched = diffusers.DPMSolverMultistepScheduler()  # its defaults: linear betas, 2M, linspace
-                sched.set_timesteps(nfe)
-                out = x.clone()
-                for t in sched.timesteps:
-                    out = sched.step(net(out, float(t)), t, out).prev_sample
-                errs.append(rms(out))
-            rows.append(('vp', 'diffusers DPMSolverMultistep (default config)', errs))
-    return rows
-
-
-def print_solver_table(nfes=(5, 10, 20, 50)):
-    rows = solver_errors(nfes=nfes)
-    width = max(len(r[1]) for r in rows)
-    print(f"{'model':<6} {'sampler':<{width}}  " + '  '.join(f"{f'{n} NFE':>9}" for n in nfes))
-    for objective, name, errs in rows:
-        print(f"{objective:<6} {name:<{width}}  " + '  '.join(f"{e:9.2e}" for e in errs))
-
-
-def quality_table(ckpt_dir, per_class, nfes=(5, 10, 20, 50)):
-    """Conditional accuracy of samples from a trained shapes model, per sampler and NFE, graded by
-    shapes.grade; the 1000-step DDPM ancestral sampler is the reference."""
-    from shapes import grade, shape_caption
-    from sample import encode_prompts, load_model, sample_images
-    dev, _, autocast = setup_device(device, dtype)
-    model, diffusion, meta, _ = load_model(os.path.join(ckpt_dir, 'ckpt.pt'), dev)
-    labels = torch.arange(meta['num_classes']).repeat_interleave(per_class).to(dev)
-    text = empty = None
-    if model.config.text_dim:  # a text model is asked with the captions "a red circle", ...
-        text, empty = encode_prompts([shape_caption(i) for i in labels.tolist()], meta, dev)
-    uniform = 'linspace' if diffusion.objective == 'flow' else 'leading'
-    configs = [('dpm++', 1, 'logsnr'), ('dpm++', 2, 'logsnr'), ('dpm++', 3, 'logsnr'), ('dpm++', 2, uniform), ('ddim', 1, uniform)]
-    print(f"{len(labels)} samples per cell, cfg {cfg_scale}, {ckpt_dir}")
-    print(f"{'sampler':<22}" + ''.join(f"{f'{n} NFE':>9}" for n in nfes))
-    def acc(steps, **kw):
-        x = sample_images(model, diffusion, labels if text is None else labels * 0, meta, cfg_scale, seed=seed,
-                          autocast=autocast, steps=steps, text=text, null_text=empty, **kw)
-        return 100 * grade(x.numpy(), labels.cpu().numpy())[0]
-    for sampler, order, spacing in configs:
-        accs = [acc(n, sampler=sampler, order=order, spacing=spacing) for n in nfes]
-        name = f"{sampler}{order if sampler == 'dpm++' else ''} {spacing}"
-        print(f"{name:<22}" + ''.join(f"{a:8.1f}%" for a in accs), flush=True)
-    print(f"{'ddpm ' + uniform + ', 1000 NFE':<22}{acc(1000, sampler='ddpm', spacing=uniform):8.1f}%")
 
 
 def vae_table():
@@ -202,54 +126,61 @@ def vae_table():
     print(f"diffusers AutoencoderKL.encode: {ref_rate:.2f} img/s | ours / diffusers = {ours_rate / ref_rate:.2f}x")
 
 
-def main():
-    check_config()
-    if vae:
-        return vae_table()
-    if solvers:
-        return print_solver_table()
-    if quality:
-        return quality_table(quality, quality_per_class)
-    dev, ptdtype, autocast = setup_device(device, dtype)
-    torch.manual_seed(seed)
-    if dev.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.reset_peak_memory_stats(dev)
+def data_spec():
+    """-> (shape [C, H, W], num_classes, text_len, text_dim) of the batches to time: the dataset's, or the settings'."""
+    if not data_dir:  # random data; text_len > 0: a text model on random captions (no classes then)
+        return (channels, resolution, resolution), 0 if text_len else num_classes, text_len, text_dim if text_len else 0
+    meta = read_meta(data_dir)
+    if use_text and 'text_dim' in meta:
+        return input_shape(meta), 0, meta['text_max_len'], meta['text_dim']
+    return input_shape(meta), meta['num_classes'], 0, 0
+
+
+def model_args(shape, ncls, text_width):
+    """build_model's dict: the arch keys as train.py reads them, or a DiT size of the paper (--size=B/2) over them.
+    The size sets depth, heads and width only: the captions (text_len, text_dim) stay the settings'."""
+    cfg = dict(globals())
+    if size:
+        name, patch = size.split('/')
+        depth, heads, width = DIT_SIZES[name]
+        cfg.update(arch='dit', patch_size=int(patch), n_layer=depth, n_head=heads, n_embd=width)
+    return model_args_from(cfg, shape, ncls, text_width)
+
+
+def batches(dev, shape, ncls, L, D):
+    """get_batch() -> (x0, y, captions or None) on dev, from the dataset's loader or from random data held on the
+    host like the memmap, so the host->device copy is timed either way."""
     if data_dir:
-        meta = read_meta(data_dir)
-        text = use_text and 'text_dim' in meta
-        data = Data(data_dir, 'train', dev, text)
-        (c, res, _), ncls = input_shape(meta), 0 if text else meta['num_classes']
-        L, D = (meta['text_max_len'], meta['text_dim']) if text else (0, 0)
+        data = Data(data_dir, 'train', dev, D > 0)
 
         def get_batch():
             idx = np.sort(np.random.randint(0, len(data), batch_size))
             x, y = data.get(idx)
-            return (x, y * 0, data.get_text(idx)) if text else (x, y, None)
-    else:  # random data, held on the host like the memmap, so the host->device copy is still timed
-        c, res, ncls, L, D = channels, resolution, 0 if text_len else num_classes, text_len, text_dim if text_len else 0
-        host = [torch.randn(batch_size * 4, c, res, res), torch.randint(0, max(ncls, 1), (batch_size * 4,))]
-        if L:  # random caption states, a mask with 1..L real tokens, pooled vectors
-            host += [torch.randn(batch_size * 4, L, D), torch.arange(L) < torch.randint(1, L + 1, (batch_size * 4, 1)),
-                     torch.randn(batch_size * 4, D)]
-        host = [h.pin_memory() for h in host] if dev.type == 'cuda' else host
+            return (x, y * 0, data.get_text(idx)) if D else (x, y, None)
+        return get_batch
+    host = [torch.randn(batch_size * 4, *shape), torch.randint(0, max(ncls, 1), (batch_size * 4,))]
+    if L:  # random caption states, a mask with 1..L real tokens, pooled vectors
+        host += [torch.randn(batch_size * 4, L, D), torch.arange(L) < torch.randint(1, L + 1, (batch_size * 4, 1)),
+                 torch.randn(batch_size * 4, D)]
+    host = [h.pin_memory() for h in host] if dev.type == 'cuda' else host
 
-        def get_batch():
-            i = np.random.randint(0, 4) * batch_size
-            x, y, *caps = [h[i:i + batch_size].to(dev, non_blocking=True) for h in host]
-            return x, y, tuple(caps) or None
-    cfg = dict(globals())
-    if size:  # a paper size overrides the DiT keys
-        name, p = size.split('/')
-        L, H, D = DIT_SIZES[name]
-        cfg.update(arch='dit', patch_size=int(p), n_layer=L, n_head=H, n_embd=D)
-    args = model_args_from(cfg, (c, res, res), ncls, D)
-    model = build_model(args).to(dev)
-    flops = flops_per_image(model, (c, res, res), L)
-    diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == 'cuda')
+    def get_batch():
+        i = np.random.randint(0, 4) * batch_size
+        x, y, *caps = [h[i:i + batch_size].to(dev, non_blocking=True) for h in host]
+        return x, y, tuple(caps) or None
+    return get_batch
+
+
+def ready(model, diffusion, get_batch, dev, ptdtype, autocast):
+    """model on dev, compiled (on CUDA) as train.py compiles it, and one optimizer step as train.py takes it (loss,
+    backward, clip, fused AdamW), run warmup times untimed (compilation, allocator, autotuning) -> (net, train_step,
+    the peak GiB those steps allocated beyond what dev held before; None on a CPU). Raises torch.OutOfMemoryError."""
+    base = torch.cuda.memory_allocated(dev) if dev.type == 'cuda' else 0
+    nhwc = dev.type == 'cuda' and isinstance(model, UNet)  # as train.py: the layout of cuDNN's tensor-core convolutions
+    model.to(dev, memory_format=torch.channels_last if nhwc else torch.preserve_format)
+    net = torch.compile(model, mode=compile_mode) if compile and dev.type == 'cuda' else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
-    net = torch.compile(model) if compile and dev.type == 'cuda' else model
 
     def train_step(x0, y, caps):
         t = diffusion.sample_t(len(y), device=dev)
@@ -261,22 +192,92 @@ def main():
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(warmup):
         train_step(*get_batch())
     sync(dev)
-    t_data = t_step = 0.0
+    return net, train_step, (torch.cuda.max_memory_allocated(dev) - base) / 2**30 if dev.type == 'cuda' else None
+
+
+def time_steps(steps, get_batch, dev):
+    """iters timed steps of each train_step in steps, interleaved: every batch goes through each model in turn, so
+    a machine busy with other work slows them alike -> [(img/s, seconds per step, data share of it)], one per step."""
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    t_data, t_step = 0.0, [0.0] * len(steps)
     for _ in range(iters):
         t0 = time.perf_counter()
         batch = get_batch()
         sync(dev)
-        t1 = time.perf_counter()
-        train_step(*batch)
-        sync(dev)
-        t_data, t_step = t_data + t1 - t0, t_step + time.perf_counter() - t1
-    step_time = (t_data + t_step) / iters
-    train_img_s = batch_size / step_time
+        t_data += time.perf_counter() - t0
+        for i, train_step in enumerate(steps):
+            t0 = time.perf_counter()
+            train_step(*batch)
+            sync(dev)
+            t_step[i] += time.perf_counter() - t0
+    return [(batch_size * iters / (t_data + t), (t_data + t) / iters, t_data / (t_data + t)) for t in t_step]
+
+
+def peer_model(args):
+    """diffusers' DiTTransformer2DModel of the size of our DiT args, behind our forward(x, t, y, text) so that
+    diffusion.loss drives it as it drives ours; or a line saying why there is none (diffusers is a test-only
+    dependency). out_channels = in_channels: ours predicts no learned variance."""
+    if args['arch'] != 'dit' or args.get('text_dim') or args.get('share', 1) != 1:
+        return "none for this model (diffusers' DiT is class-conditional, without shared blocks)"
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError:
+        return "skipped: diffusers is not installed (pip install diffusers)"
+
+    class Peer(DiTTransformer2DModel):
+        def forward(self, x, t, y, text=None):
+            return super().forward(x, t, y, return_dict=False)[0]
+    return Peer(num_attention_heads=args['n_head'], attention_head_dim=args['n_embd'] // args['n_head'],
+                in_channels=args['in_channels'], out_channels=args['in_channels'], num_layers=args['n_layer'],
+                sample_size=args['input_size'], patch_size=args['patch_size'], norm_type='ada_norm_zero',
+                num_embeds_ada_norm=max(args['num_classes'], 1))
+
+
+def main():
+    check_config()
+    if suite:
+        extra = ''.join(f' {a}' for a in sys.argv[1:] if not a.startswith('--suite'))  # to every bench.py run
+        return run_suite(os.path.join(HERE, 'BENCHMARKS.md'), extra)
+    if vae:
+        return vae_table()
+    dev, ptdtype, autocast = setup_device(device, dtype)
+    torch.manual_seed(seed)
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    shape, ncls, L, D = data_spec()  # L, D: the captions' tokens and width (0, 0: a class-conditional model)
+    get_batch = batches(dev, shape, ncls, L, D)
+    args = model_args(shape, ncls, D)
+    model = build_model(args)
+    model.grad_checkpoint = grad_checkpoint
+    flops = flops_per_image(model, shape, L)
+    diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
+    try:
+        net, train_step, mem = ready(model, diffusion, get_batch, dev, ptdtype, autocast)
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"error: CUDA out of memory at batch_size={batch_size}: set --grad_checkpoint=True or lower "
+                         f"--batch_size") from None
+    # the peer: diffusers' DiT of the same size, readied the same way beside ours, timed on the same batches
+    steps, peer_net = [train_step], peer_model(args) if peer else 'off (--peer=False)'
+    if not isinstance(peer_net, str):
+        if grad_checkpoint:
+            peer_net.enable_gradient_checkpointing()
+        peer_flops, peer_params = flops_per_image(peer_net, shape, 0), sum(p.numel() for p in peer_net.parameters())
+        try:
+            steps.append(ready(peer_net, diffusion, get_batch, dev, ptdtype, autocast)[1])
+        except torch.OutOfMemoryError:
+            peer_net = f"out of memory at batch_size={batch_size} beside ours"
+    timed = time_steps(steps, get_batch, dev)
+    train_img_s, step_time, data_share = timed[0]
     peak = peak_flops or guess_peak_flops(dev)
+    # model FLOPs utilisation: forward + backward = 3x the forward FLOPs (checkpointing's recompute is not counted)
+    def mfu(fwd_flops, img_s):
+        return f"{300 * fwd_flops * img_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else 'n/a (no known peak)'
 
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -290,40 +291,135 @@ def main():
         print('wrote bench_trace.json (open in chrome://tracing or https://ui.perfetto.dev)')
 
     # sampling: DPM-Solver++(2M), CFG as one batched call of 2x the batch per step, EMA-free weights
-    model.eval()
-    y = torch.randint(0, max(ncls, 1), (sample_batch,), device=dev)
-    x = torch.randn(sample_batch, c, res, res, device=dev)
-    caps = empty = None
-    if D:  # prompts and the empty caption: the shapes of real ones (their values do not change the timing)
-        caps = (torch.randn(sample_batch, L, D, device=dev), torch.ones(sample_batch, L, dtype=torch.bool, device=dev),
-                torch.randn(sample_batch, D, device=dev))
-        empty = tuple(a[:1] for a in caps)
-    with torch.no_grad(), autocast:
-        fn = guided(net, diffusion, y, ncls, cfg_scale, caps, empty)
-        sample_loop(fn, x, diffusion, 2)  # warm-up (compile for the eval shapes)
-        sync(dev)
-        t0 = time.perf_counter()
-        sample_loop(fn, x, diffusion, sample_steps)
-        sync(dev)
-    sample_img_s = sample_batch / (time.perf_counter() - t0)
+    sample_img_s = 'not timed (--sample_steps=0)'
+    if sample_steps:
+        model.eval()
+        y = torch.randint(0, max(ncls, 1), (sample_batch,), device=dev)
+        x = torch.randn(sample_batch, *shape, device=dev)
+        caps = empty = None
+        if D:  # prompts and the empty caption: the shapes of real ones (their values do not change the timing)
+            caps = (torch.randn(sample_batch, L, D, device=dev), torch.ones(sample_batch, L, dtype=torch.bool, device=dev),
+                    torch.randn(sample_batch, D, device=dev))
+            empty = tuple(a[:1] for a in caps)
+        with torch.no_grad(), autocast:
+            fn = guided(net, diffusion, y, ncls, cfg_scale, caps, empty)
+            sample_loop(fn, x, diffusion, 2)  # warm-up (compile for the eval shapes)
+            sync(dev)
+            t0 = time.perf_counter()
+            sample_loop(fn, x, diffusion, sample_steps)
+            sync(dev)
+        sample_img_s = f"{sample_batch / (time.perf_counter() - t0):.1f}"
 
     name = size and f"DiT-{size}" or (f"DiT L{n_layer} d{n_embd} p{patch_size}" if arch == 'dit' else f"UNet {unet_channels}x{tuple(unet_mult)}")
-    mem = f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB" if dev.type == 'cuda' else 'n/a (CPU)'
-    mfu = f"{100 * 3 * flops * train_img_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else 'n/a (no known peak)'
+    settings = f"{str(ptdtype).split('.')[-1]} / {f'on ({compile_mode})' if net is not model else 'off'}"
     rows = [('device', torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f"cpu ({torch.get_num_threads()} threads)"),
-            ('model', f"{name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {c}x{res}x{res}"
+            ('model', f"{name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {'x'.join(map(str, shape))}"
                       + (f", text {L}x{D}" if D else '')),
-            ('precision / compile', f"{str(ptdtype).split('.')[-1]} / {'on' if net is not model else 'off'}"),
+            ('precision / compile', settings + (' / grad checkpointing' if grad_checkpoint else '')),
             ('batch', str(batch_size)),
             ('train img/s', f"{train_img_s:.1f}"),
             ('train step', f"{1000 * step_time:.1f} ms"),
             ('fwd GFLOP/img', f"{flops / 1e9:.3f} (x3 for a train step)"),
-            ('MFU', mfu),
-            ('peak memory', mem),
-            ('data share of step', f"{100 * t_data / (t_data + t_step):.1f}%"),
-            (f'sample img/s ({sample_steps} steps, cfg)', f"{sample_img_s:.1f}")]
+            ('MFU', mfu(flops, train_img_s)),
+            ('peak memory', f"{mem:.2f} GiB (training)" if mem is not None else 'n/a (CPU)'),
+            ('data share of step', f"{100 * data_share:.1f}%"),
+            (f'sample img/s ({sample_steps} steps, cfg)', sample_img_s),
+            ('diffusers DiT', peer_net if isinstance(peer_net, str) else
+             f"DiTTransformer2DModel, {peer_params / 1e6:.1f}M params, fwd {peer_flops / 1e9:.3f} GFLOP/img")]
+    if len(timed) > 1:
+        img_s = timed[1][0]
+        rows += [('diffusers train img/s', f"{img_s:.1f}"), ('diffusers MFU', mfu(peer_flops, img_s)),
+                 ('ours / diffusers', f"{train_img_s / img_s:.2f}x train img/s")]
     width = max(len(k) for k, _ in rows)
     print('\n'.join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+# -----------------------------------------------------------------------------
+# The GPU suite (--suite=True): every figure of BENCHMARKS.md from one command, each run in its own process (a clean
+# memory count; an out-of-memory stays in its row). 256 px images are 32x32x4 SD-VAE latents, 1000 classes.
+B256 = ' --resolution=32 --channels=4 --num_classes=1000 --batch_size=256 --sample_steps=0'
+SUITE = [('DiT-B/2', 'bench.py --size=B/2' + B256),
+         ('DiT-B/2, grad checkpointing', 'bench.py --size=B/2 --grad_checkpoint=True --peer=False' + B256),
+         ('DiT-XL/2', 'bench.py --size=XL/2 --peer=False' + B256),
+         ('DiT-XL/2, grad checkpointing', 'bench.py --size=XL/2 --grad_checkpoint=True' + B256),
+         ('UNet demo', 'bench.py config/shapes.py --sample_steps=0'),
+         # train.py's own img/s and MFU: DiT-B/2 on random latents in prepare.py's format (write_latents)
+         ('train.py, DiT-B/2', 'train.py --data_dir=data/bench_latents --out_dir=data/bench_latents/out --n_layer=12'
+                               ' --n_head=12 --n_embd=768 --patch_size=2 --batch_size=256 --log_interval=20'
+                               ' --eval_interval=0')]
+COLUMNS = ['train img/s', 'MFU', 'peak memory', 'diffusers train img/s', 'diffusers MFU', 'ours / diffusers']
+BEGIN, END = '<!-- bench.py --suite writes from here -->', '<!-- to here -->'
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_latents(folder, n=1024, shape=(4, 32, 32), classes=1000):
+    """A latent dataset in prepare.py's format holding random numbers, for train.py's img/s where no VAE can be
+    downloaded: its speed is real (the same arrays, shapes and loader), but it has no VAE to decode samples with, so
+    train.py must be stopped before it evaluates (measure does)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    latents = np.full((n, 2, 2, *shape), 0.1, np.float16)  # (image, flipped) x (posterior mean, std)
+    latents[:, :, 0] = rng.standard_normal((n, 2, *shape))
+    np.save(os.path.join(folder, 'train_latents.npy'), latents)
+    np.save(os.path.join(folder, 'train_y.npy'), rng.integers(0, classes, n))
+    with open(os.path.join(folder, 'meta.json'), 'w') as f:  # no val split: train.py validates on train then
+        json.dump(dict(dataset='random latents (bench.py --suite)', kind='latents', latent_shape=list(shape),
+                       vae='none', num_classes=classes, class_names=[str(i) for i in range(classes)],
+                       splits=dict(train=n, val=0)), f)
+
+
+def measure(cmd, lines=4):
+    """Run `python cmd` -> {column: value}: bench.py's printed table; or train.py's img/s and MFU, the mean of its
+    log lines after the first (which holds compilation), and it is stopped there, before it evaluates."""
+    out, logs = [], []
+    with subprocess.Popen([sys.executable] + cmd.split(), cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as p:
+        for line in p.stdout:
+            out.append(line.strip())
+            logs += re.findall(r'\| (\d+) img/s(?: \| mfu ([\d.]+)%)?', out[-1])  # train.py's log line
+            if len(logs) == lines:
+                p.kill()
+                img_s, mfu = zip(*logs[1:])
+                return {'train img/s': f"{np.mean([float(r) for r in img_s]):.1f}",
+                        'MFU': f"{np.mean([float(m) for m in mfu]):.1f}%" if all(mfu) else 'n/a'}
+    if p.returncode:
+        return {'error': next((s for s in reversed(out) if s), '?')[:150]}
+    return dict(re.split(r'\s{2,}', s, maxsplit=1) for s in out if re.search(r'\S\s{2,}\S', s))
+
+
+def publish(path, head, results):
+    """Rewrite the text of path between BEGIN and END (appended if absent; the rest is kept) as head and one table
+    of results [(label, command, {column: value})]."""
+    table = ['| run | ' + ' | '.join(COLUMNS) + ' | command |', '|---' * (len(COLUMNS) + 2) + '|']
+    for label, cmd, rows in results:
+        cells = [rows.get(c, '—').split(' of ')[0] for c in COLUMNS]  # '41.0% of 989 TFLOP/s' -> '41.0%'
+        if 'error' in rows:
+            cells = [rows['error']] + [''] * (len(COLUMNS) - 1)
+        table.append(f"| {label} | {' | '.join(cells)} | `python {cmd}` |")
+    before, _, rest = (open(path).read() if os.path.exists(path) else '').partition(BEGIN)
+    with open(path + '.tmp', 'w') as f:
+        f.write(f"{before}{BEGIN}\n{head}\n\n" + '\n'.join(table) + f"\n{END}" + (rest.partition(END)[2] or '\n'))
+    os.replace(path + '.tmp', path)
+
+
+def run_suite(path, extra=''):
+    """Every SUITE run (bench.py with extra arguments), its row of path's table rewritten after each, so that a suite
+    cut short still publishes what it measured."""
+    if not os.path.exists(os.path.join(HERE, 'data/shapes/meta.json')):
+        subprocess.run([sys.executable, 'prepare.py'], cwd=HERE, check=True)  # the UNet demo's data: generated
+    write_latents(os.path.join(HERE, 'data/bench_latents'))
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=HERE, capture_output=True, text=True).stdout
+    head = (f"Measured by `python bench.py --suite=True` on {torch.cuda.get_device_name()} (MFU of "
+            f"{guess_peak_flops(torch.device('cuda')) / 1e12:.0f} TFLOP/s), torch {torch.__version__}, commit "
+            f"{commit.strip() or '?'}, {time.strftime('%Y-%m-%d')}.")
+    results = []
+    for label, cmd in SUITE:
+        cmd += extra if cmd.startswith('bench.py') else ''
+        print(f"{label}: python {cmd}", flush=True)
+        results.append((label, cmd, measure(cmd)))
+        print(f"  {results[-1][2]}", flush=True)
+        publish(path, head, results)
+    print(f"wrote {path}")
 
 
 if __name__ == '__main__':

@@ -7,7 +7,7 @@ solve of the same probability-flow ODE from the same start.
     python bench_samplers.py                         # the tables (80 s on 2 busy CPU cores)
     python bench_samplers.py --diffusers_at_sigma=True --cfg_scale=5.0
 
-Why a mixture: on Gaussian data (bench.py --solvers, kept as a unit check) the ODE is linear, errors cancel and the
+Why a mixture: on Gaussian data (--gaussian=True, kept as a unit check) the ODE is linear, errors cancel and the
 ranking of the samplers flips with the data's std. Here the components have different widths (some as sharp as
 pixel values), so the denoiser is strongly nonlinear at low noise. The classes are groups of components, so the
 class-conditional denoiser, and CFG, are exact too.
@@ -38,6 +38,7 @@ ref_steps = 1000             # RK4 steps in log-SNR for the reference; it is che
 diffusers_at_sigma = False   # True: call the model at the noise level of diffusers' own sigmas, not at the timesteps
                              # that a pipeline passes (rounded to integers by most of its schedulers)
 seed = 0
+gaussian = False             # instead: the Gaussian unit check (data N(0.3, 0.5^2): a closed-form, linear ODE)
 quality = ''                 # instead: a shapes checkpoint folder -> accuracy and factor FD per sampler and NFE
 quality_per_class = 20
 quality_nfes = (3, 5, 10, 20)
@@ -228,6 +229,70 @@ def run_diffusers(net, x, diffusion, nfe, cls_name, kwargs, at_sigma=False):
 
 
 # -----------------------------------------------------------------------------
+# The Gaussian unit check: a linear ODE, too easy a referee, kept because its answer is closed form
+
+def gaussian_x0(x_t, alpha, sigma, mu, s):
+    """E[x0 | x_t] for data x0 ~ N(mu, s^2 I) and x_t = alpha x0 + sigma eps: the optimal denoiser in closed
+    form, so every sampler has an exact answer to be measured against."""
+    return mu + alpha * s ** 2 / (alpha ** 2 * s ** 2 + sigma ** 2) * (x_t - alpha * mu)
+
+
+def solver_errors(mu=0.3, s=0.5, nfes=(5, 10, 20, 50)):
+    """The Gaussian unit check (--gaussian=True). Rows (model, sampler, [error at each NFE]): the RMS distance of each sampler's end point from the exact probability-flow ODE solution, which for
+    Gaussian data maps the start x_T to mu + s * (x_T - alpha_T mu) / sqrt(alpha_T^2 s^2 + sigma_T^2)."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = []
+    for objective in ('vp', 'flow'):
+        diffusion = Diffusion(objective, 'linear', 'eps', 1000)
+
+        def net(x_t, t):
+            a, sg = (float(v) for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
+            x0 = gaussian_x0(x_t, a, sg, mu, s)
+            return (x_t - x0) / sg if objective == 'flow' else (x_t - a * x0) / sg
+
+        t0 = 1.0 if objective == 'flow' else diffusion.T - 1.0
+        a, sg = (float(v) for v in diffusion.alpha_sigma(torch.tensor(t0, dtype=torch.float64)))
+        exact = mu + s * (x - a * mu) / (a * a * s * s + sg * sg) ** 0.5
+        rms = lambda out: (out - exact).pow(2).mean().sqrt().item()
+        uniform = 'leading' if objective == 'vp' else 'linspace'  # time-uniform, as diffusers' DDIM default
+        configs = [('dpm++', 2, 'logsnr'), ('dpm++', 1, 'logsnr'), ('dpm++', 3, 'logsnr'), ('dpm++', 2, 'karras'),
+                   ('dpm++', 3, 'karras'), ('dpm++', 2, 'linspace'), ('ddim', 1, uniform)]
+        if objective == 'flow':
+            configs += [('euler', 1, 'linspace'), ('heun', 2, 'karras')]
+        for sampler, order, spacing in configs:
+            errs = []
+            for nfe in nfes:
+                steps = (nfe + 1) // 2 if sampler == 'heun' else nfe
+                errs.append(rms(sample_loop(net, x.clone(), diffusion, steps, sampler, order, spacing)[0]))
+            name = f"{sampler}{order if sampler == 'dpm++' else ''} {spacing}" + (' (our default)' if (sampler, order, spacing) == ('dpm++', 2, 'logsnr') else '')
+            rows.append((objective, name, errs))
+        if objective == 'vp':
+            try:
+                import diffusers
+            except ImportError:
+                rows.append(('vp', 'diffusers DPMSolverMultistep default: not installed', [float('nan')] * len(nfes)))
+                continue
+            errs = []
+            for nfe in nfes:
+                sched = diffusers.DPMSolverMultistepScheduler()  # its defaults: linear betas, 2M, linspace
+                sched.set_timesteps(nfe)
+                out = x.clone()
+                for t in sched.timesteps:
+                    out = sched.step(net(out, float(t)), t, out).prev_sample
+                errs.append(rms(out))
+            rows.append(('vp', 'diffusers DPMSolverMultistep (default config)', errs))
+    return rows
+
+
+def print_solver_table(nfes=(5, 10, 20, 50)):
+    rows = solver_errors(nfes=nfes)
+    width = max(len(r[1]) for r in rows)
+    print(f"{'model':<6} {'sampler':<{width}}  " + '  '.join(f"{f'{n} NFE':>9}" for n in nfes))
+    for objective, name, errs in rows:
+        print(f"{objective:<6} {name:<{width}}  " + '  '.join(f"{e:9.2e}" for e in errs))
+
+
+# -----------------------------------------------------------------------------
 # The tables
 
 def rms(a, b):
@@ -365,6 +430,8 @@ def check_config():
 def main():
     t0 = time.time()
     check_config()
+    if gaussian:
+        return print_solver_table()
     if quality:
         return quality_table(quality)
     threads = torch.get_num_threads()

@@ -78,7 +78,7 @@ def test_malicious_checkpoint_runs_no_code(data, trained, tmp_path):
         assert b'system' in f.read()
     for args in (['sample.py', f'--out_dir={tmp_path}', '--device=cpu', '--steps=1'],
                  ['train.py', f'--out_dir={tmp_path}', '--init_from=resume', f'--data_dir={data}'] + TINY,
-                 ['bench.py', f'--quality={tmp_path}', '--device=cpu']):
+                 ['bench_samplers.py', f'--quality={tmp_path}', '--device=cpu']):
         p = run(args)
         one_error_line(p, 'ckpt.pt', 'refused')
     assert not marker.exists()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffusion import SPACINGS, Diffusion, sample_loop, threshold_x0, tune_grid, unipc
-from bench import gaussian_x0
+from bench_samplers import gaussian_x0
 from conftest import one_line_exit, require
 
 diffusers = require('diffusers')  # skips without diffusers; fails instead in CI (conftest.py)
@@ -152,10 +152,10 @@ def test_log_snr_and_karras_grids(objective, spacing):
 
 
 def test_default_sampler_error_falls_with_nfe_and_beats_diffusers_default():
-    """bench.py's exact-answer table: data ~ N(MU, S^2) has a closed-form probability-flow ODE end point.
-    Our default (DPM-Solver++ 2M, log-SNR-uniform steps) is at most a third of the error of diffusers'
-    DPMSolverMultistepScheduler with its default config at 10 and 20 NFE."""
-    from bench import solver_errors
+    """bench_samplers.py's Gaussian unit check: data ~ N(MU, S^2) has a closed-form probability-flow ODE end
+    point. DPM-Solver++ 2M on log-SNR-uniform steps (the default before UniPC) is at most a third of the error
+    of diffusers' DPMSolverMultistepScheduler with its default config at 10 and 20 NFE."""
+    from bench_samplers import solver_errors
     rows = {(m, name.split(' (')[0]): errs for m, name, errs in solver_errors(nfes=(10, 20, 50))}
     for model in ('vp', 'flow'):
         ours = rows[(model, 'dpm++2 logsnr')]
@@ -291,7 +291,7 @@ SD = 0.15
 
 def mixture_net(diffusion):
     """The exact denoiser of an even mixture of N(MEANS[j], SD^2 I) in 4 dims: E[x0 | x_t] is each component's
-    Gaussian posterior mean (bench.gaussian_x0) weighted by its responsibility for x_t ~ N(alpha mu_j, var I)."""
+    Gaussian posterior mean (bench_samplers.gaussian_x0) weighted by its responsibility for x_t ~ N(alpha mu_j, var I)."""
     def fn(x, t):
         alpha, sigma = (float(v) for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
         var = alpha ** 2 * SD ** 2 + sigma ** 2
