@@ -416,7 +416,7 @@ def quality_table(ckpt_dir):
         with torch.inference_mode():
             t, _ = tune_grid(model_fn, x_tune, diffusion, n, default[0], default[1])
         cells.append(cell(n, sampler=default[0], order=default[1], spacing=t))
-        print(f"  (tuned the {n}-step grid in {time.time() - t0:.0f} s)", flush=True)
+        print(f"  (tuned the {n}-step grid in {time.time() - t0:.0f} s: {cells[-1]})", flush=True)  # kept if cut short
     print(f"{our_name(*default[:2], 'tuned grid'):<24}" + ''.join(f"{c:>15}" for c in cells))
     print(f"{'ddpm flowtime, 1000 NFE':<24}{cell(1000, sampler='ddpm', spacing='flowtime'):>15}")
 
