@@ -58,13 +58,14 @@ class Diffusion:
             return torch.sigmoid(torch.randn(n, generator=generator, device=device, dtype=torch.float64))
         return torch.randint(0, self.T, (n,), generator=generator, device=device).double()
 
-    def loss(self, model, x0, y, t, noise, min_snr_gamma=0.0, text=None):
+    def loss(self, model, x0, y, t, noise, min_snr_gamma=0.0, text=None, hint=None):
         """Mean squared error of the network's prediction; t and noise are drawn by the caller.
         min_snr_gamma > 0: Min-SNR-gamma weighting (Hang et al. 2023), see min_snr_weight.
-        text: the captions' (states, mask, pooled) for a text-conditional model, else None."""
+        text: the captions' (states, mask, pooled) for a text-conditional model, else None.
+        hint: the control branch's hint maps, else None (a model without a branch is not even passed the argument)."""
         alpha, sigma = (s.float().view(-1, 1, 1, 1) for s in self.alpha_sigma(t))
         x_t = alpha * x0 + sigma * noise
-        out = model(x_t, self.model_time(t).float(), y, text)
+        out = model(x_t, self.model_time(t).float(), y, text, **({} if hint is None else {'hint': hint}))
         if self.objective == 'flow':
             target = noise - x0  # velocity dx_t/dt
         else:
@@ -372,21 +373,25 @@ def tune_grid(model_fn, x, diffusion, steps, sampler='dpm++', order=2, ref_steps
     return t, info
 
 
-def guided(model, diffusion, y, null_class, cfg_scale, text=None, null_text=None):
+def guided(model, diffusion, y, null_class, cfg_scale, text=None, null_text=None, hint=None, control_scale=1.0):
     """The network with classifier-free guidance: out = uncond + s * (cond - uncond), with the conditional and
     unconditional halves in one batched forward (one network evaluation per step). A text model: text =
     the prompts' (states, mask, pooled), one per image; null_text = the empty caption's, which is the
-    unconditional half (y is then the null class throughout)."""
+    unconditional half (y is then the null class throughout). A control branch: hint [B, C, H, W], one per image,
+    at strength control_scale (a number or [B]); both halves see the hint (ControlNet's default: CFG guides the
+    label or caption, the hint holds in both)."""
     use_cfg = cfg_scale != 1 and (null_class > 0 or text is not None)  # unconditional: nothing to guide with
+    both = lambda a: torch.cat([a, a]) if use_cfg and torch.is_tensor(a) else a
+    control = {} if hint is None else dict(hint=both(hint), control_scale=both(control_scale))
     if use_cfg:
         y = torch.cat([y, torch.full_like(y, null_class)])
         if text is not None:
             text = tuple(torch.cat([a, e.expand_as(a)]) for a, e in zip(text, null_text))
 
     def model_fn(x, t):
-        xx = torch.cat([x, x]) if use_cfg else x
+        xx = both(x)
         tt = torch.full((len(xx),), diffusion.model_time(t), device=x.device)
-        out = model(xx, tt, y, text).float()
+        out = model(xx, tt, y, text, **control).float()
         if not use_cfg:
             return out
         cond, uncond = out.chunk(2)

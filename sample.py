@@ -7,6 +7,8 @@ Sample from a trained checkpoint with classifier-free guidance, write a PNG grid
     python sample.py --out_dir=out-shapes --sampler=ddpm --steps=1000 --spacing=linspace
     python sample.py --out_dir=out-emoji --prompt="red heart" --prompt="grinning face"   # text models
     python sample.py --out_dir=out-emoji --prompts=prompts.txt                          # one prompt per line
+    python sample.py --out_dir=out-mask --hint=mask.png --control_scale=0.8   # a control branch: the grid's first row
+    python sample.py --out_dir=out-mask --hint=val                             # shows the hints (val: one per column)
 
 Samplers (in diffusion.py: sample_loop, on the alpha/sigma of diffusion.Diffusion): UniPC 1/2/3 (Zhao et al. 2023;
 the default: order 3 on the 'flowtime' grid below 30 steps, 'logsnr' above, for every objective:
@@ -31,6 +33,7 @@ from tqdm import tqdm
 
 from checkpoint import atomic_write, load_model
 from configurator import check
+from data import Data, read_meta
 from diffusion import SAMPLERS, SPACINGS, default_solver, guided, sample_loop, tune_grid
 from model import input_shape, setup_device
 
@@ -53,6 +56,9 @@ per_class = 8                # grid: images per class or prompt (unconditional m
 prompt = ''                  # text models: --prompt="a red circle", repeatable (default: the dataset's val captions);
                              # read from the command line by read_prompts: every --prompt=... counts
 prompts = ''                 # text models: a text file, one prompt per line
+hint = ''                    # a control branch's hint: an image (every sample's), or 'val': the dataset's val hints, one
+                             # per grid column (save_dir: each val hint in turn); '' = none, the base model. Not for --grade
+control_scale = 1.0          # the branch's strength: 0 = the base model, 1 = as trained
 grade = False                # shapes only: sample grade_per_class images per class and read them back
 grade_per_class = 40
 data_dir = ''                # --grade's real images (the val split) and default prompts; '' = the model's dataset
@@ -82,10 +88,11 @@ def check_config():
 
 @torch.inference_mode()
 def sample_images(model, diffusion, labels, meta, cfg_scale, seed=0, autocast=None, batch_size=256, text=None,
-                  null_text=None, **solver):
+                  null_text=None, hint=None, control_scale=1.0, **solver):
     """Generate one image per label; returns uint8 [N, 3, H, W]. Seeded: the same call gives the same
     images. solver: steps, sampler, order, spacing, eta, threshold, threshold_max (see sample_loop).
     A text model: text = (states, mask, pooled) per image, null_text = the empty caption's (see guided).
+    A control branch: hint [N, 1, H, W] in [0, 1], one per image, at strength control_scale.
     A latent model's samples are decoded with the VAE that prepare.py recorded in meta."""
     if model.config.text_dim and (text is None or null_text is None):  # it would sample unconditioned, silently
         raise SystemExit("error: this is a text model: give it prompts (text=, null_text=: see encode_prompts)")
@@ -96,7 +103,9 @@ def sample_images(model, diffusion, labels, meta, cfg_scale, seed=0, autocast=No
     out = []
     for i in range(0, len(labels), batch_size):
         part = None if text is None else tuple(a[i:i + batch_size] for a in text)
-        model_fn = guided(model, diffusion, labels[i:i + batch_size], model.config.num_classes, cfg_scale, part, null_text)
+        h = None if hint is None else hint[i:i + batch_size]
+        model_fn = guided(model, diffusion, labels[i:i + batch_size], model.config.num_classes, cfg_scale, part, null_text,
+                          h, control_scale)
         with autocast or nullcontext():
             x, _ = sample_loop(model_fn, noise[i:i + batch_size], diffusion, generator=g, **solver)
         if not torch.isfinite(x).all():
@@ -148,6 +157,43 @@ def save_grid(images, captions, path, ncol=None):
     atomic_write(path, lambda f: grid.save(f, format='PNG'))
 
 
+def with_hints(images, names, hints, ncol):
+    """The grid with a first row of hints [k, 1, H, W] in [0, 1]: hint j above column j (one: the rest blank)."""
+    tiles = (hints[:, :1] * 255).round().to(torch.uint8).cpu().expand(-1, images.shape[1], -1, -1)
+    blank = torch.full((ncol - len(tiles), *images.shape[1:]), 255, dtype=torch.uint8)
+    return torch.cat([tiles, blank, images]), ['hint'] * len(tiles) + [''] * len(blank) + list(names)
+
+
+def read_hint(path, size):
+    """--hint=img.png as prepare.py reads hints (resized, centre-cropped, grey) -> [1, 1, size, size] in [0, 1]."""
+    from prepare import load_image
+    try:
+        grey = Image.fromarray(load_image(path, size).transpose(1, 2, 0)).convert('L')
+    except ValueError as e:
+        raise SystemExit(f"error: --hint={path}: {e}") from None
+    return torch.from_numpy(np.array(grey))[None, None].float() / 255
+
+
+def save_loss_curve(history, path):
+    """Train (grey) and val (blue) loss against step, log-scale loss, as a small PNG (PIL, no matplotlib)."""
+    pts = [(s, math.log10(v), kind) for s, kind, v in history if v > 0 and math.isfinite(v)]
+    if len(pts) < 2:
+        return
+    W, H, m = 640, 360, 40
+    s0, s1 = min(p[0] for p in pts), max(p[0] for p in pts) or 1
+    l0, l1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    xy = lambda s, l: (m + (W - 2 * m) * (s - s0) / max(s1 - s0, 1), H - m - (H - 2 * m) * (l - l0) / max(l1 - l0, 1e-9))
+    img = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m, W - m, H - m], outline='black')
+    for kind, colour in (('train', (150, 150, 150)), ('val', (30, 90, 220))):
+        line = [xy(s, l) for s, l, k in pts if k == kind]
+        if len(line) > 1:
+            d.line(line, fill=colour, width=2)
+    d.text((m, 8), f"loss (log10 {l0:.2f}..{l1:.2f}) vs step {s0}..{s1}: train grey, val (ema) blue", fill='black')
+    atomic_write(path, lambda f: img.save(f, format='PNG'))
+
+
 def save_samples(generate, asked, labels, meta, folder, info):
     """One PNG per entry of `asked` (class indices or prompts) in `folder`, 000000.png, ..., sampled batch_size at a
     time (batch k from seed * 1_000_003 + k: the same command writes the same bytes, and a longer run starts with
@@ -161,7 +207,7 @@ def save_samples(generate, asked, labels, meta, folder, info):
             os.remove(manifest)  # until the new one is written, no manifest names a mix of old and new files
         with tqdm(total=len(asked), unit='img', desc=f'sampling to {folder}') as bar:
             for k, start in enumerate(range(0, len(asked), batch_size)):
-                for img in generate(asked[start:start + batch_size], seed * 1_000_003 + k):
+                for img in generate(asked[start:start + batch_size], seed * 1_000_003 + k, start):
                     files.append(f"{len(files):06d}.png")
                     Image.fromarray(img.permute(1, 2, 0).numpy().squeeze()).save(os.path.join(folder, files[-1]))
                 bar.update(min(batch_size, len(asked) - start))
@@ -179,31 +225,37 @@ def eval_samples(model, diffusion, meta, data_dir, val_data, k, reference, **kw)
     """train.py's evaluation samples -> (images, captions, graded) for the eval grid. graded: with k > 0 (shapes
     data) k samples per class read back -> (accuracy, factor FD dict, number graded) against reference (see
     shapes_reference); else None. Class labels: max(8, k) samples per class and the grid shows the first 8, so
-    k <= 8 costs no sampling beyond the grid's. kw: cfg_scale, seed, autocast, and the solver's (sample_images)."""
+    k <= 8 costs no sampling beyond the grid's. A control branch: the first 8 val hints, hint j for column j (the
+    j-th sample of each class or caption, mod 8, graded ones too), shown as the grid's first row.
+    kw: cfg_scale, seed, autocast, and the solver's (sample_images)."""
     dev, text = val_data.device, bool(model.config.text_dim)
+    hints = val_data.get_hint(np.arange(8) % len(val_data)) if model.config.hint_channels else None
 
-    def sample(labels, cond):
-        return sample_images(model, diffusion, labels, meta, text=cond, null_text=val_data.empty if text else None, **kw)
+    def sample(labels, cond, column):
+        hint = None if hints is None else hints[torch.as_tensor(column, device=dev) % 8]
+        return sample_images(model, diffusion, labels, meta, text=cond, null_text=val_data.empty if text else None,
+                             hint=hint, **kw)
     if text:  # the first 8 distinct val captions, 8 samples each (already encoded: no text encoder here)
         caps = val_captions(data_dir)
         idx, names = np.repeat(list(caps.values()), 8), [c for c in caps for _ in range(8)]
-        grid = sample(torch.zeros(len(idx), dtype=torch.long, device=dev), val_data.get_text(idx))
-        if not k:
-            return grid, names, None
-        # graded on each class's caption ("a red circle"), taken from a val image of that class
-        first = [np.flatnonzero(val_data.y == c)[:1] for c in range(meta['num_classes'])]
-        idx = np.repeat(np.concatenate(first), k)
-        x, y = sample(torch.zeros(len(idx), dtype=torch.long, device=dev), val_data.get_text(idx)), val_data.y[idx]
+        grid = sample(torch.zeros(len(idx), dtype=torch.long, device=dev), val_data.get_text(idx), np.arange(len(idx)))
+        if k:  # graded on each class's caption ("a red circle"), taken from a val image of that class
+            first = [np.flatnonzero(val_data.y == c)[:1] for c in range(meta['num_classes'])]
+            idx = np.repeat(np.concatenate(first), k)
+            x = sample(torch.zeros(len(idx), dtype=torch.long, device=dev), val_data.get_text(idx), np.arange(len(idx)))
+            y = val_data.y[idx]
     else:
         n = max(8, k)
         labels = class_labels(meta, n)
-        x, y = sample(labels.to(dev), None), labels.numpy()
         nth = torch.arange(len(labels)) % n  # which sample of its class each one is
+        x, y = sample(labels.to(dev), None, nth), labels.numpy()
         grid = x[nth < 8]
         names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels[nth < 8].tolist()]
-        if not k:
-            return grid, names, None
         x, y = x[nth < k], y[(nth < k).numpy()]
+    if hints is not None:
+        grid, names = with_hints(grid, names, hints, 8)
+    if not k:
+        return grid, names, None
     from shapes import factor_fd, grade
     return grid, names, (grade(x.numpy(), y)[0], factor_fd(x.numpy(), y, *reference), len(y))
 
@@ -211,7 +263,6 @@ def eval_samples(model, diffusion, meta, data_dir, val_data, k, reference, **kw)
 def shapes_reference(folder):
     """The real images --grade compares samples with: (factors [N, 4], labels) of the val split of a shapes
     dataset (read back by shapes.factor_matrix, exactly as the samples are, so the reader's biases cancel)."""
-    from data import Data
     from shapes import factor_matrix
     val = Data(folder, 'val', torch.device('cpu'))  # checked against meta.json: a bad split is one line
     return factor_matrix(val.x), val.y
@@ -322,7 +373,16 @@ def main():
     is_text = bool(model.config.text_dim)
     if (prompts or any(a.startswith('--prompt=') for a in argv)) and not is_text:
         raise SystemExit(f"error: {out_dir}/{ckpt_name} is not a text model (it was trained on class labels): drop --prompt")
+    if hint and not model.config.hint_channels:
+        raise SystemExit(f"error: {out_dir}/{ckpt_name} has no control branch (it was trained without hints): drop --hint")
     data = data_dir or train_config.get('data_dir', '')
+    ncol = per_class if (meta['num_classes'] or is_text) else 8  # the grid's columns
+    hints = None  # a control branch's: image i gets hints[i % len(hints)]
+    if hint == 'val':  # one per grid column; save_dir: each in turn
+        val = Data(data, 'val' if read_meta(data)['splits'].get('val') else 'train', dev)
+        hints = val.get_hint(np.arange(min(num_samples, len(val)) if save_dir else ncol) % len(val))
+    elif hint:
+        hints = read_hint(hint, model.config.hint_size).to(dev)
     if tune:  # on the classes in turn (a text model: the prompts in turn)
         asked = read_prompts(argv, prompts, data) if is_text else list(range(max(meta['num_classes'], 1)))
         asked = [asked[i % len(asked)] for i in range(tune_batch)]
@@ -331,15 +391,18 @@ def main():
         solver['spacing'] = tune_and_save(model, diffusion, meta, (labels,) + cond, solver, key, grids, autocast)
     tuned = not isinstance(solver['spacing'], str)
     how = f"{solver['sampler']}{solver['order']} {'tuned grid' if tuned else solver['spacing']}, {steps} steps, cfg {cfg_scale}"
-    kw = dict(cfg_scale=cfg_scale, autocast=autocast, batch_size=batch_size, steps=steps, **solver)
+    kw = dict(cfg_scale=cfg_scale, autocast=autocast, batch_size=batch_size, steps=steps, control_scale=control_scale,
+              **solver)
 
-    def generate(names, seed_):
-        """Images for a list of prompts (text model) or class indices, one image each."""
+    def generate(names, seed_, start=None):
+        """Images for a list of prompts (text model) or class indices, one image each; with hints, image i gets
+        hint start + i (start None: no hint)."""
+        h = None if hints is None or start is None else hints[(start + torch.arange(len(names), device=dev)) % len(hints)]
         if not is_text:
-            return sample_images(model, diffusion, torch.tensor(names, device=dev), meta, seed=seed_, **kw)
+            return sample_images(model, diffusion, torch.tensor(names, device=dev), meta, seed=seed_, hint=h, **kw)
         cond, empty = encode_prompts(names, meta, dev)
         labels = torch.zeros(len(names), dtype=torch.long, device=dev)
-        return sample_images(model, diffusion, labels, meta, seed=seed_, text=cond, null_text=empty, **kw)
+        return sample_images(model, diffusion, labels, meta, seed=seed_, text=cond, null_text=empty, hint=h, **kw)
 
     is_shapes = meta.get('dataset') == 'shapes'
     if grade and not is_shapes:
@@ -362,14 +425,17 @@ def main():
     else:
         if is_text:
             names = [p for p in read_prompts(argv, prompts, data) for _ in range(per_class)]
-            images = generate(names, seed)
+            images = generate(names, seed, 0)
         else:
             labels = class_labels(meta, per_class).tolist()
-            images = generate(labels, seed)
+            images = generate(labels, seed, 0)
             names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels]
+        n = len(images)
+        if hints is not None:
+            images, names = with_hints(images, names, hints, ncol)
         path = os.path.join(out_dir, 'grid.png')
-        save_grid(images, names, path, ncol=per_class if (meta['num_classes'] or is_text) else 8)
-        print(f"wrote {path} ({len(images)} images, {how}, seed {seed})")
+        save_grid(images, names, path, ncol=ncol)
+        print(f"wrote {path} ({n} images{', hints in the first row' if hints is not None else ''}, {how}, seed {seed})")
 
     if grade:
         from shapes import factor_fd, grade as grade_images, shape_caption

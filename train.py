@@ -7,9 +7,12 @@ Many GPUs (DDP), one node or several:
 
     torchrun --standalone --nproc_per_node=8 train.py config/faces.py
 
-Everything random in a step (data order, noise, t, label dropout) is a function of (seed, step), so
+Everything random in a step (data order, noise, t, label and hint dropout) is a function of (seed, step), so
 `--init_from=resume` continues exactly the run that stopped, and N processes see the same global
-batch as one process with N times the batch size.
+batch as one process with N times the batch size. A control branch (model.py) for a dataset with hints
+(prepare.py --hint=...) is fine-tuned on a frozen base checkpoint in the same loop, and resumed like any run:
+
+    python train.py config/shapes.py --data_dir=data/shapes-mask --init_from=out-shapes/ckpt.pt --out_dir=out-mask
 """
 import copy
 import math
@@ -27,13 +30,14 @@ import checkpoint
 from configurator import check, configure
 from data import Data, batch_indices, read_meta
 from diffusion import Diffusion
-from model import build_model, input_shape, model_args_from, setup_device
+from model import build_model, freeze_base, input_shape, model_args_from, setup_device
 
 # -----------------------------------------------------------------------------
 # config: defaults here, overridden by config/*.py files and --key=value (see configurator.py)
 out_dir = 'out'
 data_dir = 'data/shapes'
-init_from = 'scratch'        # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'        # 'scratch', 'resume' (from out_dir/ckpt.pt), or a base checkpoint (ckpt.pt, .safetensors) to
+                             # fine-tune a control branch on (dataset with hints): its network, not this run's settings
 arch = 'dit'                 # 'dit' or 'unet' (small conv UNet: learns fastest in pixel space on a CPU)
 # DiT: see model.DIT_SIZES for the paper's sizes, e.g. B/2 = 12 layers, 12 heads, 768 wide, patch 2
 patch_size = 2
@@ -46,6 +50,8 @@ grad_checkpoint = False      # recompute each block's activations in backward: l
 unet_channels = 64
 unet_mult = (1, 2, 2)
 unet_blocks = 1
+control_blocks = 0           # control branch, DiT: base blocks it copies; 0 = half the depth (UNet: the encoder)
+hint_dropout = 0.1           # control branch: chance a hint is all zero (empty), so its strength can be scaled
 # diffusion
 objective = 'flow'           # 'flow' (rectified flow) or 'vp' (DDPM-style)
 schedule = 'cosine'          # vp only: 'linear' or 'cosine'
@@ -101,13 +107,15 @@ def check_config():
                                'sample_steps', 'max_bad_steps', 'restart_iters', 'num_timesteps', 'patch_size', 'n_layer',
                                'n_head', 'n_embd', 'share_blocks', 'unet_channels', 'unet_blocks'),
           non_negative=('lr', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'grad_clip', 'weight_decay', 'ema_start',
-                        'eval_interval', 'patience', 'min_snr_gamma', 'cfg_scale', 'peak_flops', 'seed'),
-          fraction=('class_dropout', 'ema_decay'),
-          choices=dict(init_from=('scratch', 'resume'), arch=('dit', 'unet'), objective=('flow', 'vp'),
-                       schedule=('linear', 'cosine'), prediction=('eps', 'v', 'x0'), optim=('adamw', 'adafactor'),
-                       lr_schedule=('cosine', 'restarts'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
+                        'eval_interval', 'patience', 'min_snr_gamma', 'cfg_scale', 'peak_flops', 'seed', 'control_blocks'),
+          fraction=('class_dropout', 'ema_decay', 'hint_dropout'),
+          choices=dict(arch=('dit', 'unet'), objective=('flow', 'vp'), schedule=('linear', 'cosine'),
+                       prediction=('eps', 'v', 'x0'), optim=('adamw', 'adafactor'), lr_schedule=('cosine', 'restarts'),
+                       dtype=('auto', 'float32', 'bfloat16', 'float16'),
                        keep_best=('val_loss', 'shapes_fd', 'shapes_accuracy'),
                        compile_mode=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')))
+    if init_from not in ('scratch', 'resume') and not os.path.isfile(init_from):
+        sys.exit(f"error: --init_from={init_from!r} is not 'scratch', 'resume' or a base checkpoint file")
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
         sys.exit(f"error: --beta1={beta1} and --beta2={beta2} must be in [0, 1)")
     if min_lr > lr:
@@ -135,10 +143,11 @@ def get_lr(it):
 
 
 def make_optimizer(model, device_type):
-    """AdamW or Adafactor; weight decay only on matrices (not on biases, norms or embeddings)."""
+    """AdamW or Adafactor on the trainable parameters; weight decay only on matrices (not biases, norms, embeddings)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and 'embed' not in name else no_decay).append(p)
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and 'embed' not in name else no_decay).append(p)
     groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
     if optim == 'adamw':
         # fused: one kernel for all parameters, and it can skip a step on the device (found_inf, see the loop)
@@ -150,17 +159,16 @@ def make_optimizer(model, device_type):
 
 
 def batch_noise(diffusion, step, n, shape, device, gen_seed, latent=False):
-    """t, noise and label dropout for a global batch (+ the VAE posterior sample and h-flip of latents), from a
-    generator seeded by (seed, step): a pure function of the step, so resuming needs no RNG state."""
+    """t, noise, label dropout, (latents) the VAE posterior sample and h-flip, and hint dropout for a global batch, from
+    a generator seeded by (seed, step): a pure function of the step, so resuming needs no RNG state."""
     g = torch.Generator(device).manual_seed(gen_seed * 1_000_003 + step)
     t = diffusion.sample_t(n, g, device)
     noise = torch.randn((n,) + shape, generator=g, device=device)
     drop = torch.rand(n, generator=g, device=device) < class_dropout  # for CFG: the null class / empty caption
-    if not latent:
-        return t, noise, drop, None, None
-    eps = torch.randn((n,) + shape, generator=g, device=device)
-    flip = torch.rand(n, generator=g, device=device) < 0.5
-    return t, noise, drop, eps, flip
+    eps = torch.randn((n,) + shape, generator=g, device=device) if latent else None
+    flip = torch.rand(n, generator=g, device=device) < 0.5 if latent else None
+    empty = torch.rand(n, generator=g, device=device) < hint_dropout  # drawn last: the draws above are as before it
+    return t, noise, drop, eps, flip, empty
 
 
 @torch.no_grad()
@@ -209,27 +217,6 @@ def guess_peak_flops(dev):
     return 0.0
 
 
-def save_loss_curve(history, path):
-    """Train (grey) and val (blue) loss against step, log-scale loss, as a small PNG (PIL, no matplotlib)."""
-    from PIL import Image, ImageDraw
-    pts = [(s, math.log10(v), kind) for s, kind, v in history if v > 0 and math.isfinite(v)]
-    if len(pts) < 2:
-        return
-    W, H, m = 640, 360, 40
-    s0, s1 = min(p[0] for p in pts), max(p[0] for p in pts) or 1
-    l0, l1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    xy = lambda s, l: (m + (W - 2 * m) * (s - s0) / max(s1 - s0, 1), H - m - (H - 2 * m) * (l - l0) / max(l1 - l0, 1e-9))
-    img = Image.new('RGB', (W, H), 'white')
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m, W - m, H - m], outline='black')
-    for kind, colour in (('train', (150, 150, 150)), ('val', (30, 90, 220))):
-        line = [xy(s, l) for s, l, k in pts if k == kind]
-        if len(line) > 1:
-            d.line(line, fill=colour, width=2)
-    d.text((m, 8), f"loss (log10 {l0:.2f}..{l1:.2f}) vs step {s0}..{s1}: train grey, val (ema) blue", fill='black')
-    checkpoint.atomic_write(path, lambda f: img.save(f, format='PNG'))
-
-
 def main():
     check_config()
     config.update(configure(globals(), []))  # the settings as they are now, as checkpoints record them
@@ -261,11 +248,45 @@ def main():
         raise SystemExit(f"error: --eval_grade_per_class={eval_grade_per_class} reads samples back: only the "
                          f"built-in 'shapes' data can be ({data_dir} is not)")
 
-    # ---- model, EMA, optimiser, possibly resumed
-    model_args = model_args_from(globals(), shape, num_classes, meta['text_dim'] if text else 0)
+    # ---- model, EMA, optimiser: from scratch, resumed, or a control branch on a base checkpoint (frozen)
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if master:  # one training run per out_dir: a second one would overwrite this one's checkpoints
+        os.makedirs(out_dir, exist_ok=True)
+        checkpoint.lock_out_dir(out_dir)
+        checkpoint.remove_stale_temporaries(out_dir)
+    resume, path = init_from == 'resume', ckpt_path if init_from == 'resume' else init_from
+    ckpt = checkpoint.load(path, dev, training=resume) if init_from != 'scratch' else None  # tensors and plain values only
+    model_args = plain = model_args_from(globals(), shape, num_classes, meta['text_dim'] if text else 0)
+    control = bool(ckpt and (not resume or ckpt['model_args'].get('hint_channels')))
+    if control:  # the checkpoint's network with a branch for the dataset's hints
+        if not meta.get('hint'):
+            raise SystemExit(f"error: a control branch on {path} needs hints: {data_dir} has none (prepare.py --hint=...)")
+        model_args = dict(ckpt['model_args'], hint_channels=meta['hint_shape'][0], hint_size=meta['hint_shape'][-1])
+        if model_args['arch'] == 'dit':
+            model_args['control_blocks'] = control_blocks
+    if ckpt:  # the same data and diffusion (resumed: the same network), or it would silently train something else
+        now = dict({k: plain.get(k, 0) for k in ('input_size', 'in_channels', 'num_classes', 'text_dim')},
+                   vae=meta.get('vae'), **{k: globals()[k] for k in checkpoint.DIFFUSION_KEYS},
+                   **(model_args if resume else {}))
+        before = dict(ckpt['config'], **ckpt['model_args'], vae=ckpt['meta'].get('vae'))
+        differ = {k: (before.get(k, 0), v) for k, v in now.items() if before.get(k, 0) != v}
+        if differ:
+            raise SystemExit(f"error: {path} is a different model: " +
+                             ', '.join(f"{k}={a} in checkpoint vs {b} now" for k, (a, b) in differ.items()))
     diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
     model = build_model(model_args).to(dev)
-    if arch == 'unet' and dev.type == 'cuda':  # NHWC: the layout cuDNN's tensor-core convolutions run in
+    if control:  # only the branch trains (make_optimizer takes the trainable parameters)
+        freeze_base(model)
+    if control and not resume:  # the base's EMA weights; the branch starts as a copy of what it copies (ControlNet)
+        try:
+            missing, unexpected = model.load_state_dict(ckpt['ema'], strict=False)
+            wrong = [k for k in missing if not k.startswith('control.')] + unexpected + ['a control branch'] * (not missing)
+        except RuntimeError as e:  # a tensor of another shape
+            wrong = [' '.join(str(e).split())]
+        if wrong:
+            raise SystemExit(f"error: {path} has weights that do not fit a base model: {', '.join(wrong)[:200]}")
+        model.init_control_from_base()
+    if model_args['arch'] == 'unet' and dev.type == 'cuda':  # NHWC: the layout cuDNN's tensor-core convolutions run in
         model = model.to(memory_format=torch.channels_last)
     model.grad_checkpoint = grad_checkpoint
     ema = copy.deepcopy(model).float().requires_grad_(False)
@@ -273,22 +294,7 @@ def main():
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
     step, best_val, bad_steps, stale, history = 0, float('inf'), 0, 0, []
     best_score = float('inf')  # best.pt's keep_best score, lower is better: val loss, factor FD or -accuracy
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if master:  # one training run per out_dir: a second one would overwrite this one's checkpoints
-        os.makedirs(out_dir, exist_ok=True)
-        checkpoint.lock_out_dir(out_dir)
-        checkpoint.remove_stale_temporaries(out_dir)
-    if init_from == 'resume':
-        if not os.path.exists(ckpt_path):
-            raise SystemExit(f"error: init_from='resume' but there is no checkpoint at {ckpt_path}")
-        ckpt = checkpoint.load(ckpt_path, dev, training=True)  # tensors and plain values only: no code can run
-        # the same network and the same diffusion objective, or resuming would silently train something else
-        now = dict(model_args, objective=objective, schedule=schedule, prediction=prediction, num_timesteps=num_timesteps)
-        before = dict(ckpt['config'], **ckpt['model_args'])
-        differ = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
-        if differ:
-            raise SystemExit(f"error: {ckpt_path} is a different model: " +
-                             ', '.join(f"{k}={a} in checkpoint vs {b} now" for k, (a, b) in differ.items()))
+    if resume:
         try:
             model.load_state_dict(ckpt['model'])
             ema.load_state_dict(ckpt['ema'])
@@ -309,11 +315,13 @@ def main():
     if ddp:
         model = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None)
     n_params = sum(p.numel() for p in raw_model.parameters())
+    n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)  # a control run: its branch's
     flops_per_step = 3 * flops_per_image(raw_model, shape, meta.get('text_max_len', 0)) * global_batch  # forward + backward = 3x forward
     peak = peak_flops or guess_peak_flops(dev)
     if master:
-        print(f"{n_params / 1e6:.2f}M parameters | {len(train_data)} train images {shape} | global batch {global_batch} "
-              f"| {dev} {ptdtype} | {world} process(es) | conditioned on {'captions' if text else 'class labels'}")
+        print(f"{n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained) | {len(train_data)} train images {shape} "
+              f"| global batch {global_batch} | {dev} {ptdtype} | {world} process(es) | conditioned on "
+              f"{'captions' if text else 'class labels'}")
 
     @torch.no_grad()
     def val_loss(net):
@@ -321,10 +329,11 @@ def main():
         for i in range(eval_batches):
             idx = np.arange(i * batch_size, (i + 1) * batch_size) % len(val_data)
             x0, y = val_data.get(idx)
-            t, noise, _, _, _ = batch_noise(diffusion, i, len(idx), shape, dev, seed + 1)  # the same noise at every evaluation
+            t, noise = batch_noise(diffusion, i, len(idx), shape, dev, seed + 1)[:2]  # the same noise at every evaluation
+            caps, hint = val_data.get_text(idx) if text else None, val_data.get_hint(idx) if control else None
             with autocast:
                 y = y * 0 if text else y  # a text model has only the null class
-                losses.append(diffusion.loss(net, x0, y, t, noise, text=val_data.get_text(idx) if text else None).item())
+                losses.append(diffusion.loss(net, x0, y, t, noise, text=caps, hint=hint).item())
         return sum(losses) / len(losses)
 
     def state():  # what a checkpoint holds: tensors and plain values only (checkpoint.load refuses anything else)
@@ -346,8 +355,7 @@ def main():
         return eval_samples(ema, diffusion, meta, data_dir, val_data, eval_grade_per_class, reference, cfg_scale=cfg_scale,
                             seed=seed, autocast=autocast, steps=sample_steps)
 
-    def shared(value):
-        """Rank 0's number on every process (only rank 0 samples), so all agree on keep-best and early stopping."""
+    def shared(value):  # rank 0's number on every process (only rank 0 samples): all agree on keep-best, early stopping
         if not ddp:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=dev)
@@ -380,18 +388,20 @@ def main():
         for group in optimizer.param_groups:
             group['lr'] = get_lr(step)
         idx = batch_indices(step, len(train_data), global_batch, seed)
-        t, noise, drop, eps, flip = batch_noise(diffusion, step, global_batch, shape, dev, seed, train_data.latent)
+        t, noise, drop, eps, flip, empty = batch_noise(diffusion, step, global_batch, shape, dev, seed, train_data.latent)
         step_loss = torch.zeros((), device=dev)
         try:
             for micro in range(gradient_accumulation_steps):
                 # this process's slice of the global batch (the same examples with the same noise whatever the world size)
                 s = slice((micro * world + rank) * batch_size, (micro * world + rank + 1) * batch_size)
-                x0, y = train_data.get(idx[s], eps[s] if eps is not None else None, flip[s] if flip is not None else None)
+                f = flip[s] if flip is not None else None  # latents: mirrored or not (the hint with them)
+                x0, y = train_data.get(idx[s], eps[s] if eps is not None else None, f)
                 y = y * 0 if text else torch.where(drop[s], num_classes, y)  # the null class, for CFG (text: the only class)
                 caps = train_data.get_text(idx[s], drop[s]) if text else None  # dropped: the empty caption
+                hint = train_data.get_hint(idx[s], f) * ~empty[s].view(-1, 1, 1, 1) if control else None  # dropped: zeros
                 last = micro == gradient_accumulation_steps - 1
                 with (model.no_sync() if ddp and not last else nullcontext()), autocast:
-                    loss = diffusion.loss(model, x0, y, t[s], noise[s], min_snr_gamma, caps) / gradient_accumulation_steps
+                    loss = diffusion.loss(model, x0, y, t[s], noise[s], min_snr_gamma, caps, hint) / gradient_accumulation_steps
                 scaler.scale(loss).backward()
                 step_loss += loss.detach()
         except torch.OutOfMemoryError:
@@ -463,9 +473,9 @@ def main():
                 if improved:  # keep-best: the EMA weights with the best score so far; written first, so
                     save('best.pt')  # a kill between the two leaves best.pt new and ckpt.pt one evaluation older
                 save()
-                save_loss_curve(history, os.path.join(out_dir, 'loss.png'))
                 print(f"step {step} | {line} | saved {out_dir}/ckpt.pt", flush=True)
-                from sample import save_grid
+                from sample import save_grid, save_loss_curve
+                save_loss_curve(history, os.path.join(out_dir, 'loss.png'))
                 save_grid(grid, names, os.path.join(out_dir, f'samples_{step:06d}.png'))
             t_last = time.time()  # do not count evaluation in img/s
             if patience and stale >= patience:
