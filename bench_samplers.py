@@ -22,7 +22,7 @@ import torch
 
 from configurator import check
 from diffusion import Diffusion, default_solver, sample_loop, tune_grid
-from model import input_shape
+from model import input_shape, setup_device
 
 # -----------------------------------------------------------------------------
 dims = 32
@@ -383,7 +383,7 @@ def quality_table(ckpt_dir):
     from diffusion import guided
     from sample import sample_images, shapes_reference
     from shapes import factor_fd, grade
-    dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else 'cpu' if device == 'auto' else device)
+    dev = setup_device(device, 'float32')[0]
     model, diffusion, meta, config = load_model(os.path.join(ckpt_dir, 'ckpt.pt'), dev)
     if meta.get('dataset') != 'shapes' or model.config.text_dim:
         sys.exit(f"error: --quality={ckpt_dir} must be a class-conditional model of the built-in shapes data")

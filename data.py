@@ -84,10 +84,10 @@ class Data:
     def fetch(self, a, idx, resident=None):
         """a[idx] on the device: a device-side gather when the split is resident, else a gather from the memmap into
         pinned memory and an asynchronous copy, so the host can gather the next batch while the GPU computes."""
-        if resident is not None:
-            return resident[torch.from_numpy(np.asarray(idx)).to(self.device)]
-        a = torch.from_numpy(a[idx])
-        return a.pin_memory().to(self.device, non_blocking=True) if self.device.type == 'cuda' else a
+        a = torch.from_numpy(np.asarray(idx) if resident is not None else a[idx])  # the indices, or the examples
+        if self.device.type == 'cuda':  # pinned: a pageable copy would make the host wait for the GPU
+            a = a.pin_memory().to(self.device, non_blocking=True)
+        return a if resident is None else resident[a]
 
     def get_text(self, idx, drop=None):
         """Captions of idx as (states fp32 [B,L,D], mask bool [B,L], pooled fp32 [B,D]) on the device;

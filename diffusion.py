@@ -342,7 +342,11 @@ def tune_grid(model_fn, x, diffusion, steps, sampler='dpm++', order=2, ref_steps
     # start from the best analytic grid that begins at pure noise (vp 'leading' starts lower)
     start = 1.0 if diffusion.objective == 'flow' else diffusion.T - 1.0
     grids = {name: diffusion.sampling_schedule(steps, name)[0] for name in SPACINGS}
-    errors = {name: error(t) for name, t in grids.items() if t[0] == start}
+    unique = {}  # flow: 'flowtime' is 'linspace': each grid once
+    for name, t in grids.items():
+        if t[0] == start and not any(torch.equal(t, u) for u in unique.values()):
+            unique[name] = t
+    errors = {name: error(t) for name, t in unique.items()}
     name = min(errors, key=errors.get)
     t, err = grids[name], errors[name]
     # coordinates: lambda = log(alpha/sigma) = -log(edm sigma); u[0] (the start, maybe -inf) is fixed

@@ -173,8 +173,10 @@ def batch_noise(diffusion, step, n, shape, device, gen_seed, latent=False):
 
 @torch.no_grad()
 def update_ema(ema, model, step):
-    """fp32 EMA of the weights; before ema_start it just copies them (early weights are not worth averaging)."""
-    ema_p, model_p = list(ema.parameters()), [p.float() for p in model.parameters()]
+    """fp32 EMA of the trained weights (a control run's frozen base stays as loaded); before ema_start it just copies
+    them (early weights are not worth averaging)."""
+    pairs = [(e, p.float()) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    ema_p, model_p = [e for e, _ in pairs], [p for _, p in pairs]
     if step < ema_start:
         torch._foreach_copy_(ema_p, model_p)
     else:
