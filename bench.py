@@ -26,7 +26,7 @@ from diffusion import Diffusion, guided, sample_loop
 from model import DIT_SIZES, UNet, build_model, input_shape, model_args_from, setup_device
 from configurator import check
 from data import Data, read_meta
-from train import flops_per_image, guess_peak_flops
+from flops import flops_per_image, guess_peak_flops
 
 # -----------------------------------------------------------------------------
 # the model keys mean what they mean in train.py, so `python bench.py config/x.py` measures that config

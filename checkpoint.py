@@ -158,7 +158,7 @@ def export_safetensors(ckpt, path):
     """The EMA weights of a checkpoint as model.safetensors, with everything sampling needs as metadata."""
     from safetensors.torch import save
     meta = {k: json.dumps(ckpt[k]) for k in ('model_args', 'meta')}
-    meta['config'] = json.dumps({k: v for k, v in ckpt['config'].items() if k in DIFFUSION_KEYS + ('data_dir',)})
+    meta['config'] = json.dumps({k: v for k, v in ckpt['config'].items() if k in DIFFUSION_KEYS + ('data_dir', 'student')})
     weights = {k: v.detach().cpu().contiguous() for k, v in ckpt['ema'].items()}
     atomic_write(path, lambda f: f.write(save(weights, metadata=meta)))
 

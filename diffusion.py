@@ -95,6 +95,16 @@ class Diffusion:
             return alpha * x_t - sigma * out
         return out
 
+    def from_x0(self, x0, x_t, alpha, sigma):
+        """The network output that to_x0 reads back as x0 (its inverse; sigma > 0): a distilled student's target."""
+        if self.objective == 'flow':
+            return (x_t - x0) / sigma
+        if self.prediction == 'eps':
+            return (x_t - alpha * x0) / sigma
+        if self.prediction == 'v':
+            return (alpha * x_t - x0) / sigma
+        return x0
+
     def edm_sigma(self, t):
         """sigma/alpha, the noise level of x/alpha (EDM's sigma); +inf at pure noise."""
         alpha, sigma = self.alpha_sigma(t)
@@ -377,25 +387,33 @@ def tune_grid(model_fn, x, diffusion, steps, sampler='dpm++', order=2, ref_steps
     return t, info
 
 
-def guided(model, diffusion, y, null_class, cfg_scale, text=None, null_text=None, hint=None, control_scale=1.0):
+def guided(model, diffusion, y, null_class, cfg_scale, text=None, null_text=None, hint=None, control_scale=1.0,
+           scale_input=False):
     """The network with classifier-free guidance: out = uncond + s * (cond - uncond), with the conditional and
     unconditional halves in one batched forward (one network evaluation per step). A text model: text =
     the prompts' (states, mask, pooled), one per image; null_text = the empty caption's, which is the
     unconditional half (y is then the null class throughout). A control branch: hint [B, C, H, W], one per image,
     at strength control_scale (a number or [B]); both halves see the hint (ControlNet's default: CFG guides the
-    label or caption, the hint holds in both)."""
-    use_cfg = cfg_scale != 1 and (null_class > 0 or text is not None)  # unconditional: nothing to guide with
+    label or caption, the hint holds in both). cfg_scale: a number or [B]. scale_input: a guidance-distilled model
+    (model.config.guidance), which takes the scale as an input: one call, no unconditional half.
+    -> model_fn(x, t), t a number or [B] (objective times)."""
+    per_image = torch.is_tensor(cfg_scale)
+    use_cfg = (per_image or cfg_scale != 1) and (null_class > 0 or text is not None) and not scale_input
     both = lambda a: torch.cat([a, a]) if use_cfg and torch.is_tensor(a) else a
     control = {} if hint is None else dict(hint=both(hint), control_scale=both(control_scale))
+    if scale_input:
+        control['guidance'] = cfg_scale if per_image else torch.full((len(y),), float(cfg_scale), device=y.device)
     if use_cfg:
         y = torch.cat([y, torch.full_like(y, null_class)])
         if text is not None:
             text = tuple(torch.cat([a, e.expand_as(a)]) for a, e in zip(text, null_text))
+        if per_image:
+            cfg_scale = cfg_scale.float().view(-1, *[1] * 3)
 
     def model_fn(x, t):
         xx = both(x)
-        tt = torch.full((len(xx),), diffusion.model_time(t), device=x.device)
-        out = model(xx, tt, y, text, **control).float()
+        tt = diffusion.model_time(torch.as_tensor(t, dtype=torch.float64, device=x.device)).float().expand(len(x))
+        out = model(xx, both(tt), y, text, **control).float()
         if not use_cfg:
             return out
         cond, uncond = out.chunk(2)

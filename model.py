@@ -40,6 +40,7 @@ class DiTConfig:
     hint_channels: int = 0   # > 0 adds a control branch for a [B, hint_channels, hint_size, hint_size] hint (0 = none)
     hint_size: int = 0       # the hint's side in pixels: input_size, or 8 x input_size for an SD-VAE latent model
     control_blocks: int = 0  # base blocks the branch copies; 0 = half the depth (PixArt-delta copies 13 of 28)
+    guidance: bool = False   # the CFG scale is an input (a guidance-distilled student: one call per step, no uncond half)
 
 
 def run_block(model, block, *args):
@@ -160,6 +161,7 @@ class DiT(nn.Module):
         self.adaLN_f = nn.Sequential(nn.SiLU(), nn.Linear(c.n_embd, 2 * c.n_embd))
         self.head = nn.Linear(c.n_embd, c.patch_size ** 2 * c.in_channels)
         self.init_weights()
+        self.g_embed = guidance_embedding(c.n_embd) if c.guidance else None
         if c.hint_channels:  # PixArt-delta: trainable copies of the first blocks, each added back through a zero linear
             n = c.control_blocks or max(1, c.n_layer // 2)
             assert n <= c.n_layer, f"control_blocks {n} is more than n_layer {c.n_layer}"
@@ -191,15 +193,16 @@ class DiT(nn.Module):
         for i, block in enumerate(self.control.blocks):
             block.load_state_dict(self.blocks[i // self.config.share].state_dict())
 
-    def forward(self, x, t, y, text=None, hint=None, control_scale=1.0):
+    def forward(self, x, t, y, text=None, hint=None, control_scale=1.0, guidance=None):
         """x: [B, C, H, W] noisy input; t: [B] timestep on a 0..1000 scale; y: [B] class (num_classes = null);
+        guidance: a guidance-distilled model's CFG scale [B] (None: 1, no guidance);
         text: None, or pre-encoded captions (states [B, L, text_dim], mask [B, L] bool, pooled [B, text_dim]);
         hint: None, or [B, hint_channels, hint_size, hint_size] in [0, 1] for the control branch, whose additions
         are multiplied by control_scale (a number, or [B]); no hint or a scale of 0 is exactly the base model."""
         c, p, g = self.config, self.config.patch_size, self.grid
         h = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, T, n_embd]
         h = h + self.pos_embed.to(h.dtype)  # fp32 here would make the whole residual stream fp32 under bf16 autocast
-        cond = self.t_embed(timestep_embedding(t, 256).to(h.dtype)) + self.y_embed(y)
+        cond = self.t_embed(timestep_embedding(t, 256).to(h.dtype)) + self.y_embed(y) + guidance_in(self, guidance, t, h.dtype)
         ctx = mask = None
         if text is not None:
             ctx, mask, pooled = self.text(text)
@@ -235,6 +238,7 @@ class UNetConfig:
     text_dim: int = 0             # > 0: caption tokens via cross-attention in the middle, pooled caption into emb
     hint_channels: int = 0        # > 0 adds a control branch (as DiTConfig)
     hint_size: int = 0            # the hint's side in pixels
+    guidance: bool = False        # the CFG scale as an input (as DiTConfig)
 
 
 def group_norm(ch):
@@ -287,6 +291,7 @@ class UNet(nn.Module):
         emb = 4 * c.channels
         self.t_embed = nn.Sequential(nn.Linear(256, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.y_embed = nn.Embedding(c.num_classes + 1, emb)  # +1: the null class used for CFG
+        self.g_embed = guidance_embedding(emb) if c.guidance else None
         self.conv_in = nn.Conv2d(c.in_channels, chs[0], 3, padding=1)
         self.down, self.up, skip_chs, ch = nn.ModuleList(), nn.ModuleList(), [], chs[0]
         for i, out in enumerate(chs):
@@ -349,9 +354,9 @@ class UNet(nn.Module):
             h = h + net.cross(tokens, ctx, mask).transpose(1, 2).reshape(B, C, H, W)
         return net.mid2(h, emb), skips
 
-    def forward(self, x, t, y, text=None, hint=None, control_scale=1.0):
+    def forward(self, x, t, y, text=None, hint=None, control_scale=1.0, guidance=None):
         """As DiT.forward; text = (states [B, L, text_dim], mask [B, L], pooled [B, text_dim]) or None."""
-        emb = self.t_embed(timestep_embedding(t, 256).to(x.dtype)) + self.y_embed(y)
+        emb = self.t_embed(timestep_embedding(t, 256).to(x.dtype)) + self.y_embed(y) + guidance_in(self, guidance, t, x.dtype)
         ctx = mask = None
         if text is not None:
             ctx, mask, pooled = self.text(text)
@@ -407,6 +412,20 @@ def scaled(out, scale):
     if torch.is_tensor(scale):
         scale = scale.to(out.dtype).view(-1, *[1] * (out.dim() - 1))
     return out * scale
+
+
+def guidance_embedding(width):
+    """A guidance-distilled student's CFG-scale input (Meng et al. 2023), as FLUX-dev has one: sinusoidal features of
+    the scale into the condition vector through a zero last layer, so the student starts as its teacher's model."""
+    return nn.Sequential(nn.Linear(256, width), nn.SiLU(), zero_init(nn.Linear(width, width)))
+
+
+def guidance_in(model, scale, t, dtype):
+    """The CFG scale's term of the condition vector (0 for a model without the input); no scale is 1 (no guidance)."""
+    if model.g_embed is None:
+        return 0
+    scale = torch.ones_like(t, dtype=torch.float32) if scale is None else scale.float().expand(len(t))
+    return model.g_embed(timestep_embedding(100 * scale, 256).to(dtype))  # scales 0-10 spread like times 0-1000
 
 
 def freeze_base(model):

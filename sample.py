@@ -40,7 +40,8 @@ from model import input_shape, setup_device
 # -----------------------------------------------------------------------------
 out_dir = 'out'              # where the checkpoint is, and where the grid goes
 ckpt_name = 'ckpt.pt'        # or 'best.pt', or 'model.safetensors' (the shareable export: EMA weights)
-steps = 20                   # solver steps; NFE = steps (heun: 2*steps-1); CFG's cond+uncond is one batched call
+steps = 0                    # solver steps; NFE = steps (heun: 2*steps-1); CFG's cond+uncond is one batched call;
+                             # 0 = auto: 20, or a distilled student's own (its checkpoint records its steps and grid)
 sampler = 'auto'             # 'dpm++', 'unipc', 'ddim', 'ddpm', 'euler', 'heun' (the last two: flow models);
                              # 'auto': the default (diffusion.default_solver, chosen by bench_samplers.py)
 order = 0                    # dpm++ and unipc order: 1, 2 or 3; 0 = the default's
@@ -74,8 +75,8 @@ dtype = 'auto'
 
 def check_config():
     """What each setting may be, in one place: a bad value is one line before the checkpoint is even read."""
-    check(globals(), positive=('steps', 'per_class', 'grade_per_class', 'batch_size'),
-          non_negative=('eta', 'cfg_scale', 'seed'), fraction=('threshold',),
+    check(globals(), positive=('per_class', 'grade_per_class', 'batch_size'),
+          non_negative=('steps', 'eta', 'cfg_scale', 'seed'), fraction=('threshold',),
           choices=dict(sampler=('auto',) + SAMPLERS, order=(0, 1, 2, 3), spacing=('auto',) + SPACINGS,
                        dtype=('auto', 'float32', 'bfloat16', 'float16')))
     if tune and (spacing != 'auto' or sampler in ('ddpm', 'ddim') and (sampler == 'ddpm' or eta > 0)):
@@ -105,7 +106,7 @@ def sample_images(model, diffusion, labels, meta, cfg_scale, seed=0, autocast=No
         part = None if text is None else tuple(a[i:i + batch_size] for a in text)
         h = None if hint is None else hint[i:i + batch_size]
         model_fn = guided(model, diffusion, labels[i:i + batch_size], model.config.num_classes, cfg_scale, part, null_text,
-                          h, control_scale)
+                          h, control_scale, scale_input=model.config.guidance)
         with autocast or nullcontext():
             x, _ = sample_loop(model_fn, noise[i:i + batch_size], diffusion, generator=g, **solver)
         if not torch.isfinite(x).all():
@@ -317,10 +318,14 @@ def encode_prompts(texts, meta, dev):
     return (states[idx], mask[idx], pooled[idx]), (states[-1:], mask[-1:], pooled[-1:])
 
 
-def solver_settings(diffusion, grids):
+def solver_settings(diffusion, grids, student=None):
     """What sample_loop gets: each 'auto' (order 0) setting from the default (diffusion.default_solver),
     and for spacing 'auto' the grid tuned to this checkpoint for this sampler, order, steps and cfg, if grids.json
-    has one. -> (solver dict, grids.json key)."""
+    has one. A distilled student (its checkpoint's record: steps, times) gets DDIM on its own grid, what it learned
+    to take, when sampler and spacing are 'auto' and steps is its own. -> (solver dict, grids.json key)."""
+    if student and student['steps'] == steps and sampler == 'auto' and spacing == 'auto':
+        return dict(sampler='ddim', order=1, eta=0.0, threshold=threshold, threshold_max=threshold_max,
+                    spacing=student['t']), None
     d = default_solver(diffusion.objective, steps)
     s = dict(sampler=d['sampler'] if sampler == 'auto' else sampler, order=order or d['order'], eta=eta,
              threshold=threshold, threshold_max=threshold_max)
@@ -350,7 +355,8 @@ def tune_and_save(model, diffusion, meta, cond, solver, key, grids, autocast):
     labels, text, empty = cond
     g = torch.Generator(labels.device).manual_seed(seed + 1_000_003)  # not the noise the samples are drawn from
     x = torch.randn((len(labels),) + input_shape(meta), generator=g, device=labels.device)
-    model_fn = guided(model, diffusion, labels, model.config.num_classes, cfg_scale, text, empty)
+    model_fn = guided(model, diffusion, labels, model.config.num_classes, cfg_scale, text, empty,
+                      scale_input=model.config.guidance)
     with torch.inference_mode(), autocast:
         t, info = tune_grid(model_fn, x, diffusion, steps, **{k: v for k, v in solver.items() if k != 'spacing'})
     print(f"tuned {key}: RMS error vs a converged solve {info['start_error']:.4f} ({info['start']}) -> {info['error']:.4f}, "
@@ -362,14 +368,22 @@ def tune_and_save(model, diffusion, meta, cond, solver, key, grids, autocast):
 
 
 def main():
+    global steps
     from configurator import configure
     argv = sys.argv[1:]
     configure(globals(), [a for a in argv if not a.startswith('--prompt=')])  # repeatable: read below
     check_config()
     dev, _, autocast = setup_device(device, dtype)
     model, diffusion, meta, train_config = load_model(os.path.join(out_dir, ckpt_name), dev, use_ema)
+    student = train_config.get('student')  # a distilled student's record (train.py --distill_steps)
+    steps = steps or (student or {}).get('steps') or 20
+    lo, hi = (student or {}).get('cfg') or (cfg_scale, cfg_scale)
+    if not lo <= cfg_scale <= hi:
+        print(f"warning: {out_dir}/{ckpt_name} learned CFG scales {lo:g} to {hi:g}: --cfg_scale={cfg_scale:g} is outside them")
     grids = read_grids(out_dir)
-    solver, key = solver_settings(diffusion, grids)
+    solver, key = solver_settings(diffusion, grids, student)
+    if tune and key is None:
+        raise SystemExit("error: --tune=True: a distilled student samples on its own grid; name --sampler or --spacing")
     is_text = bool(model.config.text_dim)
     if (prompts or any(a.startswith('--prompt=') for a in argv)) and not is_text:
         raise SystemExit(f"error: {out_dir}/{ckpt_name} is not a text model (it was trained on class labels): drop --prompt")
@@ -389,8 +403,9 @@ def main():
         cond = encode_prompts(asked, meta, dev) if is_text else (None, None)
         labels = torch.tensor([0] * tune_batch if is_text or not meta['num_classes'] else asked, device=dev)
         solver['spacing'] = tune_and_save(model, diffusion, meta, (labels,) + cond, solver, key, grids, autocast)
-    tuned = not isinstance(solver['spacing'], str)
-    how = f"{solver['sampler']}{solver['order']} {'tuned grid' if tuned else solver['spacing']}, {steps} steps, cfg {cfg_scale}"
+    grid = solver['spacing'] if isinstance(solver['spacing'], str) else 'tuned grid' if key else "the student's grid"
+    name = solver['sampler'] + (str(solver['order']) if solver['sampler'] in ('dpm++', 'unipc') else '')
+    how = f"{name} {grid}, {steps} steps, cfg {cfg_scale}"
     kw = dict(cfg_scale=cfg_scale, autocast=autocast, batch_size=batch_size, steps=steps, control_scale=control_scale,
               **solver)
 

@@ -13,6 +13,7 @@ batch as one process with N times the batch size. A control branch (model.py) fo
 (prepare.py --hint=...) is fine-tuned on a frozen base checkpoint in the same loop, and resumed like any run:
 
     python train.py config/shapes.py --data_dir=data/shapes-mask --init_from=out-shapes/ckpt.pt --out_dir=out-mask
+Distillation (distill.py) runs in this loop too, from a teacher checkpoint: python train.py config/distill_shapes.py
 """
 import copy
 import math
@@ -29,7 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 from configurator import check, configure
 from data import Data, batch_indices, read_meta
+import distill
 from diffusion import Diffusion
+from flops import flops_per_image, guess_peak_flops
 from model import build_model, freeze_base, input_shape, model_args_from, setup_device
 
 # -----------------------------------------------------------------------------
@@ -52,6 +55,9 @@ unet_mult = (1, 2, 2)
 unet_blocks = 1
 control_blocks = 0           # control branch, DiT: base blocks it copies; 0 = half the depth (UNet: the encoder)
 hint_dropout = 0.1           # control branch: chance a hint is all zero (empty), so its strength can be scaled
+distill_steps = ()           # distil init_from (the teacher) in rounds (distill.py), max_iters split evenly: each round's
+                             # student steps, e.g. (4, 2, 1): 8 DDIM steps -> 4 -> 2 -> 1; a first 0: the guidance alone
+distill_cfg = (1.0, 6.0)     # distilling a conditional model: the CFG scales the student learns to take as an input
 # diffusion
 objective = 'flow'           # 'flow' (rectified flow) or 'vp' (DDPM-style)
 schedule = 'cosine'          # vp only: 'linear' or 'cosine'
@@ -70,7 +76,7 @@ max_iters = 20000
 lr = 1e-4
 min_lr = 1e-5
 warmup_iters = 500
-lr_decay_iters = 0           # cosine decay length; 0 = max_iters
+lr_decay_iters = 0           # cosine decay length; 0 = max_iters (distilling: a round's)
 weight_decay = 0.01
 beta1 = 0.9
 beta2 = 0.999
@@ -126,11 +132,12 @@ def check_config():
         sys.exit(f"error: --eval_grade_per_class={eval_grade_per_class} must be 0 (off) or >= 2")
     if keep_best != 'val_loss' and not eval_grade_per_class:
         sys.exit(f"error: --keep_best={keep_best!r} needs graded samples: set --eval_grade_per_class (e.g. 8)")
+    distill.check_rounds(distill_steps, distill_cfg, init_from, max_iters)
 
 
 def get_lr(it):
     """Linear warm-up, then cosine decay to min_lr (once, or restarting every restart_iters: SGDR)."""
-    decay_iters = lr_decay_iters or max_iters
+    decay_iters = lr_decay_iters or max_iters // max(len(distill_steps), 1)  # distilling: each round decays
     if it < warmup_iters:
         return lr * (it + 1) / (warmup_iters + 1)
     if lr_schedule == 'restarts':
@@ -167,8 +174,9 @@ def batch_noise(diffusion, step, n, shape, device, gen_seed, latent=False):
     drop = torch.rand(n, generator=g, device=device) < class_dropout  # for CFG: the null class / empty caption
     eps = torch.randn((n,) + shape, generator=g, device=device) if latent else None
     flip = torch.rand(n, generator=g, device=device) < 0.5 if latent else None
-    empty = torch.rand(n, generator=g, device=device) < hint_dropout  # drawn last: the draws above are as before it
-    return t, noise, drop, eps, flip, empty
+    empty = torch.rand(n, generator=g, device=device) < hint_dropout  # drawn after the draws above: they are as before it
+    u = torch.rand(n, 2, generator=g, device=device, dtype=torch.float64)  # distillation: the student's step, the CFG scale
+    return t, noise, drop, eps, flip, empty, u
 
 
 @torch.no_grad()
@@ -181,42 +189,6 @@ def update_ema(ema, model, step):
         torch._foreach_copy_(ema_p, model_p)
     else:
         torch._foreach_lerp_(ema_p, model_p, 1 - ema_decay)
-
-
-# MFU accounting: FLOPs counted from the model, peak FLOP/s from the GPU name (bench.py uses these too)
-
-def flops_per_image(model, shape, text_len=77):
-    """Forward FLOPs for one image, counted from the shapes of every matmul/conv/attention call
-    (torch.utils.flop_counter): analytic, not measured. The forward runs on meta tensors standing in for the
-    weights and inputs, so the count is the same on any device (on a CPU, SDPA's kernel is invisible to the
-    counter) and nothing is computed. A text model is counted with text_len caption tokens."""
-    from torch.func import functional_call
-    from torch.utils.flop_counter import FlopCounterMode
-    config = getattr(model, 'config', None)  # any model with our forward(x, t, y, text), e.g. bench.py's peer
-    D = getattr(config, 'text_dim', 0) or 0
-    meta = lambda *s, dtype=torch.float32: torch.zeros(s, dtype=dtype, device='meta')
-    weights = {k: torch.empty_like(v, device='meta') for k, v in [*model.named_parameters(), *model.named_buffers()]}
-    text = (meta(1, text_len, D), meta(1, text_len, dtype=torch.bool), meta(1, D)) if D else None
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        functional_call(model, weights, (meta(1, *shape), meta(1), meta(1, dtype=torch.long), text))
-    return counter.get_total_flops()
-
-
-def guess_peak_flops(dev):
-    """Dense bf16 tensor-core peak FLOP/s (vendor spec sheets, no sparsity) of the GPU torch names, for MFU; 0 if
-    unknown. The first key in the name wins, so a variant comes before its family: an H100 is SXM (989) unless
-    its name says PCIe (756) or NVL (835); 'NVIDIA H100 80GB HBM3' is the SXM part."""
-    if dev.type != 'cuda':
-        return 0.0
-    name = torch.cuda.get_device_name(dev).upper()
-    for key, flops in (('H100 PCIE', 756e12), ('H100 NVL', 835e12), ('H100', 989e12),  # Hopper
-                       ('H800 PCIE', 756e12), ('H800', 989e12), ('H200 NVL', 835e12), ('GH200', 989e12), ('H200', 989e12),
-                       ('GB200', 2500e12), ('B200', 2250e12), ('A100', 312e12), ('A800', 312e12),  # Blackwell, Ampere
-                       ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12), ('A10G', 70e12), ('A10', 125e12),
-                       ('4090', 165e12), ('3090', 71e12), ('V100', 125e12), ('T4', 65e12)):  # V100, T4: fp16
-        if key in name:
-            return flops
-    return 0.0
 
 
 def main():
@@ -259,7 +231,10 @@ def main():
     resume, path = init_from == 'resume', ckpt_path if init_from == 'resume' else init_from
     ckpt = checkpoint.load(path, dev, training=resume) if init_from != 'scratch' else None  # tensors and plain values only
     model_args = plain = model_args_from(globals(), shape, num_classes, meta['text_dim'] if text else 0)
-    control = bool(ckpt and (not resume or ckpt['model_args'].get('hint_channels')))
+    distilling = bool(distill_steps)
+    control = bool(ckpt and not distilling and (not resume or ckpt['model_args'].get('hint_channels')))
+    if distilling:  # the teacher's network (resumed: the student's), taking the CFG scale as an input if conditional
+        model_args = ckpt['model_args'] if resume else distill.student_args(ckpt, path, num_classes or text, distill_steps[0])
     if control:  # the checkpoint's network with a branch for the dataset's hints
         if not meta.get('hint'):
             raise SystemExit(f"error: a control branch on {path} needs hints: {data_dir} has none (prepare.py --hint=...)")
@@ -279,19 +254,23 @@ def main():
     model = build_model(model_args).to(dev)
     if control:  # only the branch trains (make_optimizer takes the trainable parameters)
         freeze_base(model)
-    if control and not resume:  # the base's EMA weights; the branch starts as a copy of what it copies (ControlNet)
-        try:
+    if (control or distilling) and not resume:  # the base's (teacher's) EMA weights; a branch starts as a copy of what
+        try:  # it copies (ControlNet); a student's new CFG-scale input starts at zero (it is its teacher's model)
             missing, unexpected = model.load_state_dict(ckpt['ema'], strict=False)
-            wrong = [k for k in missing if not k.startswith('control.')] + unexpected + ['a control branch'] * (not missing)
+            new = 'control.' if control else 'g_embed.'  # what the base lacks
+            wrong = [k for k in missing if not k.startswith(new)] + unexpected + ['a control branch'] * (control and not missing)
         except RuntimeError as e:  # a tensor of another shape
             wrong = [' '.join(str(e).split())]
         if wrong:
             raise SystemExit(f"error: {path} has weights that do not fit a base model: {', '.join(wrong)[:200]}")
-        model.init_control_from_base()
+        if control:
+            model.init_control_from_base()
     if model_args['arch'] == 'unet' and dev.type == 'cuda':  # NHWC: the layout cuDNN's tensor-core convolutions run in
         model = model.to(memory_format=torch.channels_last)
     model.grad_checkpoint = grad_checkpoint
     ema = copy.deepcopy(model).float().requires_grad_(False)
+    teacher = copy.deepcopy(model).requires_grad_(False).eval() if distilling else None  # the first round's: init_from's
+    teacher_guided = bool(ckpt and ckpt['model_args'].get('guidance'))  # whether it takes the scale (else: two halves)
     optimizer = make_optimizer(model, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
     step, best_val, bad_steps, stale, history = 0, float('inf'), 0, 0, []
@@ -302,6 +281,9 @@ def main():
             ema.load_state_dict(ckpt['ema'])
             optimizer.load_state_dict(ckpt['optimizer'])
             scaler.load_state_dict(ckpt['scaler'])
+            if distilling:
+                teacher.load_state_dict(ckpt['teacher']['weights'])
+                teacher_guided = ckpt['teacher']['guided']
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"error: {ckpt_path} has weights or optimizer state that do not fit this model "
                              f"({(str(e).splitlines() or [''])[0][:160]})") from None
@@ -318,12 +300,27 @@ def main():
         model = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None)
     n_params = sum(p.numel() for p in raw_model.parameters())
     n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)  # a control run: its branch's
-    flops_per_step = 3 * flops_per_image(raw_model, shape, meta.get('text_max_len', 0)) * global_batch  # forward + backward = 3x forward
+    # forward + backward = 3x a forward; distilling, + the teacher's forwards (2 steps, or 1; CFG's 2 halves, or 1)
+    calls = lambda r: 3 + distilling * (1 + bool(rounds[r])) * (1 + (not (teacher_guided or r) and model_args['guidance']))
+    flops_fwd = flops_per_image(raw_model, shape, meta.get('text_max_len', 0)) * global_batch  # a forward of the batch
     peak = peak_flops or guess_peak_flops(dev)
     if master:
         print(f"{n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained) | {len(train_data)} train images {shape} "
               f"| global batch {global_batch} | {dev} {ptdtype} | {world} process(es) | conditioned on "
               f"{'captions' if text else 'class labels'}")
+
+    rounds = list(distill_steps) or [0]  # distillation: each round's student steps (not distilling: one round)
+    round_iters = max_iters // len(rounds)
+    r = min(step // round_iters, len(rounds) - 1)  # the round the next step is in (resumed at the end: the last)
+    record = lambda r: distill.record(diffusion, rounds[r], distill_cfg, model_args['guidance'])  # for sample.py
+    if distilling:
+        config['student'] = record(r)
+
+    def loss_of(net, x0, y, t, noise, caps, hint, u, gamma=0.0):  # the training loss, or distillation's (distill.py)
+        if not distilling:
+            return diffusion.loss(net, x0, y, t, noise, gamma, caps, hint)
+        return distill.distill_loss(diffusion, (net, model_args['guidance']), (teacher, teacher_guided or r > 0), x0, y,
+                                    noise, t, u, rounds[r], distill_cfg, num_classes, caps, train_data.empty if text else None)
 
     @torch.no_grad()
     def val_loss(net):
@@ -331,18 +328,18 @@ def main():
         for i in range(eval_batches):
             idx = np.arange(i * batch_size, (i + 1) * batch_size) % len(val_data)
             x0, y = val_data.get(idx)
-            t, noise = batch_noise(diffusion, i, len(idx), shape, dev, seed + 1)[:2]  # the same noise at every evaluation
+            t, noise, *_, u = batch_noise(diffusion, i, len(idx), shape, dev, seed + 1)  # the same noise at every evaluation
             caps, hint = val_data.get_text(idx) if text else None, val_data.get_hint(idx) if control else None
             with autocast:
                 y = y * 0 if text else y  # a text model has only the null class
-                losses.append(diffusion.loss(net, x0, y, t, noise, text=caps, hint=hint).item())
+                losses.append(loss_of(net, x0, y, t, noise, caps, hint, u).item())
         return sum(losses) / len(losses)
 
     def state():  # what a checkpoint holds: tensors and plain values only (checkpoint.load refuses anything else)
         return {'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(),
                 'scaler': scaler.state_dict(), 'step': step, 'best_val': best_val, 'bad_steps': bad_steps,
                 'stale': stale, 'history': history, 'best_score': best_score, 'model_args': model_args, 'config': config,
-                'meta': meta}
+                'meta': meta, **({'teacher': {'weights': teacher.state_dict(), 'guided': teacher_guided}} if distilling else {})}
 
     def save(name='ckpt.pt'):
         checkpoint.save(state(), os.path.join(out_dir, name))
@@ -354,8 +351,10 @@ def main():
 
     def eval_samples():  # the EMA's eval grid, and its shapes grade if asked (sample.eval_samples)
         from sample import eval_samples  # lazy: only the master samples
+        n, grid = (config.get('student') or {}).get('steps'), config.get('student', {}).get('t')  # a step student:
+        solver = dict(steps=n, sampler='ddim', spacing=grid) if n else dict(steps=sample_steps)  # DDIM on its grid
         return eval_samples(ema, diffusion, meta, data_dir, val_data, eval_grade_per_class, reference, cfg_scale=cfg_scale,
-                            seed=seed, autocast=autocast, steps=sample_steps)
+                            seed=seed, autocast=autocast, **solver)
 
     def shared(value):  # rank 0's number on every process (only rank 0 samples): all agree on keep-best, early stopping
         if not ddp:
@@ -387,10 +386,17 @@ def main():
     t_last, steps_since, loss_sum = time.time(), 0, torch.zeros((), device=dev)
     n_loss, bad_run, bad_max, bad_new = (torch.zeros((), dtype=torch.long, device=dev) for _ in range(4))  # device-side counts
     while step < max_iters:
+        r, local = divmod(step, round_iters)  # the round (distillation: each has its own LR schedule and EMA start)
+        if distilling and local == 0 and r:  # a new round: its teacher and its student start as the last round's student
+            teacher.load_state_dict(ema.state_dict())
+            raw_model.load_state_dict(ema.state_dict())
+            best_score, stale = float('inf'), 0  # best.pt: this round's best student
+        if distilling:
+            config['student'] = record(r)
         for group in optimizer.param_groups:
-            group['lr'] = get_lr(step)
+            group['lr'] = get_lr(local)
         idx = batch_indices(step, len(train_data), global_batch, seed)
-        t, noise, drop, eps, flip, empty = batch_noise(diffusion, step, global_batch, shape, dev, seed, train_data.latent)
+        t, noise, drop, eps, flip, empty, u = batch_noise(diffusion, step, global_batch, shape, dev, seed, train_data.latent)
         step_loss = torch.zeros((), device=dev)
         try:
             for micro in range(gradient_accumulation_steps):
@@ -403,7 +409,7 @@ def main():
                 hint = train_data.get_hint(idx[s], f) * ~empty[s].view(-1, 1, 1, 1) if control else None  # dropped: zeros
                 last = micro == gradient_accumulation_steps - 1
                 with (model.no_sync() if ddp and not last else nullcontext()), autocast:
-                    loss = diffusion.loss(model, x0, y, t[s], noise[s], min_snr_gamma, caps, hint) / gradient_accumulation_steps
+                    loss = loss_of(model, x0, y, t[s], noise[s], caps, hint, u[s], min_snr_gamma) / gradient_accumulation_steps
                 scaler.scale(loss).backward()
                 step_loss += loss.detach()
         except torch.OutOfMemoryError:
@@ -421,7 +427,7 @@ def main():
         if optim == 'adamw' or ok.item():
             scaler.step(optimizer)
             scaler.update()
-            update_ema(ema, raw_model, step)  # a skipped step left the weights as they were: the EMA moves towards them
+            update_ema(ema, raw_model, local)  # a skipped step left the weights as they were: the EMA moves towards them
         bad_run = (bad_run + 1) * ~ok  # non-finite gradients in a row, on the device
         bad_max, bad_new = torch.maximum(bad_max, bad_run), bad_new + ~ok
         loss_sum, n_loss = loss_sum + torch.where(ok, step_loss, 0.0), n_loss + ok
@@ -431,7 +437,7 @@ def main():
         if prof is not None:
             prof.step()
 
-        evaluating = (eval_interval and step % eval_interval == 0) or step == max_iters
+        evaluating = (eval_interval and step % eval_interval == 0) or step % round_iters == 0  # and each round's end
         if step % log_interval == 0 or evaluating:  # every process: all read the same (all-reduced) gradients' skips
             skipped, longest = bad_new.item(), bad_max.item()
             bad_steps += skipped
@@ -445,11 +451,11 @@ def main():
         if master and (step % log_interval == 0 or step == max_iters):
             dt = time.time() - t_last
             img_s = steps_since * global_batch / dt
-            mfu = f" | mfu {100 * flops_per_step * steps_since / dt / (peak * world):.1f}%" if peak else ''  # N GPUs: N peaks
+            mfu = f" | mfu {100 * flops_fwd * calls(r) * steps_since / dt / (peak * world):.1f}%" if peak else ''  # N GPUs: N peaks
             train_loss = loss_sum.item() / max(n_loss.item(), 1)
             history.append((step, 'train', train_loss))
-            log(train_loss=train_loss, lr=get_lr(step - 1), img_s=img_s)
-            print(f"step {step} | loss {train_loss:.4f} | lr {get_lr(step - 1):.2e} | {img_s:.0f} img/s{mfu}", flush=True)
+            log(train_loss=train_loss, lr=get_lr(local), img_s=img_s)
+            print(f"step {step} | loss {train_loss:.4f} | lr {get_lr(local):.2e} | {img_s:.0f} img/s{mfu}", flush=True)
             loss_sum, n_loss, steps_since, t_last = loss_sum * 0, n_loss * 0, 0, time.time()
         if evaluating:
             vl = val_loss(ema)  # on every process (same EMA, same data), so all agree on early stopping
@@ -475,6 +481,9 @@ def main():
                 if improved:  # keep-best: the EMA weights with the best score so far; written first, so
                     save('best.pt')  # a kill between the two leaves best.pt new and ckpt.pt one evaluation older
                 save()
+                if distilling and step % round_iters == 0:  # each round's student is kept (sample.py --ckpt_name=student2.pt)
+                    save(f"student{rounds[r]}.pt" if rounds[r] else 'student_guided.pt')
+                    line += f" | {f'{rounds[r]}-step' if rounds[r] else 'guidance'} student"
                 print(f"step {step} | {line} | saved {out_dir}/ckpt.pt", flush=True)
                 from sample import save_grid, save_loss_curve
                 save_loss_curve(history, os.path.join(out_dir, 'loss.png'))

@@ -10,7 +10,7 @@ from conftest import one_line_exit, require
 import bench
 from data import Data, read_meta
 from model import build_model
-from train import flops_per_image, guess_peak_flops
+from flops import flops_per_image, guess_peak_flops
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

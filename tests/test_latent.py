@@ -94,6 +94,19 @@ def test_train_and_sample_decode_through_the_vae(setup):
     assert grid.shape[0] > 12 * 64 and grid.shape[1] == 64 + 4  # 12 classes x 1: 16 px decoded, shown at 64 px
 
 
+def test_a_latent_model_distils_and_its_student_decodes(setup):
+    """Distillation on latents: the teacher above, one 2-step round of 2 steps (the loop draws posterior samples as in
+    training), sampled with the student's grid and decoded."""
+    _, _, data, tmp = setup
+    if not (tmp / 'out' / 'ckpt.pt').exists():
+        test_train_and_sample_decode_through_the_vae(setup)
+    st = tmp / 'student'
+    run(['train.py', f'--data_dir={data}', f'--out_dir={st}', f"--init_from={tmp / 'out' / 'ckpt.pt'}", '--distill_steps=(2,)',
+         '--batch_size=8', '--max_iters=2', '--eval_interval=0', '--sample_steps=2', '--device=cpu', '--compile=False'])
+    p = run(['sample.py', f'--out_dir={st}', '--per_class=1', '--device=cpu'])
+    assert "ddim the student's grid, 2 steps" in p.stdout and (st / 'grid.png').exists()
+
+
 def test_non_finite_example_is_skipped_and_counted(setup, tmp_path):
     import shutil
     _, _, data, _ = setup

@@ -1,0 +1,22 @@
+# Distil the demo model (config/shapes.py, out-shapes/ckpt.pt) into students of 4, 2 and 1 steps that take the CFG
+# scale as an input: one network call per step. Rounds of 400 steps; each student is kept (out-distill/student2.pt).
+#   python train.py config/distill_shapes.py && python sample.py --out_dir=out-distill --ckpt_name=student1.pt --grade=True
+out_dir = 'out-distill'
+data_dir = 'data/shapes'
+init_from = 'out-shapes/ckpt.pt'   # the teacher: its EMA weights, sampled with 8 DDIM steps and CFG in the first round
+distill_steps = (4, 2, 1)
+distill_cfg = (1.0, 6.0)
+objective = 'flow'                 # the teacher's (train.py checks that it is)
+batch_size = 32
+max_iters = 1200                   # 400 a round
+lr = 3e-4
+min_lr = 3e-5
+beta2 = 0.99
+warmup_iters = 20
+ema_decay = 0.99
+ema_start = 50
+log_interval = 100
+eval_interval = 0                  # evaluate, checkpoint and draw a grid at each round's end
+eval_batches = 4
+eval_grade_per_class = 8
+cfg_scale = 4.0                    # the eval grid's and grade's scale

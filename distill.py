@@ -1,0 +1,92 @@
+"""
+Distillation: students that sample in 1-4 steps, one network call each. train.py trains them in its own loop
+(AMP, EMA, accumulation, compile, atomic checkpoints, exact resume, DDP) when distill_steps is set; this file has
+what is particular to them: the rounds, the loss, and the record a student's checkpoint keeps for sample.py.
+
+    python train.py config/distill_shapes.py                      # teacher out-shapes/ckpt.pt -> out-distill
+    python sample.py --out_dir=out-distill --ckpt_name=student1.pt --grade=True   # 1 step, 1 call, no flags
+
+- Progressive distillation (Salimans & Ho, "Progressive Distillation for Fast Sampling of Diffusion Models", 2022,
+  algorithm 2): the student, initialised as the teacher, learns to take in one DDIM step what the teacher takes in
+  two; then it is the teacher of the next round, at half the steps (e.g. 8 -> 4 -> 2 -> 1).
+- Guidance distillation (Meng et al., "On Distillation of Guided Diffusion Models", 2023): the student takes the
+  CFG scale w as an input (model.guidance_embedding) and learns the guided output uncond + w (cond - uncond), so it
+  needs one call per step, not two. Here it is learnt with the first round of steps (the teacher's CFG output,
+  two calls, is the target); a leading round of 0 steps learns it alone, at any t (Meng et al.'s stage one).
+"""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from diffusion import guided
+
+
+def check_rounds(steps, cfg, init_from, max_iters):
+    """train.py's distill_steps and distill_cfg, checked: one line before anything runs."""
+    ok = all(isinstance(n, int) and n >= 0 for n in steps) and 0 not in steps[1:]
+    if steps and not (ok and all(2 * b == a for a, b in zip(steps, steps[1:]) if a)):
+        sys.exit(f"error: --distill_steps={steps} must be student steps that halve each round, e.g. (4, 2, 1) or (0, 4, 2, 1)")
+    if steps and (init_from == 'scratch' or max_iters % len(steps)):
+        sys.exit(f"error: --distill_steps={steps} needs a teacher (--init_from=its ckpt.pt, or resume) and a "
+                 f"--max_iters={max_iters} that its {len(steps)} round(s) divide")
+    if len(cfg) != 2 or not 0 <= cfg[0] <= cfg[1]:
+        sys.exit(f"error: --distill_cfg={cfg} must be the lowest and highest CFG scale the student learns, e.g. (1.0, 6.0)")
+
+
+def student_args(ckpt, path, conditional, first_steps):
+    """The student's model_args: its teacher's network, taking the CFG scale as an input if it is conditional. A teacher
+    that cannot be distilled here is one line."""
+    args, c = ckpt['model_args'], ckpt['config']
+    taught = c.get('student', {}).get('steps') or 0  # the teacher is itself a student
+    for bad, why in ((args.get('hint_channels'), "has a control branch: distil its base model"),
+                     (c['objective'] == 'vp' and c['prediction'] == 'eps',
+                      "predicts eps, which says nothing of x0 at pure noise (Salimans & Ho, sec. 4): train it with 'v'"),
+                     (taught and taught != 2 * first_steps, f"is a {taught}-step student: distil it to {taught // 2}")):
+        if bad:
+            raise SystemExit(f"error: cannot distil {path}: it {why}")
+    return dict(args, guidance=bool(args.get('guidance') or conditional))
+
+
+def record(diffusion, steps, cfg, guidance):
+    """What a student's checkpoint says of it (config['student']), so sample.py samples it as it was trained: DDIM on
+    its 'flowtime' grid of `steps` times (0: a guidance-only student, any sampler), the CFG scales it learnt."""
+    t = diffusion.sampling_schedule(steps, 'flowtime')[0].tolist() if steps else []
+    return dict(steps=steps, t=t, cfg=list(cfg) if guidance else [])
+
+
+def distill_loss(diffusion, student, teacher, x0, y, noise, t, u, steps, cfg, null_class, text=None, null_text=None):
+    """The loss of one batch; student, teacher: (network, whether it takes the CFG scale as an input). Each example's
+    CFG scale is drawn from cfg by u[:, 1]; the teacher applies it by CFG (two halves) unless it takes it as an input.
+    The student's output is fitted to distill_target's (in the network's own output, so times weigh as in training)."""
+    w = (cfg[0] + u[:, 1] * (cfg[1] - cfg[0])).float()
+    net = lambda m: guided(m[0], diffusion, y, null_class, w, text, null_text, scale_input=m[1])  # -> fn(x, t)
+    x_t, t, target = distill_target(diffusion, net(teacher), x0, noise, t, u[:, 0], steps)
+    return F.mse_loss(net(student)(x_t, t), target)
+
+
+@torch.no_grad()
+def distill_target(diffusion, teacher_fn, x0, noise, t, u, steps):
+    """-> (x_t, t, the student's target output at x_t). teacher_fn(x, t): the teacher at objective times t [B].
+    steps = 0: at the time t, the teacher's output (guidance distillation: the teacher's is guided, the student's not).
+    steps > 0: one DDIM step of the student on the `steps`-step 'flowtime' grid is fitted to two DDIM steps of the
+    teacher on the grid of twice as many (the student's times are every other one of the teacher's); u [B] in [0, 1)
+    picks each example's step (t is not used). The target is the output whose data prediction (to_x0) makes the
+    student's DDIM step land where the teacher's two did."""
+    if steps:
+        times, A, S = (v.to(x0.device) for v in diffusion.sampling_schedule(2 * steps, 'flowtime'))
+        k = (u * steps).long().clamp(max=steps - 1) * 2  # each example's step starts at teacher grid point k
+        t = times[k]
+        col = lambda v, j: v[j].float().view(-1, 1, 1, 1)
+    alpha, sigma = (s.float().view(-1, 1, 1, 1) for s in diffusion.alpha_sigma(t))
+    x_t = alpha * x0 + sigma * noise
+    if not steps:
+        return x_t, t, teacher_fn(x_t, t)
+    z = x_t
+    for j in (k, k + 1):  # two DDIM steps (eta = 0) of the teacher: grid point j -> j + 1
+        a, s, a_n, s_n = col(A, j), col(S, j), col(A, j + 1), col(S, j + 1)
+        x0_hat = diffusion.to_x0(teacher_fn(z, times[j]), z, a, s)
+        z = a_n * x0_hat + s_n * (z - a * x0_hat) / s
+    # the x0 whose DDIM step from x_t lands on z (the SNR rises along the grid: the divisor is > 0)
+    a2, s2 = col(A, k + 2), col(S, k + 2)
+    return x_t, t, diffusion.from_x0((z - s2 / sigma * x_t) / (a2 - s2 / sigma * alpha), x_t, alpha, sigma)
