@@ -75,15 +75,16 @@ class Diffusion:
         per_example = (out.float() - target).pow(2).mean(dim=(1, 2, 3))
         return (per_example * self.min_snr_weight(t, min_snr_gamma)).mean()
 
-    def min_snr_weight(self, t, gamma):
+    def min_snr_weight(self, t, gamma, floor=0.0):
         """Per-example weight so that the loss is min(SNR, gamma) * |x0 error|^2 whatever the network predicts:
         the error of each output type is k * (x0 error) with k^2 = SNR (eps), 1/sigma^2 (v, and flow's
         velocity: x0 = x_t - t v), 1 (x0); the weight is min(SNR, gamma) / k^2. High-SNR (nearly clean) steps
-        stop dominating, which the paper shows speeds up convergence ~3x."""
+        stop dominating, which the paper shows speeds up convergence ~3x. floor: max(SNR, floor) first
+        (progressive distillation's "truncated SNR" weighting is floor 1, gamma inf: Salimans & Ho, sec. 4)."""
         alpha, sigma = self.alpha_sigma(t)
         snr = (alpha / sigma) ** 2
         k2 = {'eps': snr, 'v': 1 / sigma ** 2, 'x0': torch.ones_like(snr)}['v' if self.objective == 'flow' else self.prediction]
-        return (snr.clamp(max=gamma) / k2).float()
+        return (snr.clamp(min=floor, max=gamma) / k2).float()
 
     def to_x0(self, out, x_t, alpha, sigma):
         """The data prediction implied by the network output (what DPM-Solver++ integrates)."""

@@ -14,10 +14,10 @@ what is particular to them: the rounds, the loss, and the record a student's che
   needs one call per step, not two. Here it is learnt with the first round of steps (the teacher's CFG output,
   two calls, is the target); a leading round of 0 steps learns it alone, at any t (Meng et al.'s stage one).
 """
+import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from diffusion import guided
 
@@ -58,11 +58,16 @@ def record(diffusion, steps, cfg, guidance):
 def distill_loss(diffusion, student, teacher, x0, y, noise, t, u, steps, cfg, null_class, text=None, null_text=None):
     """The loss of one batch; student, teacher: (network, whether it takes the CFG scale as an input). Each example's
     CFG scale is drawn from cfg by u[:, 1]; the teacher applies it by CFG (two halves) unless it takes it as an input.
-    The student's output is fitted to distill_target's (in the network's own output, so times weigh as in training)."""
+    The student's output is fitted to distill_target's; in a round of steps, weighted so that the loss is
+    max(SNR, 1) |x0 error|^2 (Salimans & Ho's "truncated SNR" weighting: the high-noise steps, where a sample's shape
+    is decided, are not down-weighted as they are in a flow model's velocity or in v)."""
     w = (cfg[0] + u[:, 1] * (cfg[1] - cfg[0])).float()
     net = lambda m: guided(m[0], diffusion, y, null_class, w, text, null_text, scale_input=m[1])  # -> fn(x, t)
     x_t, t, target = distill_target(diffusion, net(teacher), x0, noise, t, u[:, 0], steps)
-    return F.mse_loss(net(student)(x_t, t), target)
+    per_example = (net(student)(x_t, t) - target).pow(2).mean(dim=(1, 2, 3))
+    if not steps:  # guidance only: the plain error of the output, as training weighs it
+        return per_example.mean()
+    return (per_example * diffusion.min_snr_weight(t, math.inf, floor=1.0)).mean()  # max(SNR, 1) |x0 error|^2
 
 
 @torch.no_grad()

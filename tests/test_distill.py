@@ -242,3 +242,14 @@ def test_unet_and_vp_teachers_distil_and_sample(data, tmp_path, arch):
     assert len(losses) == 16 and sum(losses[-4:]) < 0.8 * sum(losses[:4]), losses
     p = run(['sample.py', f'--out_dir={tmp_path}/s', '--per_class=1', '--device=cpu'])
     assert "ddim the student's grid, 1 steps" in p.stdout
+
+
+def test_rounds_weigh_the_x0_error_by_truncated_snr():
+    """Salimans & Ho's max(SNR, 1) |x0 error|^2, written for the output: flow's velocity error is |x0 error| / t."""
+    d, t = Diffusion('flow'), torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
+    snr = ((1 - t) / t) ** 2
+    torch.testing.assert_close(d.min_snr_weight(t, float('inf'), floor=1.0), (snr.clamp(min=1) * t ** 2).float())
+    v = Diffusion('vp', 'cosine', 'v')
+    tv = torch.tensor([999.0, 500.0, 100.0], dtype=torch.float64)
+    a, s = v.alpha_sigma(tv)
+    torch.testing.assert_close(v.min_snr_weight(tv, float('inf'), floor=1.0), ((a / s) ** 2).clamp(min=1).mul(s ** 2).float())
