@@ -134,6 +134,27 @@ def check_model_keys(path, ckpt):
         _fail(path, f"lacks the settings {', '.join(missing)}: it was not written by this train.py")
 
 
+def check_same_model(path, ckpt, now):
+    """A checkpoint to resume or build on has the settings `now` (model args, data shape, diffusion), or one line names
+    those that differ: resuming or fine-tuning on another model would silently train something else."""
+    before = dict(ckpt['config'], **ckpt['model_args'], vae=ckpt['meta'].get('vae'))
+    differ = {k: (before.get(k, 0), v) for k, v in now.items() if before.get(k, 0) != v}
+    if differ:
+        _fail(path, "is a different model: " + ', '.join(f"{k}={a} in checkpoint vs {b} now" for k, (a, b) in differ.items()))
+
+
+def load_base(model, ckpt, path, new, lacks=False):
+    """A base checkpoint's EMA weights into `model`, which extends it by the parameters named `new`* (a control branch,
+    a student's CFG-scale input); lacks: the base must not have them already. Anything else that does not fit: one line."""
+    try:
+        missing, unexpected = model.load_state_dict(ckpt['ema'], strict=False)
+        wrong = [k for k in missing if not k.startswith(new)] + unexpected + [f"{new}* already there"] * (lacks and not missing)
+    except RuntimeError as e:  # a tensor of another shape
+        wrong = [' '.join(str(e).split())]
+    if wrong:
+        _fail(path, f"has weights that do not fit a base model: {', '.join(wrong)[:200]}")
+
+
 def _load_safetensors(path, device, training):
     if training:
         _fail(path, "holds only the EMA weights (an export): resume from the ckpt.pt it came from")

@@ -245,25 +245,14 @@ def main():
         now = dict({k: plain.get(k, 0) for k in ('input_size', 'in_channels', 'num_classes', 'text_dim')},
                    vae=meta.get('vae'), **{k: globals()[k] for k in checkpoint.DIFFUSION_KEYS},
                    **(model_args if resume else {}))
-        before = dict(ckpt['config'], **ckpt['model_args'], vae=ckpt['meta'].get('vae'))
-        differ = {k: (before.get(k, 0), v) for k, v in now.items() if before.get(k, 0) != v}
-        if differ:
-            raise SystemExit(f"error: {path} is a different model: " +
-                             ', '.join(f"{k}={a} in checkpoint vs {b} now" for k, (a, b) in differ.items()))
+        checkpoint.check_same_model(path, ckpt, now)
     diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
     model = build_model(model_args).to(dev)
     if control:  # only the branch trains (make_optimizer takes the trainable parameters)
         freeze_base(model)
-    if (control or distilling) and not resume:  # the base's (teacher's) EMA weights; a branch starts as a copy of what
-        try:  # it copies (ControlNet); a student's new CFG-scale input starts at zero (it is its teacher's model)
-            missing, unexpected = model.load_state_dict(ckpt['ema'], strict=False)
-            new = 'control.' if control else 'g_embed.'  # what the base lacks
-            wrong = [k for k in missing if not k.startswith(new)] + unexpected + ['a control branch'] * (control and not missing)
-        except RuntimeError as e:  # a tensor of another shape
-            wrong = [' '.join(str(e).split())]
-        if wrong:
-            raise SystemExit(f"error: {path} has weights that do not fit a base model: {', '.join(wrong)[:200]}")
-        if control:
+    if (control or distilling) and not resume:  # the base's (teacher's) EMA weights, and what it lacks: a control branch
+        checkpoint.load_base(model, ckpt, path, 'control.' if control else 'g_embed.', lacks=control)  # or a scale input
+        if control:  # the branch starts as a copy of what it copies (ControlNet); a student's scale input at zero
             model.init_control_from_base()
     if model_args['arch'] == 'unet' and dev.type == 'cuda':  # NHWC: the layout cuDNN's tensor-core convolutions run in
         model = model.to(memory_format=torch.channels_last)
@@ -294,8 +283,9 @@ def main():
         if master:
             print(f"resuming from {ckpt_path} at step {step}")
     raw_model = model
+    teacher_net = teacher  # distilling: the teacher's forwards cost more than the student's: compiled with it
     if compile and dev.type == 'cuda':
-        model = torch.compile(model, mode=compile_mode)
+        model, teacher_net = torch.compile(model, mode=compile_mode), teacher and torch.compile(teacher, mode=compile_mode)
     if ddp:
         model = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None)
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -319,7 +309,7 @@ def main():
     def loss_of(net, x0, y, t, noise, caps, hint, u, gamma=0.0):  # the training loss, or distillation's (distill.py)
         if not distilling:
             return diffusion.loss(net, x0, y, t, noise, gamma, caps, hint)
-        return distill.distill_loss(diffusion, (net, model_args['guidance']), (teacher, teacher_guided or r > 0), x0, y,
+        return distill.distill_loss(diffusion, (net, model_args['guidance']), (teacher_net, teacher_guided or r > 0), x0, y,
                                     noise, t, u, rounds[r], distill_cfg, num_classes, caps, train_data.empty if text else None)
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ def loss(self, *args, **kw):  # train.py's step: loss(model, x0, y, t, noise, mi
     if torch.is_grad_enabled():  # a training step
         print('EMPTY', (args[7].flatten(1).amax(1) == 0).int().tolist())
     else:  # val_loss: the val hints, none dropped
-        print('VAL', kw['hint'].shape[0], int((kw['hint'].flatten(1).amax(1) == 0).sum()))
+        print('VAL', args[7].shape[0], int((args[7].flatten(1).amax(1) == 0).sum()))
     return real(self, *args, **kw)
 diffusion.Diffusion.loss = loss
 """

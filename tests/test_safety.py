@@ -167,7 +167,7 @@ TRAIN_BAD = [('grad_clip', -1.0), ('ema_decay', 1.5), ('class_dropout', 2.0), ('
              ('batch_size', 0), ('gradient_accumulation_steps', 0), ('lr', -1.0), ('eval_batches', 0),
              ('log_interval', 0), ('beta2', 1.0), ('min_lr', 1.0), ('objective', 'ddpm'), ('arch', 'resnet'),
              ('init_from', 'best'), ('unet_mult', ()), ('warmup_iters', -1), ('patience', -2)]
-SAMPLE_BAD = [('steps', 0), ('per_class', 0), ('batch_size', 0), ('order', 7), ('spacing', 'foo'), ('sampler', 'rk4'),
+SAMPLE_BAD = [('steps', -1), ('per_class', 0), ('batch_size', 0), ('order', 7), ('spacing', 'foo'), ('sampler', 'rk4'),
               ('threshold', 1.5), ('threshold_max', 0.5), ('grade_per_class', 0), ('eta', -1.0)]
 BENCH_BAD = [('batch_size', 0), ('iters', 0), ('warmup', -1), ('size', 'Q/2'), ('sample_batch', 0)]
 PREPARE_BAD = [('resolution', 0), ('num_train', 0), ('num_val', -1), ('val_fraction', 1.0), ('vae_batch', 0),
