@@ -9,6 +9,7 @@ Sample from a trained checkpoint with classifier-free guidance, write a PNG grid
     python sample.py --out_dir=out-emoji --prompts=prompts.txt                          # one prompt per line
     python sample.py --out_dir=out-mask --hint=mask.png --control_scale=0.8   # a control branch: the grid's first row
     python sample.py --out_dir=out-mask --hint=val                             # shows the hints (val: one per column)
+    python sample.py --out_dir=out-distill --ckpt_name=student1.pt   # a distilled student: its own steps and grid, 1 call each
 
 Samplers (in diffusion.py: sample_loop, on the alpha/sigma of diffusion.Diffusion): UniPC 1/2/3 (Zhao et al. 2023;
 the default: order 3 on the 'flowtime' grid below 30 steps, 'logsnr' above, for every objective:
