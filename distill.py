@@ -14,6 +14,7 @@ what is particular to them: the rounds, the loss, and the record a student's che
   needs one call per step, not two. Here it is learnt with the first round of steps (the teacher's CFG output,
   two calls, is the target); a leading round of 0 steps learns it alone, at any t (Meng et al.'s stage one).
 """
+import functools
 import math
 import sys
 
@@ -48,6 +49,17 @@ def student_args(ckpt, path, conditional, first_steps):
     return dict(args, guidance=bool(args.get('guidance') or conditional))
 
 
+def solver(record):
+    """sample_loop's sampler and grid for a step student (its record, at its steps): DDIM on the grid it learnt."""
+    return dict(sampler='ddim', spacing=record['t'])
+
+
+@functools.lru_cache(maxsize=4)
+def teacher_grid(diffusion, steps, device):
+    """The teacher's grid of 2*steps times and its alpha/sigma on the device, made once a round, not once a step."""
+    return tuple(v.to(device) for v in diffusion.sampling_schedule(2 * steps, 'flowtime'))
+
+
 def record(diffusion, steps, cfg, guidance):
     """What a student's checkpoint says of it (config['student']), so sample.py samples it as it was trained: DDIM on
     its 'flowtime' grid of `steps` times (0: a guidance-only student, any sampler), the CFG scales it learnt."""
@@ -79,7 +91,7 @@ def distill_target(diffusion, teacher_fn, x0, noise, t, u, steps):
     picks each example's step (t is not used). The target is the output whose data prediction (to_x0) makes the
     student's DDIM step land where the teacher's two did."""
     if steps:
-        times, A, S = (v.to(x0.device) for v in diffusion.sampling_schedule(2 * steps, 'flowtime'))
+        times, A, S = teacher_grid(diffusion, steps, x0.device)
         k = (u * steps).long().clamp(max=steps - 1) * 2  # each example's step starts at teacher grid point k
         t = times[k]
         col = lambda v, j: v[j].float().view(-1, 1, 1, 1)

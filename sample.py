@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from checkpoint import atomic_write, load_model
+import distill
 from configurator import check
 from data import Data, read_meta
 from diffusion import SAMPLERS, SPACINGS, default_solver, guided, sample_loop, tune_grid
@@ -325,8 +326,7 @@ def solver_settings(diffusion, grids, student=None):
     has one. A distilled student (its checkpoint's record: steps, times) gets DDIM on its own grid, what it learned
     to take, when sampler and spacing are 'auto' and steps is its own. -> (solver dict, grids.json key)."""
     if student and student['steps'] == steps and sampler == 'auto' and spacing == 'auto':
-        return dict(sampler='ddim', order=1, eta=0.0, threshold=threshold, threshold_max=threshold_max,
-                    spacing=student['t']), None
+        return dict(distill.solver(student), order=1, eta=0.0, threshold=threshold, threshold_max=threshold_max), None
     d = default_solver(diffusion.objective, steps)
     s = dict(sampler=d['sampler'] if sampler == 'auto' else sampler, order=order or d['order'], eta=eta,
              threshold=threshold, threshold_max=threshold_max)

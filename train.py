@@ -341,8 +341,9 @@ def main():
 
     def eval_samples():  # the EMA's eval grid, and its shapes grade if asked (sample.eval_samples)
         from sample import eval_samples  # lazy: only the master samples
-        n, grid = (config.get('student') or {}).get('steps'), config.get('student', {}).get('t')  # a step student:
-        solver = dict(steps=n, sampler='ddim', spacing=grid) if n else dict(steps=sample_steps)  # DDIM on its grid
+        student = config.get('student') or {}  # a step student: DDIM on its grid
+        n = student.get('steps')
+        solver = dict(distill.solver(student), steps=n) if n else dict(steps=sample_steps)
         return eval_samples(ema, diffusion, meta, data_dir, val_data, eval_grade_per_class, reference, cfg_scale=cfg_scale,
                             seed=seed, autocast=autocast, **solver)
 
@@ -381,7 +382,6 @@ def main():
             teacher.load_state_dict(ema.state_dict())
             raw_model.load_state_dict(ema.state_dict())
             best_score, stale = float('inf'), 0  # best.pt: this round's best student
-        if distilling:
             config['student'] = record(r)
         for group in optimizer.param_groups:
             group['lr'] = get_lr(local)
