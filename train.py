@@ -58,6 +58,7 @@ hint_dropout = 0.1           # control branch: chance a hint is all zero (empty)
 distill_steps = ()           # distil init_from (the teacher) in rounds (distill.py), max_iters split evenly: each round's
                              # student steps, e.g. (4, 2, 1): 8 DDIM steps -> 4 -> 2 -> 1; a first 0: the guidance alone
 distill_cfg = (1.0, 6.0)     # distilling a conditional model: the CFG scales the student learns to take as an input
+distill_teacher_steps = 0    # the first round's teacher's DDIM steps over the path; 0 = twice the student's; more: closer
 # diffusion
 objective = 'flow'           # 'flow' (rectified flow) or 'vp' (DDPM-style)
 schedule = 'cosine'          # vp only: 'linear' or 'cosine'
@@ -132,7 +133,7 @@ def check_config():
         sys.exit(f"error: --eval_grade_per_class={eval_grade_per_class} must be 0 (off) or >= 2")
     if keep_best != 'val_loss' and not eval_grade_per_class:
         sys.exit(f"error: --keep_best={keep_best!r} needs graded samples: set --eval_grade_per_class (e.g. 8)")
-    distill.check_rounds(distill_steps, distill_cfg, init_from, max_iters)
+    distill.check_rounds(distill_steps, distill_cfg, init_from, max_iters, distill_teacher_steps)
 
 
 def get_lr(it):
@@ -199,12 +200,10 @@ def main():
     dev, ptdtype, autocast = setup_device(device, dtype)
     if ddp:
         dist.init_process_group(backend='nccl' if dev.type == 'cuda' else 'gloo')
-        rank, world = dist.get_rank(), dist.get_world_size()
         if dev.type == 'cuda':
             dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
             torch.cuda.set_device(dev)
-    else:
-        rank, world = 0, 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
     torch.manual_seed(seed)
     if dev.type == 'cuda':
@@ -234,7 +233,8 @@ def main():
     distilling = bool(distill_steps)
     control = bool(ckpt and not distilling and (not resume or ckpt['model_args'].get('hint_channels')))
     if distilling:  # the teacher's network (resumed: the student's), taking the CFG scale as an input if conditional
-        model_args = ckpt['model_args'] if resume else distill.student_args(ckpt, path, num_classes or text, distill_steps[0])
+        model_args = ckpt['model_args'] if resume else distill.student_args(ckpt, path, num_classes or text, distill_steps[0],
+                                                                                  distill_teacher_steps)
     if control:  # the checkpoint's network with a branch for the dataset's hints
         if not meta.get('hint'):
             raise SystemExit(f"error: a control branch on {path} needs hints: {data_dir} has none (prepare.py --hint=...)")
@@ -290,8 +290,9 @@ def main():
         model = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None)
     n_params = sum(p.numel() for p in raw_model.parameters())
     n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)  # a control run: its branch's
-    # forward + backward = 3x a forward; distilling, + the teacher's forwards (2 steps, or 1; CFG's 2 halves, or 1)
-    calls = lambda r: 3 + distilling * (1 + bool(rounds[r])) * (1 + (not (teacher_guided or r) and model_args['guidance']))
+    # forward + backward = 3x a forward; distilling, + the teacher's forwards (its steps; CFG's 2 halves, or 1)
+    sub = lambda r: distill.teacher_substeps(rounds, r, distill_teacher_steps)
+    calls = lambda r: 3 + distilling * sub(r) * (1 + (not (teacher_guided or r) and model_args['guidance']))
     flops_fwd = flops_per_image(raw_model, shape, meta.get('text_max_len', 0)) * global_batch  # a forward of the batch
     peak = peak_flops or guess_peak_flops(dev)
     if master:
@@ -310,7 +311,8 @@ def main():
         if not distilling:
             return diffusion.loss(net, x0, y, t, noise, gamma, caps, hint)
         return distill.distill_loss(diffusion, (net, model_args['guidance']), (teacher_net, teacher_guided or r > 0), x0, y,
-                                    noise, t, u, rounds[r], distill_cfg, num_classes, caps, train_data.empty if text else None)
+                                    noise, t, u, rounds[r], distill_cfg, num_classes, caps, train_data.empty if text else None,
+                                    sub(r))
 
     @torch.no_grad()
     def val_loss(net):

@@ -32,30 +32,39 @@ def teacher_fn(x, t):
 
 
 @pytest.mark.parametrize('diffusion', [Diffusion('flow'), Diffusion('vp', 'cosine', 'v'), Diffusion('vp', 'linear', 'x0')])
-def test_target_makes_one_student_step_land_on_two_teacher_steps(diffusion):
-    """From pure noise (steps=1): the student's one DDIM step with the target output lands where sample_loop's 2-step
-    DDIM with the teacher lands (to 1e-5). Inside the grid (steps=4, each of the 4 student steps): the student's DDIM
-    step (written out here) lands on the teacher's two."""
+@pytest.mark.parametrize('sub', [2, 4])
+def test_target_makes_one_student_step_land_on_the_teachers_steps(diffusion, sub):
+    """From pure noise (steps=1): the student's one DDIM step with the target output lands where sample_loop's DDIM
+    with the teacher, `sub` steps (2: Salimans & Ho; 4: a first round's finer teacher), lands (to 1e-5). Inside the
+    grid (steps=4, each of the 4 student steps): the student's DDIM step (written out here) lands on the teacher's."""
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(4, 3, 8, 8, generator=g).clamp(-1, 1), torch.randn(4, 3, 8, 8, generator=g)
     fn = lambda x, t: teacher_fn(x, diffusion.model_time(torch.as_tensor(t, dtype=torch.float64)).float())
-    x_t, t, target = distill.distill_target(diffusion, fn, x0, noise, None, torch.rand(4, generator=g), 1)
-    teacher, _ = sample_loop(fn, x_t, diffusion, 2, 'ddim', spacing='flowtime')
+    x_t, t, target = distill.distill_target(diffusion, fn, x0, noise, None, torch.rand(4, generator=g), 1, sub)
+    teacher, _ = sample_loop(fn, x_t, diffusion, sub, 'ddim', spacing='flowtime')
     student, _ = sample_loop(lambda x, t: target, x_t, diffusion, 1, 'ddim', spacing='flowtime')
     torch.testing.assert_close(student, teacher, rtol=0, atol=1e-5)
-    times, A, S = diffusion.sampling_schedule(8, 'flowtime')
+    times, A, S = diffusion.sampling_schedule(4 * sub, 'flowtime')
     u = (torch.arange(4) + 0.5) / 4  # example i takes student step i
-    x_t, t, target = distill.distill_target(diffusion, fn, x0, noise, None, u, 4)
-    assert torch.equal(t, times[::2])
+    x_t, t, target = distill.distill_target(diffusion, fn, x0, noise, None, u, 4, sub)
+    assert torch.equal(t, times[::sub])
     for i in range(4):
-        k, a, s = 2 * i, A[2 * i].item(), S[2 * i].item()
+        k, a, s = sub * i, A[sub * i].item(), S[sub * i].item()
         z = x_t[i:i + 1]
-        for j in (k, k + 1):  # the teacher
+        for j in range(k, k + sub):  # the teacher
             x0_hat = diffusion.to_x0(fn(z, times[j:j + 1]), z, A[j].item(), S[j].item())
             z = A[j + 1].item() * x0_hat + S[j + 1].item() * (z - A[j].item() * x0_hat) / S[j].item()
         x0_s = diffusion.to_x0(target[i:i + 1], x_t[i:i + 1], a, s)  # the student, from its target output
-        step = A[k + 2].item() * x0_s + S[k + 2].item() * (x_t[i:i + 1] - a * x0_s) / s
+        step = A[k + sub].item() * x0_s + S[k + sub].item() * (x_t[i:i + 1] - a * x0_s) / s
         torch.testing.assert_close(step, z, rtol=0, atol=1e-5)
+
+
+def test_teacher_substeps_per_round():
+    """The first round of steps takes teacher_steps // steps teacher steps (its teacher is the trained model), the rest
+    2 (a student's own grid), a guidance round 1; 0 = Salimans & Ho's 2 everywhere."""
+    sub = lambda rounds, n: [distill.teacher_substeps(rounds, r, n) for r in range(len(rounds))]
+    assert sub((4, 2, 1), 16) == [4, 2, 2] and sub((4, 2, 1), 0) == [2, 2, 2]
+    assert sub((0, 4, 2), 32) == [1, 8, 2] and sub((0,), 0) == [1]
 
 
 @pytest.mark.parametrize('arch', ['dit', 'unet'])
@@ -202,7 +211,8 @@ def test_sample_uses_the_students_steps_and_grid_without_flags(data, teacher, tm
 
 
 @pytest.mark.parametrize('args', [['--distill_steps=(4, 3)'], ['--distill_steps=(2, 0)'], ['--distill_steps=(2, 1)', '--max_iters=3'],
-                                  ['--distill_steps=(2,)', '--distill_cfg=(4.0, 1.0)']])
+                                  ['--distill_steps=(2,)', '--distill_cfg=(4.0, 1.0)'],
+                                  ['--distill_steps=(4, 2)', '--distill_teacher_steps=6']])
 def test_bad_distillation_settings_are_one_line(data, teacher, tmp_path, args):
     p = train(data, tmp_path, f'--init_from={teacher}/ckpt.pt', '--max_iters=2', *args, check=False)
     one_error_line(p, '--distill_')
@@ -217,6 +227,7 @@ def test_teachers_that_cannot_be_distilled_are_one_line(data, teacher, tmp_path)
     student = dict(ckpt, config=dict(ckpt['config'], student=dict(steps=2, t=[1.0, 0.5], cfg=[1.0, 6.0])))
     one_line_exit(lambda: distill.student_args(student, 's.pt', 12, 2), 'is a 2-step student: distil it to 1')
     assert distill.student_args(student, 's.pt', 12, 1)['guidance']
+    one_line_exit(lambda: distill.student_args(student, 's.pt', 12, 1, 4), 'samples only its own grid')
     branch = dict(ckpt, model_args=dict(ckpt['model_args'], hint_channels=1, hint_size=32))
     one_line_exit(lambda: distill.student_args(branch, 'b.pt', 12, 2), 'has a control branch')
 
