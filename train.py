@@ -291,8 +291,7 @@ def main():
     n_params = sum(p.numel() for p in raw_model.parameters())
     n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)  # a control run: its branch's
     # forward + backward = 3x a forward; distilling, + the teacher's forwards (its steps; CFG's 2 halves, or 1)
-    sub = lambda r: distill.teacher_substeps(rounds, r, distill_teacher_steps)
-    calls = lambda r: 3 + distilling * sub(r) * (1 + (not (teacher_guided or r) and model_args['guidance']))
+    calls = lambda r: 3 + distilling * subs[r] * (1 + (not (teacher_guided or r) and model_args['guidance']))
     flops_fwd = flops_per_image(raw_model, shape, meta.get('text_max_len', 0)) * global_batch  # a forward of the batch
     peak = peak_flops or guess_peak_flops(dev)
     if master:
@@ -301,6 +300,7 @@ def main():
               f"{'captions' if text else 'class labels'}")
 
     rounds = list(distill_steps) or [0]  # distillation: each round's student steps (not distilling: one round)
+    subs = distill.teacher_substeps(rounds, distill_teacher_steps)  # and its teacher's calls per student step
     round_iters = max_iters // len(rounds)
     r = min(step // round_iters, len(rounds) - 1)  # the round the next step is in (resumed at the end: the last)
     record = lambda r: distill.record(diffusion, rounds[r], distill_cfg, model_args['guidance'])  # for sample.py
@@ -312,7 +312,7 @@ def main():
             return diffusion.loss(net, x0, y, t, noise, gamma, caps, hint)
         return distill.distill_loss(diffusion, (net, model_args['guidance']), (teacher_net, teacher_guided or r > 0), x0, y,
                                     noise, t, u, rounds[r], distill_cfg, num_classes, caps, train_data.empty if text else None,
-                                    sub(r))
+                                    subs[r])
 
     @torch.no_grad()
     def val_loss(net):
