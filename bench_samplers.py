@@ -12,6 +12,7 @@ ranking of the samplers flips with the data's std. Here the components have diff
 pixel values), so the denoiser is strongly nonlinear at low noise. The classes are groups of components, so the
 class-conditional denoiser, and CFG, are exact too.
 """
+import functools
 import importlib.util
 import math
 import os
@@ -21,7 +22,7 @@ import time
 import torch
 
 from configurator import check
-from diffusion import Diffusion, default_solver, sample_loop, tune_grid
+from diffusion import Diffusion, default_solver, sample_loop, tune_solver
 from model import input_shape, setup_device
 
 # -----------------------------------------------------------------------------
@@ -42,13 +43,14 @@ gaussian = False             # instead: the Gaussian unit check (data N(0.3, 0.5
 quality = ''                 # instead: a shapes checkpoint folder -> accuracy and factor FD per sampler and NFE
 quality_per_class = 20
 quality_nfes = (3, 5, 10, 20)
-tune_max_steps = 10          # quality: the tuned grid's row up to this NFE (a 10-step fit: minutes on a CPU)
+tune_max_steps = 10          # quality: the tuned solver's row up to this NFE
 device = 'auto'
 # -----------------------------------------------------------------------------
 
 OBJECTIVES = {'vp-linear': ('vp', 'linear', 'eps'), 'vp-cosine': ('vp', 'cosine', 'v'), 'flow': ('flow', 'cosine', 'v')}
-tune_samples = 256           # the tuned grid's row: fitted on this many other noise samples, at NFE <= tune_max_nfe
-tune_max_nfe = 20
+tune_samples = 2048          # the tuned solver's row: fitted on this many other noise samples, at NFE <= tune_max_nfe
+tune_max_nfe = 10
+tune_iters = 400             # its gradient steps (diffusion.tune_solver)
 
 
 class Mixture:
@@ -153,13 +155,14 @@ def our_name(sampler, order, spacing, default=None):
     return name + (' (default)' if (sampler, order, spacing) == default else '')
 
 
-def run_tuned(net, x, diffusion, nfe, sampler, order, tune_net, x_tune):
-    """The default solver on a grid fitted (tune_grid) to this model on other noise, x_tune: what sample.py
-    --tune=True does for a checkpoint. NaN above tune_max_nfe (the search costs ~12 NFE^2 solver calls)."""
+def run_tuned(net, x, diffusion, nfe, tune):
+    """The default solver fitted (tune_solver) to this model on other noise: what sample.py --tune=True does for a
+    checkpoint. tune() -> (its model, noise, exact end points), made once. None above tune_max_nfe."""
     if nfe > tune_max_nfe:
         return None
-    t, _ = tune_grid(tune_net, x_tune, diffusion, nfe, sampler, order)
-    return sample_loop(net, x, diffusion, nfe, sampler, order, t)[0]
+    d = default_solver(diffusion.objective, nfe)
+    matrix, _ = tune_solver(*tune()[:2], diffusion, nfe, d['sampler'], d['order'], d['spacing'], tune()[2], tune_iters)
+    return sample_loop(net, x, diffusion, nfe, spacing=d['spacing'], matrix=matrix)[0]
 
 
 def run_ours(net, x, diffusion, nfe, sampler, order, spacing):
@@ -327,10 +330,14 @@ def bench(name, w, mix, x, labels):
     net = exact_net(diffusion, mix, labels, w)
     default = default_config(name)
     runs = [(our_name(*c, default), True, lambda n, c=c: run_ours(net, x, diffusion, n, *c)) for c in our_configs(name)]
-    x_tune = torch.randn(tune_samples, x.shape[1], generator=torch.Generator().manual_seed(seed + 2), dtype=x.dtype)
-    tune_net = exact_net(diffusion, mix, torch.arange(tune_samples) % classes, w)
-    runs.insert(1, (f"{our_name(*default[:2], 'tuned grid')}", True,
-                    lambda n: run_tuned(net, x, diffusion, n, *default[:2], tune_net, x_tune)))
+
+    @functools.lru_cache(maxsize=1)
+    def tune():  # the fit's noise (not the benchmark's), its labels' exact model, and its exact end points
+        x_tune = torch.randn(tune_samples, x.shape[1], generator=torch.Generator().manual_seed(seed + 2), dtype=x.dtype)
+        labels_tune = torch.arange(tune_samples) % classes
+        return (exact_net(diffusion, mix, labels_tune, w), x_tune,
+                reference(x_tune, alpha, sigma, mix, labels_tune, w, ref_steps))
+    runs.insert(1, (our_name(*default[:2], 'tuned solver'), True, lambda n: run_tuned(net, x, diffusion, n, tune)))
     if importlib.util.find_spec('diffusers'):  # a test-only reference: without it, our rows alone
         runs += [(row, False, lambda n, c=c, kw=kw: run_diffusers(net, x, diffusion, n, c, kw, diffusers_at_sigma)[0])
                  for row, c, kw in diffusers_configs(name)]
@@ -377,7 +384,7 @@ def print_ratios(results):
 
 def quality_table(ckpt_dir):
     """A trained shapes model, per sampler and NFE: conditional accuracy and factor FD (shapes.py) of
-    quality_per_class samples per class, the same noise in every cell; and our default on a grid tuned to the
+    quality_per_class samples per class, the same noise in every cell; and our default solver tuned to the
     checkpoint (on other noise, as sample.py --tune=True does). The last row: 1000 ancestral steps, for scale."""
     from checkpoint import load_model
     from diffusion import guided
@@ -406,18 +413,17 @@ def quality_table(ckpt_dir):
     g = torch.Generator(dev).manual_seed(seed + 1_000_003)  # the fit's noise: not the cells'
     tune_labels = torch.arange(meta['num_classes'], device=dev).repeat(4)
     x_tune = torch.randn((len(tune_labels),) + tuple(input_shape(meta)), generator=g, device=dev)
-    model_fn = guided(model, diffusion, tune_labels, meta['num_classes'], cfg_scale)
+    model_fn = guided(model.requires_grad_(False), diffusion, tune_labels, meta['num_classes'], cfg_scale)
     cells = []
     for n in quality_nfes:
         if n > tune_max_steps:
             cells.append('-')
             continue
-        t0 = time.time()
-        with torch.inference_mode():
-            t, _ = tune_grid(model_fn, x_tune, diffusion, n, default[0], default[1])
-        cells.append(cell(n, sampler=default[0], order=default[1], spacing=t))
-        print(f"  (tuned the {n}-step grid in {time.time() - t0:.0f} s: {cells[-1]})", flush=True)  # kept if cut short
-    print(f"{our_name(*default[:2], 'tuned grid'):<24}" + ''.join(f"{c:>15}" for c in cells))
+        t0, d = time.time(), default_solver(diffusion.objective, n)
+        matrix, _ = tune_solver(model_fn, x_tune, diffusion, n, d['sampler'], d['order'], d['spacing'], iters=tune_iters)
+        cells.append(cell(n, spacing=d['spacing'], matrix=matrix))
+        print(f"  (tuned the {n}-step solver in {time.time() - t0:.0f} s: {cells[-1]})", flush=True)  # kept if cut short
+    print(f"{our_name(*default[:2], 'tuned solver'):<24}" + ''.join(f"{c:>15}" for c in cells))
     print(f"{'ddpm flowtime, 1000 NFE':<24}{cell(1000, sampler='ddpm', spacing='flowtime'):>15}")
 
 

@@ -17,7 +17,7 @@ diffusion.default_solver, chosen by bench_samplers.py), DPM-Solver++ 1/2/3 (Lu e
 al. 2020), Euler/Heun for flow models. CFG: Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022). Each is
 checked against diffusers' scheduler of the same name in tests/test_sampler.py.
 
-    python sample.py --out_dir=out-shapes --steps=5 --tune=True   # fit 5 step times to this checkpoint (grids.json)
+    python sample.py --out_dir=out-shapes --steps=5 --tune=True   # fit a 5-step solver to this checkpoint (grids.json)
 """
 import functools
 import json
@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import textwrap
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -36,7 +37,7 @@ from checkpoint import atomic_write, load_model
 import distill
 from configurator import check
 from data import Data, read_meta
-from diffusion import SAMPLERS, SPACINGS, default_solver, guided, sample_loop, tune_grid
+from diffusion import SAMPLERS, SPACINGS, default_solver, guided, sample_loop, tune_solver
 from model import input_shape, setup_device
 
 # -----------------------------------------------------------------------------
@@ -48,9 +49,10 @@ sampler = 'auto'             # 'dpm++', 'unipc', 'ddim', 'ddpm', 'euler', 'heun'
                              # 'auto': the default (diffusion.default_solver, chosen by bench_samplers.py)
 order = 0                    # dpm++ and unipc order: 1, 2 or 3; 0 = the default's
 spacing = 'auto'             # step times: 'logsnr', 'karras', time-uniform 'linspace', 'leading', 'trailing', or
-                             # 'auto': the grid tuned to this checkpoint (out_dir/grids.json) if any, else the default's
-tune = False                 # first fit the step times to this checkpoint (diffusion.tune_grid), save them to grids.json
-tune_batch = 48              # noise samples the grid is fitted on (classes in turn)
+                             # 'auto': the solver tuned to this checkpoint (out_dir/grids.json) if any, else the default's
+tune = False                 # first fit the solver to this checkpoint (diffusion.tune_solver), save it to grids.json
+tune_batch = 48              # noise samples the solver is fitted on (classes in turn)
+tune_iters = 200             # its gradient steps: ~3 * tune_iters * steps model calls on tune_batch samples
 eta = 0.0                    # ddim: 0 = deterministic, 1 = DDPM
 threshold = 0.0              # Imagen dynamic thresholding quantile of |x0| (e.g. 0.995); 0 = off
 threshold_max = 1.0
@@ -81,8 +83,9 @@ def check_config():
           non_negative=('steps', 'eta', 'cfg_scale', 'seed'), fraction=('threshold',),
           choices=dict(sampler=('auto',) + SAMPLERS, order=(0, 1, 2, 3), spacing=('auto',) + SPACINGS,
                        dtype=('auto', 'float32', 'bfloat16', 'float16')))
-    if tune and (spacing != 'auto' or sampler in ('ddpm', 'ddim') and (sampler == 'ddpm' or eta > 0)):
-        sys.exit("error: --tune=True fits the grid for --spacing=auto and a deterministic sampler (not ddpm, eta = 0)")
+    if tune and (spacing != 'auto' or sampler in ('ddpm', 'heun') or sampler == 'ddim' and eta > 0):
+        sys.exit("error: --tune=True fits the solver for --spacing=auto and a deterministic sampler of one call a step "
+                 "(not ddpm or heun; eta = 0)")
     if threshold_max < 1:
         sys.exit(f"error: --threshold_max={threshold_max} must be >= 1")
     if num_samples < 0 or bool(save_dir) != (num_samples > 0):
@@ -322,50 +325,55 @@ def encode_prompts(texts, meta, dev):
 
 def solver_settings(diffusion, grids, student=None):
     """What sample_loop gets: each 'auto' (order 0) setting from the default (diffusion.default_solver),
-    and for spacing 'auto' the grid tuned to this checkpoint for this sampler, order, steps and cfg, if grids.json
-    has one. A distilled student (its checkpoint's record: steps, times) gets DDIM on its own grid, what it learned
-    to take, when sampler and spacing are 'auto' and steps is its own. -> (solver dict, grids.json key)."""
+    and for spacing 'auto' the solver tuned to this checkpoint for this sampler, order, steps and cfg (its grid and
+    matrix), if grids.json has one. A distilled student (its checkpoint's record: steps, times) gets DDIM on its own
+    grid, what it learned to take, when sampler and spacing are 'auto' and steps is its own. -> (solver dict, grids.json key)."""
     if student and student['steps'] == steps and sampler == 'auto' and spacing == 'auto':
         return dict(distill.solver(student), order=1, eta=0.0, threshold=threshold, threshold_max=threshold_max), None
     d = default_solver(diffusion.objective, steps)
     s = dict(sampler=d['sampler'] if sampler == 'auto' else sampler, order=order or d['order'], eta=eta,
              threshold=threshold, threshold_max=threshold_max)
     key = f"{s['sampler']}{s['order']} {steps} steps cfg {cfg_scale:g}"
-    s['spacing'] = spacing if spacing != 'auto' else grids[key]['t'] if key in grids else d['spacing']
+    tuned = grids.get(key, {}) if spacing == 'auto' else {}
+    s['spacing'], s['matrix'] = tuned.get('t', spacing if spacing != 'auto' else d['spacing']), tuned.get('matrix')
     return s, key
 
 
 def read_grids(folder):
-    """folder/grids.json, the step grids tuned to the checkpoint there ({key: {'t': [times], ...}}); {} if none."""
+    """folder/grids.json, the solvers tuned to the checkpoint there ({key: {'t': [times], 'matrix': [[...]], ...}});
+    {} if none."""
     path = os.path.join(folder, 'grids.json')
     if not os.path.exists(path):
         return {}
     try:
         with open(path, encoding='utf-8') as f:
             grids = json.load(f)
-        if not all(isinstance(g['t'], list) for g in grids.values()):
-            raise ValueError('a grid without its times')
+        if not all(isinstance(g['t'], list) and len(g.get('matrix') or g['t']) == len(g['t']) for g in grids.values()):
+            raise ValueError('a grid without its times, or a solver matrix of another length')
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise SystemExit(f"error: {path} is not a grids file ({e}): delete it, or re-run with --tune=True") from None
     return grids
 
 
 def tune_and_save(model, diffusion, meta, cond, solver, key, grids, autocast):
-    """Fit the step times to this checkpoint (diffusion.tune_grid) on tune_batch noise samples with the conditions
-    cond = (labels, text, null_text), at this cfg; add them to out_dir/grids.json (atomically). -> the times."""
+    """Fit the solver to this checkpoint (diffusion.tune_solver) on tune_batch noise samples with the conditions
+    cond = (labels, text, null_text), at this cfg; add its grid and matrix to out_dir/grids.json (atomically)."""
     labels, text, empty = cond
     g = torch.Generator(labels.device).manual_seed(seed + 1_000_003)  # not the noise the samples are drawn from
     x = torch.randn((len(labels),) + input_shape(meta), generator=g, device=labels.device)
-    model_fn = guided(model, diffusion, labels, model.config.num_classes, cfg_scale, text, empty,
+    model_fn = guided(model.requires_grad_(False), diffusion, labels, model.config.num_classes, cfg_scale, text, empty,
                       scale_input=model.config.guidance)
-    with torch.inference_mode(), autocast:
-        t, info = tune_grid(model_fn, x, diffusion, steps, **{k: v for k, v in solver.items() if k != 'spacing'})
-    print(f"tuned {key}: RMS error vs a converged solve {info['start_error']:.4f} ({info['start']}) -> {info['error']:.4f}, "
-          f"{info['evals']} grids tried, reference converged to {info['ref_change']:.1e}")
-    grids[key] = dict(t=t.tolist(), checkpoint=ckpt_name, batch=len(labels), **info)
+    t0 = time.time()
+    with autocast:
+        matrix, info = tune_solver(model_fn, x, diffusion, steps, solver['sampler'], solver['order'], solver['spacing'],
+                                   iters=tune_iters)
+    print(f"tuned {key}: RMS error vs a converged solve {info['start_error']:.4f} -> {info['error']:.4f} on "
+          f"{len(labels)} samples, {tune_iters} steps, {time.time() - t0:.0f} s; reference converged to {info['ref_change']:.1e}")
+    t = diffusion.sampling_schedule(steps, solver['spacing'])[0].tolist()
+    grids[key] = dict(t=t, matrix=matrix.tolist(), checkpoint=ckpt_name, batch=len(labels), **info)
     text_out = json.dumps(grids, indent=1)
     atomic_write(os.path.join(out_dir, 'grids.json'), lambda f: f.write(text_out.encode('utf-8')))
-    return t.tolist()
+    return dict(spacing=t, matrix=grids[key]['matrix'])
 
 
 def main():
@@ -403,8 +411,9 @@ def main():
         asked = [asked[i % len(asked)] for i in range(tune_batch)]
         cond = encode_prompts(asked, meta, dev) if is_text else (None, None)
         labels = torch.tensor([0] * tune_batch if is_text or not meta['num_classes'] else asked, device=dev)
-        solver['spacing'] = tune_and_save(model, diffusion, meta, (labels,) + cond, solver, key, grids, autocast)
-    grid = solver['spacing'] if isinstance(solver['spacing'], str) else 'tuned grid' if key else "the student's grid"
+        solver.update(tune_and_save(model, diffusion, meta, (labels,) + cond, solver, key, grids, autocast))
+    grid = solver['spacing'] if isinstance(solver['spacing'], str) else "the student's grid" if not key else \
+        'tuned solver' if solver['matrix'] else 'tuned grid'
     name = solver['sampler'] + (str(solver['order']) if solver['sampler'] in ('dpm++', 'unipc') else '')
     how = f"{name} {grid}, {steps} steps, cfg {cfg_scale}"
     kw = dict(cfg_scale=cfg_scale, autocast=autocast, batch_size=batch_size, steps=steps, control_scale=control_scale,

@@ -122,6 +122,8 @@ def test_bench_tables(monkeypatch, capsys):
     NFE, and the tables print."""
     monkeypatch.setattr(bs, 'nfes', (5, 10))
     monkeypatch.setattr(bs, 'ref_steps', 300)
+    monkeypatch.setattr(bs, 'tune_samples', 128)
+    monkeypatch.setattr(bs, 'tune_iters', 30)
     mix, x, labels = bs.make_mixture(dims=8), noise(), torch.arange(64) % 4
     results = {}
     for w in (1.0, 3.0):
@@ -130,7 +132,7 @@ def test_bench_tables(monkeypatch, capsys):
     rows = results[('flow', 1.0)]
     names = [r[0] for r in rows]
     default = bs.default_config('flow')
-    assert names[0] == bs.our_name(*default, default) and names[1] == 'unipc3 tuned grid' and len(names) == len(set(names))
+    assert names[0] == bs.our_name(*default, default) and names[1] == 'unipc3 tuned solver' and len(names) == len(set(names))
     assert all(math.isfinite(e) for r in rows for e in r[2]) and all(0.5 < r[3] < 2 for r in rows)
     assert rows[0][2][1] < rows[0][2][0]
     bs.print_table('flow', {1.0: results[('flow', 1.0)], 3.0: results[('flow', 3.0)]})

@@ -210,18 +210,30 @@ def test_harmful_quality_settings_are_refused(monkeypatch, module, key, value):
     assert str(e.value).startswith('error:') and f'--{key}=' in str(e.value)
 
 
-def test_tune_writes_a_grid_that_later_runs_use(trained, tmp_path):
-    """--tune=True fits the step times to the checkpoint and stores them beside it; a later run with the same
-    sampler, steps and cfg samples on them (spacing 'auto'), another step count does not; a bad file is one line."""
+@pytest.mark.parametrize('key, value', [('sampler', 'heun'), ('sampler', 'ddpm'), ('eta', 0.5), ('spacing', 'logsnr')])
+def test_tune_refuses_what_it_cannot_fit(monkeypatch, key, value):
+    """A solver matrix is one call a step and deterministic, on the grid 'auto' would pick: else one line."""
+    monkeypatch.setattr(sample, 'tune', True)
+    monkeypatch.setattr(sample, 'sampler', 'ddim' if key == 'eta' else sample.sampler)
+    monkeypatch.setattr(sample, key, value)
+    with pytest.raises(SystemExit) as e:
+        sample.check_config()
+    assert str(e.value).startswith('error: --tune=True') and '\n' not in str(e.value)
+
+
+def test_tune_writes_a_solver_that_later_runs_use(trained, tmp_path):
+    """--tune=True fits the solver to the checkpoint and stores it beside it; a later run with the same sampler,
+    steps and cfg samples with it (spacing 'auto'), another step count does not; a bad file is one line."""
     import shutil
     out = tmp_path / 'o'
     shutil.copytree(trained, out)
     args = ['sample.py', f'--out_dir={out}', '--steps=3', '--per_class=1', '--device=cpu']
-    p = run(args + ['--tune=True', '--tune_batch=4'])
+    p = run(args + ['--tune=True', '--tune_batch=4', '--tune_iters=5'])
     (key, g), = json.loads((out / 'grids.json').read_text()).items()
-    assert key.endswith(' 3 steps cfg 4') and len(g['t']) == 3 and g['error'] <= g['start_error'] and g['batch'] == 4
-    assert f"tuned {key}" in p.stdout and 'tuned grid, 3 steps' in p.stdout
-    assert 'tuned grid, 3 steps' in run(args).stdout
-    assert 'tuned grid' not in run(args[:2] + ['--steps=4'] + args[3:]).stdout
-    (out / 'grids.json').write_text('{"dpm++2 3 steps cfg 4": {"t": 1}}')
+    assert key.endswith(' 3 steps cfg 4') and len(g['t']) == 3 and g['batch'] == 4 and g['iters'] == 5
+    assert len(g['matrix']) == 3 and all(len(row) == 4 for row in g['matrix']) and g['error'] <= g['start_error']
+    assert f"tuned {key}" in p.stdout and 'tuned solver, 3 steps' in p.stdout
+    assert 'tuned solver, 3 steps' in run(args).stdout
+    assert 'tuned' not in run(args[:2] + ['--steps=4'] + args[3:]).stdout
+    (out / 'grids.json').write_text('{"unipc3 3 steps cfg 4": {"t": [1, 0.6, 0.3], "matrix": [[1, 0]]}}')
     one_error_line(run(args, check=False), 'grids.json', '--tune=True')
