@@ -365,12 +365,14 @@ def print_table(name, by_cfg):
 
 
 def print_ratios(results):
-    """Our default's error, and our best configuration's, over the best diffusers configuration's, at each NFE."""
-    print("\nour error / the best diffusers configuration's (the goal: default <= 0.5 at 5 and 10 NFE)")
-    print(f"{'':<15}{'NFE':>4}  {'best diffusers':<25}{'error':>7}  {'default':>7}{'ratio':>6}  "
+    """Our default's error, tuned to the model (as sample.py --tune=True leaves it) and not, and our best
+    configuration's, over the best diffusers configuration's, at each NFE."""
+    print("\nour error / the best diffusers configuration's (the goal: default <= 0.5 at 5 and 10 NFE); 'tuned': the "
+          "default\nwith its solver fitted to the model on other noise (sample.py --tune=True), used when present")
+    print(f"{'':<15}{'NFE':>4}  {'best diffusers':<25}{'error':>7}  {'default':>7}{'ratio':>6}{'tuned':>8}{'ratio':>6}  "
           f"{'best of ours':<20}{'ratio':>6}")
     for (name, w), rows in results.items():
-        default = rows[0]  # our_configs puts it first
+        default, tuned = rows[:2]  # bench puts them first
         for j, n in enumerate(nfes):
             error = lambda r: math.inf if math.isnan(r[2][j]) else r[2][j]
             theirs = min((r for r in rows if not r[1]), key=error, default=None)
@@ -378,8 +380,9 @@ def print_ratios(results):
                 continue
             ours = min((r for r in rows if r[1]), key=error)
             e = theirs[2][j]
+            fit = '-' if math.isnan(tuned[2][j]) else f"{tuned[2][j]:.1e}{tuned[2][j] / e:6.2f}"
             print(f"{f'{name} cfg {w:g}':<15}{n:>4}  {theirs[0]:<25}{e:7.1e}  {default[2][j]:7.1e}"
-                  f"{default[2][j] / e:6.2f}  {ours[0]:<20}{ours[2][j] / e:6.2f}")
+                  f"{default[2][j] / e:6.2f}{fit:>14}  {ours[0]:<20}{ours[2][j] / e:6.2f}")
 
 
 def quality_table(ckpt_dir):

@@ -16,6 +16,7 @@ what is particular to them: the rounds, the loss, and the record a student's che
   two calls, is the target); a leading round of 0 steps learns it alone, at any t (Meng et al.'s stage one).
 """
 import functools
+import itertools
 import math
 import sys
 
@@ -24,20 +25,30 @@ import torch
 from diffusion import guided
 
 
-def check_rounds(steps, cfg, init_from, max_iters, teacher_steps=0):
-    """train.py's distill_steps, distill_cfg and distill_teacher_steps, checked: one line before anything runs."""
+def check_rounds(steps, cfg, init_from, max_iters, teacher_steps=0, iters=()):
+    """train.py's distill_steps, distill_cfg, distill_teacher_steps and distill_iters, checked: one line before anything
+    runs."""
     ok = all(isinstance(n, int) and n >= 0 for n in steps) and 0 not in steps[1:]
     if steps and not (ok and all(2 * b == a for a, b in zip(steps, steps[1:]) if a)):
         sys.exit(f"error: --distill_steps={steps} must be student steps that halve each round, e.g. (4, 2, 1) or (0, 4, 2, 1)")
-    if steps and (init_from == 'scratch' or max_iters % len(steps)):
+    if steps and (init_from == 'scratch' or not iters and max_iters % len(steps)):
         sys.exit(f"error: --distill_steps={steps} needs a teacher (--init_from=its ckpt.pt, or resume) and a "
-                 f"--max_iters={max_iters} that its {len(steps)} round(s) divide")
+                 f"--max_iters={max_iters} that its {len(steps)} round(s) divide (or --distill_iters)")
+    if iters and not (len(iters) == len(steps) and all(isinstance(n, int) and n > 0 for n in iters)
+                      and sum(iters) == max_iters):
+        sys.exit(f"error: --distill_iters={iters} must be each of the {len(steps)} round(s)' training steps (> 0), "
+                 f"summing to --max_iters={max_iters}")
     first = next((n for n in steps if n), 0)
     if teacher_steps and not (first and teacher_steps % first == 0 and teacher_steps >= 2 * first):
         sys.exit(f"error: --distill_teacher_steps={teacher_steps} must be a multiple of the first round's student steps "
                  f"({first}), at least twice it, e.g. {4 * (first or 1)}")
     if len(cfg) != 2 or not 0 <= cfg[0] <= cfg[1]:
         sys.exit(f"error: --distill_cfg={cfg} must be the lowest and highest CFG scale the student learns, e.g. (1.0, 6.0)")
+
+
+def round_ends(rounds, max_iters, iters=()):
+    """The step at which each round ends: iters' running sum, or max_iters split evenly."""
+    return list(itertools.accumulate(iters or [max_iters // len(rounds)] * len(rounds)))
 
 
 def student_args(ckpt, path, conditional, first_steps, teacher_steps=0):

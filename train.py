@@ -15,6 +15,7 @@ batch as one process with N times the batch size. A control branch (model.py) fo
     python train.py config/shapes.py --data_dir=data/shapes-mask --init_from=out-shapes/ckpt.pt --out_dir=out-mask
 Distillation (distill.py) runs in this loop too, from a teacher checkpoint: python train.py config/distill_shapes.py
 """
+import bisect
 import copy
 import math
 import os
@@ -57,6 +58,7 @@ control_blocks = 0           # control branch, DiT: base blocks it copies; 0 = h
 hint_dropout = 0.1           # control branch: chance a hint is all zero (empty), so its strength can be scaled
 distill_steps = ()           # distil init_from (the teacher) in rounds (distill.py), max_iters split evenly: each round's
                              # student steps, e.g. (4, 2, 1): 8 DDIM steps -> 4 -> 2 -> 1; a first 0: the guidance alone
+distill_iters = ()           # or unevenly: each round's training steps, e.g. (1400, 600), summing to max_iters
 distill_cfg = (1.0, 6.0)     # distilling a conditional model: the CFG scales the student learns to take as an input
 distill_teacher_steps = 0    # the first round's teacher's DDIM steps over the path; 0 = twice the student's; more: closer
 # diffusion
@@ -133,12 +135,13 @@ def check_config():
         sys.exit(f"error: --eval_grade_per_class={eval_grade_per_class} must be 0 (off) or >= 2")
     if keep_best != 'val_loss' and not eval_grade_per_class:
         sys.exit(f"error: --keep_best={keep_best!r} needs graded samples: set --eval_grade_per_class (e.g. 8)")
-    distill.check_rounds(distill_steps, distill_cfg, init_from, max_iters, distill_teacher_steps)
+    distill.check_rounds(distill_steps, distill_cfg, init_from, max_iters, distill_teacher_steps, distill_iters)
 
 
-def get_lr(it):
-    """Linear warm-up, then cosine decay to min_lr (once, or restarting every restart_iters: SGDR)."""
-    decay_iters = lr_decay_iters or max_iters // max(len(distill_steps), 1)  # distilling: each round decays
+def get_lr(it, iters=0):
+    """Linear warm-up, then cosine decay to min_lr (once, or restarting every restart_iters: SGDR) over iters steps
+    (distilling: a round's), or lr_decay_iters, or max_iters."""
+    decay_iters = lr_decay_iters or iters or max_iters
     if it < warmup_iters:
         return lr * (it + 1) / (warmup_iters + 1)
     if lr_schedule == 'restarts':
@@ -301,8 +304,9 @@ def main():
 
     rounds = list(distill_steps) or [0]  # distillation: each round's student steps (not distilling: one round)
     subs = distill.teacher_substeps(rounds, distill_teacher_steps)  # and its teacher's calls per student step
-    round_iters = max_iters // len(rounds)
-    r = min(step // round_iters, len(rounds) - 1)  # the round the next step is in (resumed at the end: the last)
+    ends = distill.round_ends(rounds, max_iters, distill_iters)  # the step each round ends at
+    round_of = lambda s: min(bisect.bisect_right(ends, s), len(rounds) - 1)  # (resumed at the end: the last)
+    r = round_of(step)  # the round the next step is in
     record = lambda r: distill.record(diffusion, rounds[r], distill_cfg, model_args['guidance'])  # for sample.py
     if distilling:
         config['student'] = record(r)
@@ -379,14 +383,15 @@ def main():
     t_last, steps_since, loss_sum = time.time(), 0, torch.zeros((), device=dev)
     n_loss, bad_run, bad_max, bad_new = (torch.zeros((), dtype=torch.long, device=dev) for _ in range(4))  # device-side counts
     while step < max_iters:
-        r, local = divmod(step, round_iters)  # the round (distillation: each has its own LR schedule and EMA start)
+        r = round_of(step)  # the round (distillation: each has its own LR schedule and EMA start)
+        local, length = step - (ends[r - 1] if r else 0), ends[r] - (ends[r - 1] if r else 0)
         if distilling and local == 0 and r:  # a new round: its teacher and its student start as the last round's student
             teacher.load_state_dict(ema.state_dict())
             raw_model.load_state_dict(ema.state_dict())
             best_score, stale = float('inf'), 0  # best.pt: this round's best student
             config['student'] = record(r)
         for group in optimizer.param_groups:
-            group['lr'] = get_lr(local)
+            group['lr'] = get_lr(local, length)
         idx = batch_indices(step, len(train_data), global_batch, seed)
         t, noise, drop, eps, flip, empty, u = batch_noise(diffusion, step, global_batch, shape, dev, seed, train_data.latent)
         step_loss = torch.zeros((), device=dev)
@@ -429,7 +434,7 @@ def main():
         if prof is not None:
             prof.step()
 
-        evaluating = (eval_interval and step % eval_interval == 0) or step % round_iters == 0  # and each round's end
+        evaluating = (eval_interval and step % eval_interval == 0) or step in ends  # and each round's end
         if step % log_interval == 0 or evaluating:  # every process: all read the same (all-reduced) gradients' skips
             skipped, longest = bad_new.item(), bad_max.item()
             bad_steps += skipped
@@ -446,8 +451,8 @@ def main():
             mfu = f" | mfu {100 * flops_fwd * calls(r) * steps_since / dt / (peak * world):.1f}%" if peak else ''  # N GPUs: N peaks
             train_loss = loss_sum.item() / max(n_loss.item(), 1)
             history.append((step, 'train', train_loss))
-            log(train_loss=train_loss, lr=get_lr(local), img_s=img_s)
-            print(f"step {step} | loss {train_loss:.4f} | lr {get_lr(local):.2e} | {img_s:.0f} img/s{mfu}", flush=True)
+            log(train_loss=train_loss, lr=get_lr(local, length), img_s=img_s)
+            print(f"step {step} | loss {train_loss:.4f} | lr {get_lr(local, length):.2e} | {img_s:.0f} img/s{mfu}", flush=True)
             loss_sum, n_loss, steps_since, t_last = loss_sum * 0, n_loss * 0, 0, time.time()
         if evaluating:
             vl = val_loss(ema)  # on every process (same EMA, same data), so all agree on early stopping
@@ -473,7 +478,7 @@ def main():
                 if improved:  # keep-best: the EMA weights with the best score so far; written first, so
                     save('best.pt')  # a kill between the two leaves best.pt new and ckpt.pt one evaluation older
                 save()
-                if distilling and step % round_iters == 0:  # each round's student is kept (sample.py --ckpt_name=student2.pt)
+                if distilling and step in ends:  # each round's student is kept (sample.py --ckpt_name=student2.pt)
                     save(f"student{rounds[r]}.pt" if rounds[r] else 'student_guided.pt')
                     line += f" | {f'{rounds[r]}-step' if rounds[r] else 'guidance'} student"
                 print(f"step {step} | {line} | saved {out_dir}/ckpt.pt", flush=True)

@@ -212,10 +212,24 @@ def test_sample_uses_the_students_steps_and_grid_without_flags(data, teacher, tm
 
 @pytest.mark.parametrize('args', [['--distill_steps=(4, 3)'], ['--distill_steps=(2, 0)'], ['--distill_steps=(2, 1)', '--max_iters=3'],
                                   ['--distill_steps=(2,)', '--distill_cfg=(4.0, 1.0)'],
-                                  ['--distill_steps=(4, 2)', '--distill_teacher_steps=6']])
+                                  ['--distill_steps=(4, 2)', '--distill_teacher_steps=6'],
+                                  ['--distill_steps=(2, 1)', '--distill_iters=(1, 2)'], ['--distill_steps=(2,)', '--distill_iters=(1, 1)']])
 def test_bad_distillation_settings_are_one_line(data, teacher, tmp_path, args):
     p = train(data, tmp_path, f'--init_from={teacher}/ckpt.pt', '--max_iters=2', *args, check=False)
     one_error_line(p, '--distill_')
+
+
+def test_uneven_rounds_end_where_distill_iters_says(data, teacher, tmp_path):
+    """distill_iters=(3, 2): round 1 ends (and its student is kept) at step 3, not at half of max_iters; each round's
+    LR schedule restarts and decays over its own length."""
+    p = train(data, tmp_path, f'--init_from={teacher}/ckpt.pt', '--distill_steps=(2, 1)', '--max_iters=5',
+              '--distill_iters=(3, 2)', '--eval_interval=0', '--log_interval=1', '--warmup_iters=0', '--lr=1e-3',
+              '--min_lr=1e-4', '--lr_decay_iters=0')
+    lines = {int(l.split()[1]): l for l in p.stdout.splitlines() if l.startswith('step ')}
+    assert '2-step student' in lines[3] and '1-step student' in lines[5] and 'student' not in lines[2] + lines[4]
+    assert torch.load(tmp_path / 'student2.pt', weights_only=True)['step'] == 3
+    lrs = {int(l.split()[1]): float(l.split('| lr ')[1].split()[0]) for l in p.stdout.splitlines() if '| lr ' in l}
+    assert lrs[1] == lrs[4] == 1e-3 and lrs[3] == pytest.approx(1e-4 + 0.25 * 9e-4, rel=1e-2)  # 2/3 of round 1's cosine
 
 
 def test_teachers_that_cannot_be_distilled_are_one_line(data, teacher, tmp_path):
