@@ -2,6 +2,7 @@
 # scale as an input: one network call per step. Rounds of 1,000 steps; each student is kept (out-distill/student2.pt).
 #   python train.py config/distill_shapes.py && python sample.py --out_dir=out-distill --ckpt_name=student1.pt --grade=True
 # A 4-step student too (README): --distill_steps="(4, 2, 1)" --distill_teacher_steps=16 --max_iters=1200 --batch_size=32 --lr=5e-4
+# 2 steps >= 95% (README: 95.1%, 1 step 91.3%, but 16.5 minutes): --distill_iters="(1400, 600)"
 out_dir = 'out-distill'
 data_dir = 'data/shapes'
 init_from = 'out-shapes/ckpt.pt'   # the teacher: its EMA weights, with CFG
