@@ -15,7 +15,6 @@ batch as one process with N times the batch size. A control branch (model.py) fo
     python train.py config/shapes.py --data_dir=data/shapes-mask --init_from=out-shapes/ckpt.pt --out_dir=out-mask
 Distillation (distill.py) runs in this loop too, from a teacher checkpoint: python train.py config/distill_shapes.py
 """
-import bisect
 import copy
 import math
 import os
@@ -139,8 +138,7 @@ def check_config():
 
 
 def get_lr(it, iters=0):
-    """Linear warm-up, then cosine decay to min_lr (once, or restarting every restart_iters: SGDR) over iters steps
-    (distilling: a round's), or lr_decay_iters, or max_iters."""
+    """Linear warm-up, then cosine decay to min_lr over lr_decay_iters, iters (a round's) or max_iters; or SGDR."""
     decay_iters = lr_decay_iters or iters or max_iters
     if it < warmup_iters:
         return lr * (it + 1) / (warmup_iters + 1)
@@ -305,11 +303,10 @@ def main():
     rounds = list(distill_steps) or [0]  # distillation: each round's student steps (not distilling: one round)
     subs = distill.teacher_substeps(rounds, distill_teacher_steps)  # and its teacher's calls per student step
     ends = distill.round_ends(rounds, max_iters, distill_iters)  # the step each round ends at
-    round_of = lambda s: min(bisect.bisect_right(ends, s), len(rounds) - 1)  # (resumed at the end: the last)
-    r = round_of(step)  # the round the next step is in
+    round_of = lambda s: sum(s >= e for e in ends[:-1])  # the round step s is in (resumed at the end: the last)
     record = lambda r: distill.record(diffusion, rounds[r], distill_cfg, model_args['guidance'])  # for sample.py
     if distilling:
-        config['student'] = record(r)
+        config['student'] = record(round_of(step))
 
     def loss_of(net, x0, y, t, noise, caps, hint, u, gamma=0.0):  # the training loss, or distillation's (distill.py)
         if not distilling:
@@ -384,7 +381,7 @@ def main():
     n_loss, bad_run, bad_max, bad_new = (torch.zeros((), dtype=torch.long, device=dev) for _ in range(4))  # device-side counts
     while step < max_iters:
         r = round_of(step)  # the round (distillation: each has its own LR schedule and EMA start)
-        local, length = step - (ends[r - 1] if r else 0), ends[r] - (ends[r - 1] if r else 0)
+        local, length = step - ([0] + ends)[r], ends[r] - ([0] + ends)[r]
         if distilling and local == 0 and r:  # a new round: its teacher and its student start as the last round's student
             teacher.load_state_dict(ema.state_dict())
             raw_model.load_state_dict(ema.state_dict())
