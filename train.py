@@ -55,9 +55,9 @@ unet_mult = (1, 2, 2)
 unet_blocks = 1
 control_blocks = 0           # control branch, DiT: base blocks it copies; 0 = half the depth (UNet: the encoder)
 hint_dropout = 0.1           # control branch: chance a hint is all zero (empty), so its strength can be scaled
-distill_steps = ()           # distil init_from (the teacher) in rounds (distill.py), max_iters split evenly: each round's
-                             # student steps, e.g. (4, 2, 1): 8 DDIM steps -> 4 -> 2 -> 1; a first 0: the guidance alone
-distill_iters = ()           # or unevenly: each round's training steps, e.g. (1400, 600), summing to max_iters
+distill_steps = ()           # distil init_from (the teacher) in rounds of student steps (distill.py), e.g. (4, 2, 1);
+                             # a first round of 0 steps, e.g. (0, 4, 2, 1), learns the guidance alone
+distill_iters = ()           # each round's training steps, e.g. (1400, 600), summing to max_iters; () = split evenly
 distill_cfg = (1.0, 6.0)     # distilling a conditional model: the CFG scales the student learns to take as an input
 distill_teacher_steps = 0    # the first round's teacher's DDIM steps over the path; 0 = twice the student's; more: closer
 # diffusion
@@ -98,7 +98,7 @@ eval_grade_per_class = 0     # shapes data: read back this many eval samples per
 keep_best = 'val_loss'       # best.pt and patience go by 'val_loss', or by graded samples: 'shapes_fd', 'shapes_accuracy'
 # system
 device = 'auto'              # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'auto'               # 'auto' (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), or explicit
+dtype = 'auto'               # 'auto' (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), or explicit (CPU bf16 too)
 compile = True               # torch.compile; used on CUDA only (on CPU it costs more than it saves here)
 compile_mode = 'default'     # or 'max-autotune' (slower compile, tuned kernels), 'reduce-overhead' (CUDA graphs)
 profile = False              # write a torch.profiler trace of steps 2-4 to out_dir/trace.json (chrome://tracing)
@@ -142,12 +142,10 @@ def get_lr(it, iters=0):
     decay_iters = lr_decay_iters or iters or max_iters
     if it < warmup_iters:
         return lr * (it + 1) / (warmup_iters + 1)
-    if lr_schedule == 'restarts':
-        ratio = ((it - warmup_iters) % restart_iters) / restart_iters
-        return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
-    if it >= decay_iters:
+    if lr_schedule != 'restarts' and it >= decay_iters:
         return min_lr
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    span = restart_iters if lr_schedule == 'restarts' else max(1, decay_iters - warmup_iters)  # one cosine's length
+    ratio = (it - warmup_iters) % span / span
     return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
@@ -412,10 +410,9 @@ def main():
                              f"or use a smaller model") from None
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
-        # A non-finite gradient (a corrupt example, an overflow) would poison the weights and Adam's moments for
-        # good: that update is skipped on the device (fused AdamW's found_inf, GradScaler's own mechanism, which
-        # fp16 uses), so no step waits for the host; the skips are counted on the device and read at log time.
-        # (Adafactor has no such switch: it pays one host sync a step.)
+        # A non-finite gradient (a corrupt example, an overflow) would poison the weights and Adam's moments for good: that
+        # update is skipped on the device (fused AdamW's found_inf, GradScaler's own mechanism, which fp16 uses), so no step
+        # waits for the host; the skips are counted on the device and read at log time (Adafactor: one host sync a step).
         ok = torch.isfinite(grad_norm) | (ptdtype == torch.float16)  # fp16: GradScaler's overflow skips are its normal life
         optimizer.found_inf = (~ok).float()  # (fp16: GradScaler sets it itself)
         if optim == 'adamw' or ok.item():
