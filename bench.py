@@ -7,11 +7,12 @@ Throughput and profiling: the same model, precision, compile and optimiser step 
     python bench.py config/shapes.py --profile=True          # + a torch.profiler trace in bench_trace.json
     python bench.py --suite=True                             # every GPU figure of BENCHMARKS.md, written there
 
-Prints one table: train img/s, MFU (analytic FLOPs from torch.utils.flop_counter / the peak FLOP/s it
-names), peak memory, the data-loading share of step time, and sampling img/s. For a class-conditional DiT,
-the same rows for diffusers' DiTTransformer2DModel of the same size (same batches, precision, compile and
-step, in the same run) and the ratio ours / diffusers.
+Prints one table: train img/s, MFU (analytic FLOPs from torch.utils.flop_counter / the peak FLOP/s
+it names), peak memory, the data-loading share of step time, and sampling img/s. For a
+class-conditional DiT, the same rows for diffusers' DiTTransformer2DModel of the same size (same
+batches, precision, compile and step, in the same run) and the ratio ours / diffusers.
 """
+
 import json
 import os
 import re
@@ -29,15 +30,20 @@ from data import Data, read_meta
 from flops import flops_per_image, guess_peak_flops
 
 # -----------------------------------------------------------------------------
-# the model keys mean what they mean in train.py, so `python bench.py config/x.py` measures that config
-data_dir = ''                # a prepare.py dataset (times the real loader); '' = random data of the shape below
+# the model keys mean what they mean in train.py, so `python bench.py config/x.py` measures that
+# config
+# a prepare.py dataset (times the real loader); '' = random data of the shape below
+data_dir = ''
 resolution = 32
 channels = 4
 num_classes = 1000
-text_len = 0                 # random data: > 0 conditions on random captions of text_len tokens x text_dim (a T2I model)
+# random data: > 0 conditions on random captions of text_len tokens x text_dim (a T2I model)
+text_len = 0
 text_dim = 768
-use_text = True              # a dataset with pre-encoded captions: time the text model (as train.py trains it)
-size = ''                    # a DiT size from the paper, e.g. 'B/2' (overrides the arch keys below)
+# a dataset with pre-encoded captions: time the text model (as train.py trains it)
+use_text = True
+# a DiT size from the paper, e.g. 'B/2' (overrides the arch keys below)
+size = ''
 arch = 'dit'
 patch_size = 2
 n_layer = 12
@@ -52,22 +58,32 @@ schedule = 'cosine'
 prediction = 'v'
 num_timesteps = 1000
 batch_size = 64
-warmup = 5                   # untimed steps first (compile, allocator, cudnn autotune): peak memory is theirs
-iters = 20                   # timed steps
-grad_checkpoint = False      # as train.py: recompute each block's activations in backward (less memory, more compute)
-peer = True                  # a DiT: also time diffusers' DiTTransformer2DModel of the same size (needs diffusers)
-sample_steps = 20            # the sampling row; 0 = none
+# untimed steps first (compile, allocator, cudnn autotune): peak memory is theirs
+warmup = 5
+# timed steps
+iters = 20
+# as train.py: recompute each block's activations in backward (less memory, more compute)
+grad_checkpoint = False
+# a DiT: also time diffusers' DiTTransformer2DModel of the same size (needs diffusers)
+peer = True
+# the sampling row; 0 = none
+sample_steps = 20
 sample_batch = 64
 cfg_scale = 4.0
 device = 'auto'
 dtype = 'auto'
-compile = True               # CUDA only, as in train.py
-compile_mode = 'default'     # torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune', ...
-peak_flops = 0.0             # 0 = guess from the GPU name
+# CUDA only, as in train.py
+compile = True
+# torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune', ...
+compile_mode = 'default'
+# 0 = guess from the GPU name
+peak_flops = 0.0
 profile = False
-suite = False                # instead: every GPU figure (SUITE below), each in its own process, -> BENCHMARKS.md
-vae = ''                     # instead: VAE encode img/s, ours vs diffusers' AutoencoderKL with the same weights;
-                             # a hub id/folder, or 'random' for SD-size random weights (no download)
+# instead: every GPU figure (SUITE below), each in its own process, -> BENCHMARKS.md
+suite = False
+# instead: VAE encode img/s, ours vs diffusers' AutoencoderKL with the same weights;
+# a hub id/folder, or 'random' for SD-size random weights (no download)
+vae = ''
 vae_resolution = 256
 vae_batch = 8
 seed = 1337
@@ -76,18 +92,49 @@ seed = 1337
 
 def check_config():
     """What each setting may be, in one place: a bad value is one line before anything is built."""
-    check(globals(), positive=('resolution', 'channels', 'text_dim', 'patch_size', 'n_layer', 'n_head', 'n_embd',
-                               'share_blocks', 'unet_channels', 'unet_blocks', 'num_timesteps', 'batch_size', 'iters',
-                               'warmup', 'sample_batch', 'vae_resolution', 'vae_batch'),
-          non_negative=('num_classes', 'text_len', 'sample_steps', 'cfg_scale', 'peak_flops', 'seed'),
-          choices=dict(arch=('dit', 'unet'), objective=('flow', 'vp'), schedule=('linear', 'cosine'),
-                       prediction=('eps', 'v', 'x0'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
-                       size=('',) + tuple(f"{k}/{p}" for k in DIT_SIZES for p in (2, 4, 8)),
-                       compile_mode=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')))
+    check(
+        globals(),
+        positive=(
+            'resolution',
+            'channels',
+            'text_dim',
+            'patch_size',
+            'n_layer',
+            'n_head',
+            'n_embd',
+            'share_blocks',
+            'unet_channels',
+            'unet_blocks',
+            'num_timesteps',
+            'batch_size',
+            'iters',
+            'warmup',
+            'sample_batch',
+            'vae_resolution',
+            'vae_batch',
+        ),
+        non_negative=('num_classes', 'text_len', 'sample_steps', 'cfg_scale', 'peak_flops', 'seed'),
+        choices=dict(
+            arch=('dit', 'unet'),
+            objective=('flow', 'vp'),
+            schedule=('linear', 'cosine'),
+            prediction=('eps', 'v', 'x0'),
+            dtype=('auto', 'float32', 'bfloat16', 'float16'),
+            size=('',) + tuple(f"{k}/{p}" for k in DIT_SIZES for p in (2, 4, 8)),
+            compile_mode=(
+                'default',
+                'reduce-overhead',
+                'max-autotune',
+                'max-autotune-no-cudagraphs',
+            ),
+        ),
+    )
     if vae and vae_resolution % 8:
         sys.exit(f"error: --vae_resolution={vae_resolution} must be a multiple of 8")
     if suite and not torch.cuda.is_available():
-        sys.exit("error: --suite=True measures GPU figures and torch sees no CUDA GPU here: BENCHMARKS.md is unchanged")
+        sys.exit(
+            "error: --suite=True measures GPU figures and torch sees no CUDA GPU here: BENCHMARKS.md is unchanged"
+        )
 
 
 def sync(dev):
@@ -96,40 +143,62 @@ def sync(dev):
 
 
 def vae_table():
-    """Encode img/s of vae.AutoencoderKL and of diffusers' AutoencoderKL holding the same weights, same run."""
+    """Encode img/s of vae.AutoencoderKL and of diffusers' AutoencoderKL holding the same weights,
+    same run."""
     from vae import AutoencoderKL
+
     dev, _, autocast = setup_device(device, dtype)
-    ours = (AutoencoderKL() if vae == 'random' else AutoencoderKL.from_pretrained(vae)).to(dev).eval()
+    ours = (
+        (AutoencoderKL() if vae == 'random' else AutoencoderKL.from_pretrained(vae)).to(dev).eval()
+    )
     x = torch.randn(vae_batch, 3, vae_resolution, vae_resolution, device=dev)
+
     def rate(encode):
         with torch.no_grad(), autocast:
-            encode(x)  # warm-up
+            # warm-up
+            encode(x)
             sync(dev)
             t0 = time.perf_counter()
             for _ in range(3):
                 encode(x)
             sync(dev)
         return 3 * vae_batch / (time.perf_counter() - t0)
+
     ours_rate = rate(lambda v: ours.encode(v, tiled=False).mean)
-    print(f"VAE encode {vae_resolution}px, batch {vae_batch}, {dev}: ours {ours_rate:.2f} img/s", flush=True)
+    print(
+        f"VAE encode {vae_resolution}px, batch {vae_batch}, {dev}: ours {ours_rate:.2f} img/s",
+        flush=True,
+    )
     try:
         import diffusers
     except ImportError:
         return print("diffusers not installed: no side-by-side")
     from dataclasses import asdict
-    ref = diffusers.AutoencoderKL(**{k: v for k, v in asdict(ours.config).items() if k != 'shift_factor'},
-                                  down_block_types=['DownEncoderBlock2D'] * len(ours.config.block_out_channels),
-                                  up_block_types=['UpDecoderBlock2D'] * len(ours.config.block_out_channels))
+
+    ref = diffusers.AutoencoderKL(
+        **{k: v for k, v in asdict(ours.config).items() if k != 'shift_factor'},
+        down_block_types=['DownEncoderBlock2D'] * len(ours.config.block_out_channels),
+        up_block_types=['UpDecoderBlock2D'] * len(ours.config.block_out_channels),
+    )
     ref.load_state_dict(ours.state_dict())
     ref = ref.to(dev).eval()
     ref_rate = rate(lambda v: ref.encode(v).latent_dist.mean)
-    print(f"diffusers AutoencoderKL.encode: {ref_rate:.2f} img/s | ours / diffusers = {ours_rate / ref_rate:.2f}x")
+    print(
+        f"diffusers AutoencoderKL.encode: {ref_rate:.2f} img/s | ours / diffusers = {ours_rate / ref_rate:.2f}x"
+    )
 
 
 def data_spec():
-    """-> (shape [C, H, W], num_classes, text_len, text_dim) of the batches to time: the dataset's, or the settings'."""
-    if not data_dir:  # random data; text_len > 0: a text model on random captions (no classes then)
-        return (channels, resolution, resolution), 0 if text_len else num_classes, text_len, text_dim if text_len else 0
+    """-> (shape [C, H, W], num_classes, text_len, text_dim) of the batches to time: the dataset's,
+    or the settings'."""
+    # random data; text_len > 0: a text model on random captions (no classes then)
+    if not data_dir:
+        return (
+            (channels, resolution, resolution),
+            0 if text_len else num_classes,
+            text_len,
+            text_dim if text_len else 0,
+        )
     meta = read_meta(data_dir)
     if use_text and 'text_dim' in meta:
         return input_shape(meta), 0, meta['text_max_len'], meta['text_dim']
@@ -137,8 +206,9 @@ def data_spec():
 
 
 def model_args(shape, ncls, text_width):
-    """build_model's dict: the arch keys as train.py reads them, or a DiT size of the paper (--size=B/2) over them.
-    The size sets depth, heads and width only: the captions (text_len, text_dim) stay the settings'."""
+    """build_model's dict: the arch keys as train.py reads them, or a DiT size of the paper
+    (--size=B/2) over them. The size sets depth, heads and width only: the captions (text_len,
+    text_dim) stay the settings'."""
     cfg = dict(globals())
     if size:
         name, patch = size.split('/')
@@ -148,8 +218,8 @@ def model_args(shape, ncls, text_width):
 
 
 def batches(dev, shape, ncls, L, D):
-    """get_batch() -> (x0, y, captions or None) on dev, from the dataset's loader or from random data held on the
-    host like the memmap, so the host->device copy is timed either way."""
+    """get_batch() -> (x0, y, captions or None) on dev, from the dataset's loader or from random
+    data held on the host like the memmap, so the host->device copy is timed either way."""
     if data_dir:
         data = Data(data_dir, 'train', dev, D > 0)
 
@@ -157,26 +227,34 @@ def batches(dev, shape, ncls, L, D):
             idx = np.sort(np.random.randint(0, len(data), batch_size))
             x, y = data.get(idx)
             return (x, y * 0, data.get_text(idx)) if D else (x, y, None)
+
         return get_batch
     host = [torch.randn(batch_size * 4, *shape), torch.randint(0, max(ncls, 1), (batch_size * 4,))]
-    if L:  # random caption states, a mask with 1..L real tokens, pooled vectors
-        host += [torch.randn(batch_size * 4, L, D), torch.arange(L) < torch.randint(1, L + 1, (batch_size * 4, 1)),
-                 torch.randn(batch_size * 4, D)]
+    # random caption states, a mask with 1..L real tokens, pooled vectors
+    if L:
+        host += [
+            torch.randn(batch_size * 4, L, D),
+            torch.arange(L) < torch.randint(1, L + 1, (batch_size * 4, 1)),
+            torch.randn(batch_size * 4, D),
+        ]
     host = [h.pin_memory() for h in host] if dev.type == 'cuda' else host
 
     def get_batch():
         i = np.random.randint(0, 4) * batch_size
-        x, y, *caps = [h[i:i + batch_size].to(dev, non_blocking=True) for h in host]
+        x, y, *caps = [h[i : i + batch_size].to(dev, non_blocking=True) for h in host]
         return x, y, tuple(caps) or None
+
     return get_batch
 
 
 def ready(model, diffusion, get_batch, dev, ptdtype, autocast):
-    """model on dev, compiled (on CUDA) as train.py compiles it, and one optimizer step as train.py takes it (loss,
-    backward, clip, fused AdamW), run warmup times untimed (compilation, allocator, autotuning) -> (net, train_step,
-    the peak GiB those steps allocated beyond what dev held before; None on a CPU). Raises torch.OutOfMemoryError."""
+    """model on dev, compiled (on CUDA) as train.py compiles it, and one optimizer step as train.py
+    takes it (loss, backward, clip, fused AdamW), run warmup times untimed (compilation, allocator,
+    autotuning) -> (net, train_step, the peak GiB those steps allocated beyond what dev held before;
+    None on a CPU). Raises torch.OutOfMemoryError."""
     base = torch.cuda.memory_allocated(dev) if dev.type == 'cuda' else 0
-    nhwc = dev.type == 'cuda' and isinstance(model, UNet)  # as train.py: the layout of cuDNN's tensor-core convolutions
+    # as train.py: the layout of cuDNN's tensor-core convolutions
+    nhwc = dev.type == 'cuda' and isinstance(model, UNet)
     model.to(dev, memory_format=torch.channels_last if nhwc else torch.preserve_format)
     net = torch.compile(model, mode=compile_mode) if compile and dev.type == 'cuda' else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -192,17 +270,23 @@ def ready(model, diffusion, get_batch, dev, ptdtype, autocast):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(warmup):
         train_step(*get_batch())
     sync(dev)
-    return net, train_step, (torch.cuda.max_memory_allocated(dev) - base) / 2**30 if dev.type == 'cuda' else None
+    return (
+        net,
+        train_step,
+        (torch.cuda.max_memory_allocated(dev) - base) / 2**30 if dev.type == 'cuda' else None,
+    )
 
 
 def time_steps(steps, get_batch, dev):
-    """iters timed steps of each train_step in steps, interleaved: every batch goes through each model in turn, so
-    a machine busy with other work slows them alike -> [(img/s, seconds per step, data share of it)], one per step."""
+    """iters timed steps of each train_step in steps, interleaved: every batch goes through each
+    model in turn, so a machine busy with other work slows them alike -> [(img/s, seconds per step,
+    data share of it)], one per step."""
     np.random.seed(seed)
     torch.manual_seed(seed)
     t_data, t_step = 0.0, [0.0] * len(steps)
@@ -216,13 +300,17 @@ def time_steps(steps, get_batch, dev):
             train_step(*batch)
             sync(dev)
             t_step[i] += time.perf_counter() - t0
-    return [(batch_size * iters / (t_data + t), (t_data + t) / iters, t_data / (t_data + t)) for t in t_step]
+    return [
+        (batch_size * iters / (t_data + t), (t_data + t) / iters, t_data / (t_data + t))
+        for t in t_step
+    ]
 
 
 def peer_model(args):
-    """diffusers' DiTTransformer2DModel of the size of our DiT args, behind our forward(x, t, y, text) so that
-    diffusion.loss drives it as it drives ours; or a line saying why there is none (diffusers is a test-only
-    dependency). out_channels = in_channels: ours predicts no learned variance."""
+    """diffusers' DiTTransformer2DModel of the size of our DiT args, behind our forward(x, t, y,
+    text) so that diffusion.loss drives it as it drives ours; or a line saying why there is none
+    (diffusers is a test-only dependency). out_channels = in_channels: ours predicts no learned
+    variance."""
     if args['arch'] != 'dit' or args.get('text_dim') or args.get('share', 1) != 1:
         return "none for this model (diffusers' DiT is class-conditional, without shared blocks)"
     try:
@@ -233,16 +321,25 @@ def peer_model(args):
     class Peer(DiTTransformer2DModel):
         def forward(self, x, t, y, text=None):
             return super().forward(x, t, y, return_dict=False)[0]
-    return Peer(num_attention_heads=args['n_head'], attention_head_dim=args['n_embd'] // args['n_head'],
-                in_channels=args['in_channels'], out_channels=args['in_channels'], num_layers=args['n_layer'],
-                sample_size=args['input_size'], patch_size=args['patch_size'], norm_type='ada_norm_zero',
-                num_embeds_ada_norm=max(args['num_classes'], 1))
+
+    return Peer(
+        num_attention_heads=args['n_head'],
+        attention_head_dim=args['n_embd'] // args['n_head'],
+        in_channels=args['in_channels'],
+        out_channels=args['in_channels'],
+        num_layers=args['n_layer'],
+        sample_size=args['input_size'],
+        patch_size=args['patch_size'],
+        norm_type='ada_norm_zero',
+        num_embeds_ada_norm=max(args['num_classes'], 1),
+    )
 
 
 def main():
     check_config()
     if suite:
-        extra = ''.join(f' {a}' for a in sys.argv[1:] if not a.startswith('--suite'))  # to every bench.py run
+        # to every bench.py run
+        extra = ''.join(f' {a}' for a in sys.argv[1:] if not a.startswith('--suite'))
         return run_suite(os.path.join(HERE, 'BENCHMARKS.md'), extra)
     if vae:
         return vae_table()
@@ -250,7 +347,8 @@ def main():
     torch.manual_seed(seed)
     if dev.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    shape, ncls, L, D = data_spec()  # L, D: the captions' tokens and width (0, 0: a class-conditional model)
+    # L, D: the captions' tokens and width (0, 0: a class-conditional model)
+    shape, ncls, L, D = data_spec()
     get_batch = batches(dev, shape, ncls, L, D)
     args = model_args(shape, ncls, D)
     model = build_model(args)
@@ -260,14 +358,20 @@ def main():
     try:
         net, train_step, mem = ready(model, diffusion, get_batch, dev, ptdtype, autocast)
     except torch.OutOfMemoryError:
-        raise SystemExit(f"error: CUDA out of memory at batch_size={batch_size}: set --grad_checkpoint=True or lower "
-                         f"--batch_size") from None
-    # the peer: diffusers' DiT of the same size, readied the same way beside ours, timed on the same batches
+        raise SystemExit(
+            f"error: CUDA out of memory at batch_size={batch_size}: set --grad_checkpoint=True or lower "
+            f"--batch_size"
+        ) from None
+    # the peer: diffusers' DiT of the same size, readied the same way beside ours, timed on the same
+    # batches
     steps, peer_net = [train_step], peer_model(args) if peer else 'off (--peer=False)'
     if not isinstance(peer_net, str):
         if grad_checkpoint:
             peer_net.enable_gradient_checkpointing()
-        peer_flops, peer_params = flops_per_image(peer_net, shape, 0), sum(p.numel() for p in peer_net.parameters())
+        peer_flops, peer_params = (
+            flops_per_image(peer_net, shape, 0),
+            sum(p.numel() for p in peer_net.parameters()),
+        )
         try:
             steps.append(ready(peer_net, diffusion, get_batch, dev, ptdtype, autocast)[1])
         except torch.OutOfMemoryError:
@@ -275,19 +379,31 @@ def main():
     timed = time_steps(steps, get_batch, dev)
     train_img_s, step_time, data_share = timed[0]
     peak = peak_flops or guess_peak_flops(dev)
-    # model FLOPs utilisation: forward + backward = 3x the forward FLOPs (checkpointing's recompute is not counted)
+
+    # model FLOPs utilisation: forward + backward = 3x the forward FLOPs (checkpointing's recompute
+    # is not counted)
     def mfu(fwd_flops, img_s):
-        return f"{300 * fwd_flops * img_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else 'n/a (no known peak)'
+        return (
+            f"{300 * fwd_flops * img_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s"
+            if peak
+            else 'n/a (no known peak)'
+        )
 
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
+
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
         with torch_profile(activities=acts, record_shapes=True) as prof:
             for _ in range(3):
                 train_step(*get_batch())
             sync(dev)
         prof.export_chrome_trace('bench_trace.json')
-        print(prof.key_averages().table(sort_by='self_cpu_time_total' if dev.type == 'cpu' else 'self_cuda_time_total', row_limit=12))
+        print(
+            prof.key_averages().table(
+                sort_by='self_cpu_time_total' if dev.type == 'cpu' else 'self_cuda_time_total',
+                row_limit=12,
+            )
+        )
         print('wrote bench_trace.json (open in chrome://tracing or https://ui.perfetto.dev)')
 
     # sampling: DPM-Solver++(2M), CFG as one batched call of 2x the batch per step, EMA-free weights
@@ -297,121 +413,202 @@ def main():
         y = torch.randint(0, max(ncls, 1), (sample_batch,), device=dev)
         x = torch.randn(sample_batch, *shape, device=dev)
         caps = empty = None
-        if D:  # prompts and the empty caption: the shapes of real ones (their values do not change the timing)
-            caps = (torch.randn(sample_batch, L, D, device=dev), torch.ones(sample_batch, L, dtype=torch.bool, device=dev),
-                    torch.randn(sample_batch, D, device=dev))
+        # prompts and the empty caption: the shapes of real ones (their values do not change the
+        # timing)
+        if D:
+            caps = (
+                torch.randn(sample_batch, L, D, device=dev),
+                torch.ones(sample_batch, L, dtype=torch.bool, device=dev),
+                torch.randn(sample_batch, D, device=dev),
+            )
             empty = tuple(a[:1] for a in caps)
         with torch.no_grad(), autocast:
             fn = guided(net, diffusion, y, ncls, cfg_scale, caps, empty)
-            sample_loop(fn, x, diffusion, 2)  # warm-up (compile for the eval shapes)
+            # warm-up (compile for the eval shapes)
+            sample_loop(fn, x, diffusion, 2)
             sync(dev)
             t0 = time.perf_counter()
             sample_loop(fn, x, diffusion, sample_steps)
             sync(dev)
         sample_img_s = f"{sample_batch / (time.perf_counter() - t0):.1f}"
 
-    name = size and f"DiT-{size}" or (f"DiT L{n_layer} d{n_embd} p{patch_size}" if arch == 'dit' else f"UNet {unet_channels}x{tuple(unet_mult)}")
-    settings = f"{str(ptdtype).split('.')[-1]} / {f'on ({compile_mode})' if net is not model else 'off'}"
-    rows = [('device', torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f"cpu ({torch.get_num_threads()} threads)"),
-            ('model', f"{name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {'x'.join(map(str, shape))}"
-                      + (f", text {L}x{D}" if D else '')),
-            ('precision / compile', settings + (' / grad checkpointing' if grad_checkpoint else '')),
-            ('batch', str(batch_size)),
-            ('train img/s', f"{train_img_s:.1f}"),
-            ('train step', f"{1000 * step_time:.1f} ms"),
-            ('fwd GFLOP/img', f"{flops / 1e9:.3f} (x3 for a train step)"),
-            ('MFU', mfu(flops, train_img_s)),
-            ('peak memory', f"{mem:.2f} GiB (training)" if mem is not None else 'n/a (CPU)'),
-            ('data share of step', f"{100 * data_share:.1f}%"),
-            (f'sample img/s ({sample_steps} steps, cfg)', sample_img_s),
-            ('diffusers DiT', peer_net if isinstance(peer_net, str) else
-             f"DiTTransformer2DModel, {peer_params / 1e6:.1f}M params, fwd {peer_flops / 1e9:.3f} GFLOP/img")]
+    name = (
+        size
+        and f"DiT-{size}"
+        or (
+            f"DiT L{n_layer} d{n_embd} p{patch_size}"
+            if arch == 'dit'
+            else f"UNet {unet_channels}x{tuple(unet_mult)}"
+        )
+    )
+    settings = (
+        f"{str(ptdtype).split('.')[-1]} / {f'on ({compile_mode})' if net is not model else 'off'}"
+    )
+    rows = [
+        (
+            'device',
+            torch.cuda.get_device_name(dev)
+            if dev.type == 'cuda'
+            else f"cpu ({torch.get_num_threads()} threads)",
+        ),
+        (
+            'model',
+            f"{name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {'x'.join(map(str, shape))}"
+            + (f", text {L}x{D}" if D else ''),
+        ),
+        ('precision / compile', settings + (' / grad checkpointing' if grad_checkpoint else '')),
+        ('batch', str(batch_size)),
+        ('train img/s', f"{train_img_s:.1f}"),
+        ('train step', f"{1000 * step_time:.1f} ms"),
+        ('fwd GFLOP/img', f"{flops / 1e9:.3f} (x3 for a train step)"),
+        ('MFU', mfu(flops, train_img_s)),
+        ('peak memory', f"{mem:.2f} GiB (training)" if mem is not None else 'n/a (CPU)'),
+        ('data share of step', f"{100 * data_share:.1f}%"),
+        (f'sample img/s ({sample_steps} steps, cfg)', sample_img_s),
+        (
+            'diffusers DiT',
+            peer_net
+            if isinstance(peer_net, str)
+            else f"DiTTransformer2DModel, {peer_params / 1e6:.1f}M params, fwd {peer_flops / 1e9:.3f} GFLOP/img",
+        ),
+    ]
     if len(timed) > 1:
         img_s = timed[1][0]
-        rows += [('diffusers train img/s', f"{img_s:.1f}"), ('diffusers MFU', mfu(peer_flops, img_s)),
-                 ('ours / diffusers', f"{train_img_s / img_s:.2f}x train img/s")]
+        rows += [
+            ('diffusers train img/s', f"{img_s:.1f}"),
+            ('diffusers MFU', mfu(peer_flops, img_s)),
+            ('ours / diffusers', f"{train_img_s / img_s:.2f}x train img/s"),
+        ]
     width = max(len(k) for k, _ in rows)
     print('\n'.join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
 # -----------------------------------------------------------------------------
-# The GPU suite (--suite=True): every figure of BENCHMARKS.md from one command, each run in its own process (a clean
-# memory count; an out-of-memory stays in its row). 256 px images are 32x32x4 SD-VAE latents, 1000 classes.
+# The GPU suite (--suite=True): every figure of BENCHMARKS.md from one command, each run in its own
+# process (a clean
+# memory count; an out-of-memory stays in its row). 256 px images are 32x32x4 SD-VAE latents, 1000
+# classes.
 B256 = ' --resolution=32 --channels=4 --num_classes=1000 --batch_size=256 --sample_steps=0'
-SUITE = [('DiT-B/2', 'bench.py --size=B/2' + B256),
-         ('DiT-B/2, grad checkpointing', 'bench.py --size=B/2 --grad_checkpoint=True --peer=False' + B256),
-         ('DiT-XL/2', 'bench.py --size=XL/2 --peer=False' + B256),
-         ('DiT-XL/2, grad checkpointing', 'bench.py --size=XL/2 --grad_checkpoint=True' + B256),
-         ('UNet demo', 'bench.py config/shapes.py --sample_steps=0'),
-         # train.py's own img/s and MFU: DiT-B/2 on random latents in prepare.py's format (write_latents)
-         ('train.py, DiT-B/2', 'train.py --data_dir=data/bench_latents --out_dir=data/bench_latents/out --n_layer=12'
-                               ' --n_head=12 --n_embd=768 --patch_size=2 --batch_size=256 --log_interval=20'
-                               ' --eval_interval=0')]
-COLUMNS = ['train img/s', 'MFU', 'peak memory', 'diffusers train img/s', 'diffusers MFU', 'ours / diffusers']
+SUITE = [
+    ('DiT-B/2', 'bench.py --size=B/2' + B256),
+    (
+        'DiT-B/2, grad checkpointing',
+        'bench.py --size=B/2 --grad_checkpoint=True --peer=False' + B256,
+    ),
+    ('DiT-XL/2', 'bench.py --size=XL/2 --peer=False' + B256),
+    ('DiT-XL/2, grad checkpointing', 'bench.py --size=XL/2 --grad_checkpoint=True' + B256),
+    ('UNet demo', 'bench.py config/shapes.py --sample_steps=0'),
+    # train.py's own img/s and MFU: DiT-B/2 on random latents in prepare.py's format (write_latents)
+    (
+        'train.py, DiT-B/2',
+        'train.py --data_dir=data/bench_latents --out_dir=data/bench_latents/out --n_layer=12'
+        ' --n_head=12 --n_embd=768 --patch_size=2 --batch_size=256 --log_interval=20'
+        ' --eval_interval=0',
+    ),
+]
+COLUMNS = [
+    'train img/s',
+    'MFU',
+    'peak memory',
+    'diffusers train img/s',
+    'diffusers MFU',
+    'ours / diffusers',
+]
 BEGIN, END = '<!-- bench.py --suite writes from here -->', '<!-- to here -->'
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def write_latents(folder, n=1024, shape=(4, 32, 32), classes=1000):
-    """A latent dataset in prepare.py's format holding random numbers, for train.py's img/s where no VAE can be
-    downloaded: its speed is real (the same arrays, shapes and loader), but it has no VAE to decode samples with, so
-    train.py must be stopped before it evaluates (measure does)."""
+    """A latent dataset in prepare.py's format holding random numbers, for train.py's img/s where no
+    VAE can be downloaded: its speed is real (the same arrays, shapes and loader), but it has no VAE
+    to decode samples with, so train.py must be stopped before it evaluates (measure does)."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
-    latents = np.full((n, 2, 2, *shape), 0.1, np.float16)  # (image, flipped) x (posterior mean, std)
+    # (image, flipped) x (posterior mean, std)
+    latents = np.full((n, 2, 2, *shape), 0.1, np.float16)
     latents[:, :, 0] = rng.standard_normal((n, 2, *shape))
     np.save(os.path.join(folder, 'train_latents.npy'), latents)
     np.save(os.path.join(folder, 'train_y.npy'), rng.integers(0, classes, n))
-    with open(os.path.join(folder, 'meta.json'), 'w') as f:  # no val split: train.py validates on train then
-        json.dump(dict(dataset='random latents (bench.py --suite)', kind='latents', latent_shape=list(shape),
-                       vae='none', num_classes=classes, class_names=[str(i) for i in range(classes)],
-                       splits=dict(train=n, val=0)), f)
+    # no val split: train.py validates on train then
+    with open(os.path.join(folder, 'meta.json'), 'w') as f:
+        json.dump(
+            dict(
+                dataset='random latents (bench.py --suite)',
+                kind='latents',
+                latent_shape=list(shape),
+                vae='none',
+                num_classes=classes,
+                class_names=[str(i) for i in range(classes)],
+                splits=dict(train=n, val=0),
+            ),
+            f,
+        )
 
 
 def measure(cmd, lines=4):
-    """Run `python cmd` -> {column: value}: bench.py's printed table; or train.py's img/s and MFU, the mean of its
-    log lines after the first (which holds compilation), and it is stopped there, before it evaluates."""
+    """Run `python cmd` -> {column: value}: bench.py's printed table; or train.py's img/s and MFU,
+    the mean of its log lines after the first (which holds compilation), and it is stopped there,
+    before it evaluates."""
     out, logs = [], []
-    with subprocess.Popen([sys.executable] + cmd.split(), cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as p:
+    with subprocess.Popen(
+        [sys.executable] + cmd.split(),
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as p:
         for line in p.stdout:
             out.append(line.strip())
-            logs += re.findall(r'\| (\d+) img/s(?: \| mfu ([\d.]+)%)?', out[-1])  # train.py's log line
+            # train.py's log line
+            logs += re.findall(r'\| (\d+) img/s(?: \| mfu ([\d.]+)%)?', out[-1])
             if len(logs) == lines:
                 p.kill()
                 img_s, mfu = zip(*logs[1:])
-                return {'train img/s': f"{np.mean([float(r) for r in img_s]):.1f}",
-                        'MFU': f"{np.mean([float(m) for m in mfu]):.1f}%" if all(mfu) else 'n/a'}
+                return {
+                    'train img/s': f"{np.mean([float(r) for r in img_s]):.1f}",
+                    'MFU': f"{np.mean([float(m) for m in mfu]):.1f}%" if all(mfu) else 'n/a',
+                }
     if p.returncode:
         return {'error': next((s for s in reversed(out) if s), '?')[:150]}
     return dict(re.split(r'\s{2,}', s, maxsplit=1) for s in out if re.search(r'\S\s{2,}\S', s))
 
 
 def publish(path, head, results):
-    """Rewrite the text of path between BEGIN and END (appended if absent; the rest is kept) as head and one table
-    of results [(label, command, {column: value})]."""
+    """Rewrite the text of path between BEGIN and END (appended if absent; the rest is kept) as head
+    and one table of results [(label, command, {column: value})]."""
     table = ['| run | ' + ' | '.join(COLUMNS) + ' | command |', '|---' * (len(COLUMNS) + 2) + '|']
     for label, cmd, rows in results:
-        cells = [rows.get(c, '—').split(' of ')[0] for c in COLUMNS]  # '41.0% of 989 TFLOP/s' -> '41.0%'
+        # '41.0% of 989 TFLOP/s' -> '41.0%'
+        cells = [rows.get(c, '—').split(' of ')[0] for c in COLUMNS]
         if 'error' in rows:
             cells = [rows['error']] + [''] * (len(COLUMNS) - 1)
         table.append(f"| {label} | {' | '.join(cells)} | `python {cmd}` |")
     before, _, rest = (open(path).read() if os.path.exists(path) else '').partition(BEGIN)
     with open(path + '.tmp', 'w') as f:
-        f.write(f"{before}{BEGIN}\n{head}\n\n" + '\n'.join(table) + f"\n{END}" + (rest.partition(END)[2] or '\n'))
+        f.write(
+            f"{before}{BEGIN}\n{head}\n\n"
+            + '\n'.join(table)
+            + f"\n{END}"
+            + (rest.partition(END)[2] or '\n')
+        )
     os.replace(path + '.tmp', path)
 
 
 def run_suite(path, extra=''):
-    """Every SUITE run (bench.py with extra arguments), its row of path's table rewritten after each, so that a suite
-    cut short still publishes what it measured."""
+    """Every SUITE run (bench.py with extra arguments), its row of path's table rewritten after
+    each, so that a suite cut short still publishes what it measured."""
     if not os.path.exists(os.path.join(HERE, 'data/shapes/meta.json')):
-        subprocess.run([sys.executable, 'prepare.py'], cwd=HERE, check=True)  # the UNet demo's data: generated
+        # the UNet demo's data: generated
+        subprocess.run([sys.executable, 'prepare.py'], cwd=HERE, check=True)
     write_latents(os.path.join(HERE, 'data/bench_latents'))
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=HERE, capture_output=True, text=True).stdout
-    head = (f"Measured by `python bench.py --suite=True` on {torch.cuda.get_device_name()} (MFU of "
-            f"{guess_peak_flops(torch.device('cuda')) / 1e12:.0f} TFLOP/s), torch {torch.__version__}, commit "
-            f"{commit.strip() or '?'}, {time.strftime('%Y-%m-%d')}.")
+    commit = subprocess.run(
+        ['git', 'rev-parse', '--short', 'HEAD'], cwd=HERE, capture_output=True, text=True
+    ).stdout
+    head = (
+        f"Measured by `python bench.py --suite=True` on {torch.cuda.get_device_name()} (MFU of "
+        f"{guess_peak_flops(torch.device('cuda')) / 1e12:.0f} TFLOP/s), torch {torch.__version__}, commit "
+        f"{commit.strip() or '?'}, {time.strftime('%Y-%m-%d')}."
+    )
     results = []
     for label, cmd in SUITE:
         cmd += extra if cmd.startswith('bench.py') else ''
@@ -424,5 +621,6 @@ def run_suite(path, extra=''):
 
 if __name__ == '__main__':
     from configurator import configure
+
     configure(globals(), ignore_unknown_in_files=True)
     main()

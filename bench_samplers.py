@@ -1,17 +1,19 @@
 """
-The exact-answer sampler benchmark. The data is a Gaussian mixture, whose optimal denoiser E[x0 | x_t] is closed
-form, so any error is the sampler's alone. Each of our samplers and the usual diffusers scheduler configurations is
-driven by the same exact 'network' from the same noise, and each end point is compared with a high-accuracy
-solve of the same probability-flow ODE from the same start.
+The exact-answer sampler benchmark. The data is a Gaussian mixture, whose optimal denoiser E[x0 |
+x_t] is closed form, so any error is the sampler's alone. Each of our samplers and the usual
+diffusers scheduler configurations is driven by the same exact 'network' from the same noise, and
+each end point is compared with a high-accuracy solve of the same probability-flow ODE from the same
+start.
 
     python bench_samplers.py                         # the tables (80 s on 2 busy CPU cores)
     python bench_samplers.py --diffusers_at_sigma=True --cfg_scale=5.0
 
-Why a mixture: on Gaussian data (--gaussian=True, kept as a unit check) the ODE is linear, errors cancel and the
-ranking of the samplers flips with the data's std. Here the components have different widths (some as sharp as
-pixel values), so the denoiser is strongly nonlinear at low noise. The classes are groups of components, so the
-class-conditional denoiser, and CFG, are exact too.
+Why a mixture: on Gaussian data (--gaussian=True, kept as a unit check) the ODE is linear, errors
+cancel and the ranking of the samplers flips with the data's std. Here the components have different
+widths (some as sharp as pixel values), so the denoiser is strongly nonlinear at low noise. The
+classes are groups of components, so the class-conditional denoiser, and CFG, are exact too.
 """
+
 import functools
 import importlib.util
 import math
@@ -27,64 +29,95 @@ from model import input_shape, setup_device
 
 # -----------------------------------------------------------------------------
 dims = 32
-components = 8               # mixture components, their stds log-spaced from std_min to std_max
-classes = 4                  # component k belongs to class k % classes
-std_min = 0.02               # the sharpest component (8-bit pixels on [-1, 1] are 0.008 apart)
+# mixture components, their stds log-spaced from std_min to std_max
+components = 8
+# component k belongs to class k % classes
+classes = 4
+# the sharpest component (8-bit pixels on [-1, 1] are 0.008 apart)
+std_min = 0.02
 std_max = 0.5
 num_samples = 1024
-cfg_scale = 3.0              # the guided tables; the others are class-conditional without guidance (scale 1)
+# the guided tables; the others are class-conditional without guidance (scale 1)
+cfg_scale = 3.0
 nfes = (5, 10, 20, 50)
-std_nfe = 10                 # the NFE of the std columns (one of nfes)
-ref_steps = 1000             # RK4 steps in log-SNR for the reference; it is checked against half as many
-diffusers_at_sigma = False   # True: call the model at the noise level of diffusers' own sigmas, not at the timesteps
-                             # that a pipeline passes (rounded to integers by most of its schedulers)
+# the NFE of the std columns (one of nfes)
+std_nfe = 10
+# RK4 steps in log-SNR for the reference; it is checked against half as many
+ref_steps = 1000
+# True: call the model at the noise level of diffusers' own sigmas, not at the timesteps
+# that a pipeline passes (rounded to integers by most of its schedulers)
+diffusers_at_sigma = False
 seed = 0
-gaussian = False             # instead: the Gaussian unit check (data N(0.3, 0.5^2): a closed-form, linear ODE)
-quality = ''                 # instead: a shapes checkpoint folder -> accuracy and factor FD per sampler and NFE
+# instead: the Gaussian unit check (data N(0.3, 0.5^2): a closed-form, linear ODE)
+gaussian = False
+# instead: a shapes checkpoint folder -> accuracy and factor FD per sampler and NFE
+quality = ''
 quality_per_class = 20
 quality_nfes = (3, 5, 10, 20)
-tune_max_steps = 10          # quality: the tuned solver's row up to this NFE
+# quality: the tuned solver's row up to this NFE
+tune_max_steps = 10
 device = 'auto'
 # -----------------------------------------------------------------------------
 
-OBJECTIVES = {'vp-linear': ('vp', 'linear', 'eps'), 'vp-cosine': ('vp', 'cosine', 'v'), 'flow': ('flow', 'cosine', 'v')}
-tune_samples = 2048          # the tuned solver's row: fitted on this many other noise samples, at NFE <= tune_max_nfe
+OBJECTIVES = {
+    'vp-linear': ('vp', 'linear', 'eps'),
+    'vp-cosine': ('vp', 'cosine', 'v'),
+    'flow': ('flow', 'cosine', 'v'),
+}
+# the tuned solver's row: fitted on this many other noise samples, at NFE <= tune_max_nfe
+tune_samples = 2048
 tune_max_nfe = 10
-tune_iters = 400             # its gradient steps (diffusion.tune_solver)
+# its gradient steps (diffusion.tune_solver)
+tune_iters = 400
 
 
 class Mixture:
     """sum_k w_k N(mu_k, s_k^2 I) in float64; labels[k] is component k's class."""
+
     def __init__(self, mu, std, weights, labels):
         self.mu, self.std, self.logw, self.labels = mu, std, weights.log(), labels
 
 
-def make_mixture(dims=dims, components=components, classes=classes, std_min=std_min, std_max=std_max, seed=seed):
+def make_mixture(
+    dims=dims, components=components, classes=classes, std_min=std_min, std_max=std_max, seed=seed
+):
     g = torch.Generator().manual_seed(seed)
-    mu = 0.7 * (2 * torch.rand(components, dims, generator=g, dtype=torch.float64) - 1)  # inside [-1, 1], as pixels
+    # inside [-1, 1], as pixels
+    mu = 0.7 * (2 * torch.rand(components, dims, generator=g, dtype=torch.float64) - 1)
     std = torch.logspace(math.log10(std_min), math.log10(std_max), components, dtype=torch.float64)
     weights = torch.rand(components, generator=g, dtype=torch.float64) + 0.5
     return Mixture(mu, std, weights / weights.sum(), torch.arange(components) % classes)
 
 
 def mixture_x0(x_t, alpha, sigma, mix, labels=None):
-    """E[x0 | x_t] for x_t = alpha x0 + sigma eps, x0 from the mixture (or, given labels [N], from each sample's
-    class): the responsibilities r_k from x_t's marginal N(alpha mu_k, v_k I), v_k = alpha^2 s_k^2 + sigma^2, times
-    each component's Gaussian posterior mean mu_k + alpha s_k^2 / v_k (x_t - alpha mu_k)."""
-    var = alpha ** 2 * mix.std ** 2 + sigma ** 2                                      # [K]
+    """E[x0 | x_t] for x_t = alpha x0 + sigma eps, x0 from the mixture (or, given labels [N], from
+    each sample's class): the responsibilities r_k from x_t's marginal N(alpha mu_k, v_k I), v_k =
+    alpha^2 s_k^2 + sigma^2, times each component's Gaussian posterior mean mu_k + alpha s_k^2 / v_k
+    (x_t - alpha mu_k)."""
+    # [K]
+    var = alpha**2 * mix.std**2 + sigma**2
     # |x_t - alpha mu_k|^2 expanded into matrix products: no [N, K, D] tensor, ~10x faster
-    dist = x_t.pow(2).sum(1, keepdim=True) - 2 * alpha * x_t @ mix.mu.T + alpha ** 2 * mix.mu.pow(2).sum(1)
-    logp = mix.logw - 0.5 * x_t.shape[1] * var.log() - 0.5 * dist / var              # [N, K]
-    if labels is not None:  # the class-conditional posterior: the other classes' components have zero weight
+    dist = (
+        x_t.pow(2).sum(1, keepdim=True)
+        - 2 * alpha * x_t @ mix.mu.T
+        + alpha**2 * mix.mu.pow(2).sum(1)
+    )
+    # [N, K]
+    logp = mix.logw - 0.5 * x_t.shape[1] * var.log() - 0.5 * dist / var
+    # the class-conditional posterior: the other classes' components have zero weight
+    if labels is not None:
         logp = logp.masked_fill(mix.labels != labels[:, None], -math.inf)
-    r = logp.softmax(dim=1)  # log-sum-exp inside: no underflow when one component dominates
-    rg = r * (alpha * mix.std ** 2 / var)  # each responsibility times its component's gain
+    # log-sum-exp inside: no underflow when one component dominates
+    r = logp.softmax(dim=1)
+    # each responsibility times its component's gain
+    rg = r * (alpha * mix.std**2 / var)
     return r @ mix.mu + rg.sum(1, keepdim=True) * x_t - alpha * rg @ mix.mu
 
 
 def guided_x0(x_t, alpha, sigma, mix, labels, w):
-    """CFG: uncond + w (cond - uncond). Every output type (eps, v, x0, velocity) is affine in x0 with the same x_t,
-    so guiding the x0 prediction is guiding the network output, as diffusion.guided does."""
+    """CFG: uncond + w (cond - uncond). Every output type (eps, v, x0, velocity) is affine in x0
+    with the same x_t, so guiding the x0 prediction is guiding the network output, as
+    diffusion.guided does."""
     cond = mixture_x0(x_t, alpha, sigma, mix, labels)
     if w == 1:
         return cond
@@ -93,27 +126,34 @@ def guided_x0(x_t, alpha, sigma, mix, labels, w):
 
 
 def exact_net(diffusion, mix, labels, w=1.0):
-    """The optimal network as model_fn(x, t) at objective time t, with the output it is trained to predict."""
+    """The optimal network as model_fn(x, t) at objective time t, with the output it is trained to
+    predict."""
+
     def fn(x, t):
-        alpha, sigma = (v.item() for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
+        alpha, sigma = (
+            v.item() for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
+        )
         x0 = guided_x0(x, alpha, sigma, mix, labels, w)
         if diffusion.objective == 'flow':
-            return (x - x0) / sigma  # the velocity eps - x0
+            # the velocity eps - x0
+            return (x - x0) / sigma
         eps = (x - alpha * x0) / sigma
         return {'eps': eps, 'v': alpha * eps - sigma * x0, 'x0': x0}[diffusion.prediction]
+
     return fn
 
 
 def reference(x, alpha, sigma, mix, labels, w=1.0, steps=ref_steps, s_end=1e-5):
-    """The probability-flow ODE's end point from x at noise level (alpha, sigma): classic RK4, uniform in
-    lambda = log(alpha / sigma). In z = x / sigma the ODE is dz/dlambda = e^lambda D(z e^-lambda, s = e^-lambda),
-    D the guided x0 prediction at noise level s for input y = x / alpha. That right side stays bounded from pure
-    noise (lambda -> -inf, where flow starts) to s_end, where D(y) is the answer to O((s_end / std_min)^2).
-    It shares no code with sample_loop."""
+    """The probability-flow ODE's end point from x at noise level (alpha, sigma): classic RK4,
+    uniform in lambda = log(alpha / sigma). In z = x / sigma the ODE is dz/dlambda = e^lambda D(z
+    e^-lambda, s = e^-lambda), D the guided x0 prediction at noise level s for input y = x / alpha.
+    That right side stays bounded from pure noise (lambda -> -inf, where flow starts) to s_end,
+    where D(y) is the answer to O((s_end / std_min)^2). It shares no code with sample_loop."""
     D = lambda z, lam: guided_x0(z * math.exp(-lam), 1.0, math.exp(-lam), mix, labels, w)
     f = lambda z, lam: math.exp(lam) * D(z, lam)
     lam0 = math.log(alpha / sigma) if alpha > 0 else -math.inf
-    lo = max(lam0, -12.0)  # below -12 the integrand is the data mean times e^lambda: one exact step, to O(e^-24)
+    # below -12 the integrand is the data mean times e^lambda: one exact step, to O(e^-24)
+    lo = max(lam0, -12.0)
     z = x / sigma
     z = z + (math.exp(lo) - math.exp(lam0)) * D(z, lo)
     h = (math.log(1 / s_end) - lo) / steps
@@ -130,19 +170,30 @@ def reference(x, alpha, sigma, mix, labels, w=1.0, steps=ref_steps, s_end=1e-5):
 # -----------------------------------------------------------------------------
 # The samplers: ours through sample_loop; diffusers' schedulers driven as a pipeline drives them
 
+
 def default_config(name):
-    """(sampler, order, None): what sample_loop does when none is named: diffusion.default_solver, its spacing
-    chosen by the step count."""
+    """(sampler, order, None): what sample_loop does when none is named: diffusion.default_solver,
+    its spacing chosen by the step count."""
     d = default_solver(OBJECTIVES[name][0], 10)
     return d['sampler'], d['order'], None
 
 
 def our_configs(name):
-    """(sampler, order, spacing) for each of our samplers that integrates the ODE (not ddpm, which draws noise),
-    the default first. flow: 'flowtime' is its time-uniform grid ('linspace'); vp: also 'trailing', diffusers' one."""
+    """(sampler, order, spacing) for each of our samplers that integrates the ODE (not ddpm, which
+    draws noise), the default first. flow: 'flowtime' is its time-uniform grid ('linspace'); vp:
+    also 'trailing', diffusers' one."""
     uniform = ['flowtime'] + (['trailing'] if OBJECTIVES[name][0] == 'vp' else [])
-    configs = [('dpm++', 1, 'logsnr'), ('dpm++', 2, 'logsnr'), ('dpm++', 3, 'logsnr'), ('dpm++', 2, 'karras'),
-               ('dpm++', 3, 'karras')] + [('dpm++', 2, u) for u in uniform] + [('ddim', 1, u) for u in uniform]
+    configs = (
+        [
+            ('dpm++', 1, 'logsnr'),
+            ('dpm++', 2, 'logsnr'),
+            ('dpm++', 3, 'logsnr'),
+            ('dpm++', 2, 'karras'),
+            ('dpm++', 3, 'karras'),
+        ]
+        + [('dpm++', 2, u) for u in uniform]
+        + [('ddim', 1, u) for u in uniform]
+    )
     if OBJECTIVES[name][0] == 'flow':
         configs += [('euler', 1, 'flowtime'), ('heun', 2, 'flowtime'), ('heun', 2, 'karras')]
     configs += [('unipc', o, s) for s in ['logsnr', 'karras'] + uniform for o in (2, 3)]
@@ -151,80 +202,119 @@ def our_configs(name):
 
 
 def our_name(sampler, order, spacing, default=None):
-    name = f"{sampler}{order if sampler in ('dpm++', 'unipc') else ''} {spacing or 'flowtime|logsnr'}"
+    name = (
+        f"{sampler}{order if sampler in ('dpm++', 'unipc') else ''} {spacing or 'flowtime|logsnr'}"
+    )
     return name + (' (default)' if (sampler, order, spacing) == default else '')
 
 
 def run_tuned(net, x, diffusion, nfe, tune):
-    """The default solver fitted (tune_solver) to this model on other noise: what sample.py --tune=True does for a
-    checkpoint. tune() -> (its model, noise, exact end points), made once. None above tune_max_nfe."""
+    """The default solver fitted (tune_solver) to this model on other noise: what sample.py
+    --tune=True does for a checkpoint. tune() -> (its model, noise, exact end points), made once.
+    None above tune_max_nfe."""
     if nfe > tune_max_nfe:
         return None
     d = default_solver(diffusion.objective, nfe)
-    matrix, _ = tune_solver(*tune()[:2], diffusion, nfe, d['sampler'], d['order'], d['spacing'], tune()[2], tune_iters)
+    matrix, _ = tune_solver(
+        *tune()[:2], diffusion, nfe, d['sampler'], d['order'], d['spacing'], tune()[2], tune_iters
+    )
     return sample_loop(net, x, diffusion, nfe, spacing=d['spacing'], matrix=matrix)[0]
 
 
 def run_ours(net, x, diffusion, nfe, sampler, order, spacing):
-    steps = (nfe + 1) // 2 if sampler == 'heun' else nfe  # heun: 2 calls a step, 1 for the last
+    # heun: 2 calls a step, 1 for the last
+    steps = (nfe + 1) // 2 if sampler == 'heun' else nfe
     out, used = sample_loop(net, x, diffusion, steps, sampler, order, spacing)
     assert used <= nfe, (sampler, nfe, used)
     return out
 
 
 def diffusers_configs(name):
-    """(row name, scheduler class, its kwargs): the configurations a pipeline would use for this objective."""
+    """(row name, scheduler class, its kwargs): the configurations a pipeline would use for this
+    objective."""
     objective, schedule, prediction = OBJECTIVES[name]
-    single = dict(lower_order_final=True)  # what it switches to anyway, with a warning, when order does not divide NFE
+    # what it switches to anyway, with a warning, when order does not divide NFE
+    single = dict(lower_order_final=True)
     if objective == 'flow':
         flow = dict(use_flow_sigmas=True, prediction_type='flow_prediction', flow_shift=1.0)
-        return [('DPM++ 2M flow sigmas', 'DPMSolverMultistepScheduler', flow),
-                ('DPM++ 3M flow sigmas', 'DPMSolverMultistepScheduler', dict(flow, solver_order=3)),
-                ('DPM++ 3S flow sigmas', 'DPMSolverSinglestepScheduler', dict(flow, solver_order=3, **single)),
-                ('UniPC bh2 flow sigmas', 'UniPCMultistepScheduler', flow),
-                ('UniPC 3 flow sigmas', 'UniPCMultistepScheduler', dict(flow, solver_order=3)),
-                ('FlowMatchEuler', 'FlowMatchEulerDiscreteScheduler', dict(shift=1.0)),
-                ('FlowMatchHeun', 'FlowMatchHeunDiscreteScheduler', dict(shift=1.0))]
-    vp = dict(beta_schedule={'linear': 'linear', 'cosine': 'squaredcos_cap_v2'}[schedule], beta_start=1e-4,
-              beta_end=0.02, prediction_type={'eps': 'epsilon', 'v': 'v_prediction'}[prediction])
-    configs = [('DPM++ 2M (default)', 'DPMSolverMultistepScheduler', vp),
-               ('DPM++ 2M karras', 'DPMSolverMultistepScheduler', dict(vp, use_karras_sigmas=True)),
-               ('DPM++ 2M lu lambdas', 'DPMSolverMultistepScheduler', dict(vp, use_lu_lambdas=True)),
-               ('DPM++ 2M trailing', 'DPMSolverMultistepScheduler', dict(vp, timestep_spacing='trailing')),
-               ('DPM++ 3M', 'DPMSolverMultistepScheduler', dict(vp, solver_order=3)),
-               ('DPM++ 3M karras', 'DPMSolverMultistepScheduler', dict(vp, solver_order=3, use_karras_sigmas=True)),
-               ('DPM++ 3S (singlestep)', 'DPMSolverSinglestepScheduler', dict(vp, solver_order=3, **single)),
-               ('UniPC bh2', 'UniPCMultistepScheduler', vp),
-               ('UniPC 3', 'UniPCMultistepScheduler', dict(vp, solver_order=3)),
-               ('UniPC bh2 karras', 'UniPCMultistepScheduler', dict(vp, use_karras_sigmas=True)),
-               ('DDIM leading (default)', 'DDIMScheduler', dict(vp, clip_sample=False)),
-               ('DDIM trailing', 'DDIMScheduler', dict(vp, clip_sample=False, timestep_spacing='trailing')),
-               ('Euler', 'EulerDiscreteScheduler', vp),
-               ('Euler karras', 'EulerDiscreteScheduler', dict(vp, use_karras_sigmas=True)),
-               ('Heun karras', 'HeunDiscreteScheduler', dict(vp, use_karras_sigmas=True))]
-    if schedule == 'cosine':  # the clipping its docs call critical for squaredcos_cap_v2
+        return [
+            ('DPM++ 2M flow sigmas', 'DPMSolverMultistepScheduler', flow),
+            ('DPM++ 3M flow sigmas', 'DPMSolverMultistepScheduler', dict(flow, solver_order=3)),
+            (
+                'DPM++ 3S flow sigmas',
+                'DPMSolverSinglestepScheduler',
+                dict(flow, solver_order=3, **single),
+            ),
+            ('UniPC bh2 flow sigmas', 'UniPCMultistepScheduler', flow),
+            ('UniPC 3 flow sigmas', 'UniPCMultistepScheduler', dict(flow, solver_order=3)),
+            ('FlowMatchEuler', 'FlowMatchEulerDiscreteScheduler', dict(shift=1.0)),
+            ('FlowMatchHeun', 'FlowMatchHeunDiscreteScheduler', dict(shift=1.0)),
+        ]
+    vp = dict(
+        beta_schedule={'linear': 'linear', 'cosine': 'squaredcos_cap_v2'}[schedule],
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type={'eps': 'epsilon', 'v': 'v_prediction'}[prediction],
+    )
+    configs = [
+        ('DPM++ 2M (default)', 'DPMSolverMultistepScheduler', vp),
+        ('DPM++ 2M karras', 'DPMSolverMultistepScheduler', dict(vp, use_karras_sigmas=True)),
+        ('DPM++ 2M lu lambdas', 'DPMSolverMultistepScheduler', dict(vp, use_lu_lambdas=True)),
+        ('DPM++ 2M trailing', 'DPMSolverMultistepScheduler', dict(vp, timestep_spacing='trailing')),
+        ('DPM++ 3M', 'DPMSolverMultistepScheduler', dict(vp, solver_order=3)),
+        (
+            'DPM++ 3M karras',
+            'DPMSolverMultistepScheduler',
+            dict(vp, solver_order=3, use_karras_sigmas=True),
+        ),
+        (
+            'DPM++ 3S (singlestep)',
+            'DPMSolverSinglestepScheduler',
+            dict(vp, solver_order=3, **single),
+        ),
+        ('UniPC bh2', 'UniPCMultistepScheduler', vp),
+        ('UniPC 3', 'UniPCMultistepScheduler', dict(vp, solver_order=3)),
+        ('UniPC bh2 karras', 'UniPCMultistepScheduler', dict(vp, use_karras_sigmas=True)),
+        ('DDIM leading (default)', 'DDIMScheduler', dict(vp, clip_sample=False)),
+        (
+            'DDIM trailing',
+            'DDIMScheduler',
+            dict(vp, clip_sample=False, timestep_spacing='trailing'),
+        ),
+        ('Euler', 'EulerDiscreteScheduler', vp),
+        ('Euler karras', 'EulerDiscreteScheduler', dict(vp, use_karras_sigmas=True)),
+        ('Heun karras', 'HeunDiscreteScheduler', dict(vp, use_karras_sigmas=True)),
+    ]
+    # the clipping its docs call critical for squaredcos_cap_v2
+    if schedule == 'cosine':
         clipped = dict(vp, lambda_min_clipped=-5.1)
         configs.insert(1, ('DPM++ 2M lambda_min -5.1', 'DPMSolverMultistepScheduler', clipped))
     return configs
 
 
 def run_diffusers(net, x, diffusion, nfe, cls_name, kwargs, at_sigma=False):
-    """As a pipeline does: x = noise * init_noise_sigma, the model called on scale_model_input(x) at the timestep
-    the scheduler passes (flow: timestep / 1000 is our t), its output handed to step(). at_sigma: the model at the
-    noise level of the scheduler's own sigma instead, which its timestep only approximates. Returns (x, first t)."""
+    """As a pipeline does: x = noise * init_noise_sigma, the model called on scale_model_input(x) at
+    the timestep the scheduler passes (flow: timestep / 1000 is our t), its output handed to step().
+    at_sigma: the model at the noise level of the scheduler's own sigma instead, which its timestep
+    only approximates. Returns (x, first t)."""
     import diffusers
+
     sched = getattr(diffusers, cls_name)(**kwargs)
-    sched.set_timesteps((nfe + 1) // 2 if 'Heun' in cls_name else nfe)  # Heun: 2 calls a step, 1 for the last
+    # Heun: 2 calls a step, 1 for the last
+    sched.set_timesteps((nfe + 1) // 2 if 'Heun' in cls_name else nfe)
     assert len(sched.timesteps) <= nfe, (cls_name, nfe, len(sched.timesteps))
     flow = diffusion.objective == 'flow'
-    if at_sigma and hasattr(sched, 'sigmas'):  # flow: sigma is t; vp: sigma / alpha (DDIM has none: t is exact)
-        s = sched.sigmas[:len(sched.timesteps)].double()
+    # flow: sigma is t; vp: sigma / alpha (DDIM has none: t is exact)
+    if at_sigma and hasattr(sched, 'sigmas'):
+        s = sched.sigmas[: len(sched.timesteps)].double()
         ts = s if flow else diffusion.t_from_edm_sigma(s)
     else:
         ts = sched.timesteps.double() / 1000 if flow else sched.timesteps.double()
-    if hasattr(sched, 'set_begin_index'):  # as the SDXL, Wan, PixArt pipelines do: then repeated timesteps work
+    # as the SDXL, Wan, PixArt pipelines do: then repeated timesteps work
+    if hasattr(sched, 'set_begin_index'):
         sched.set_begin_index(0)
-    x = x * getattr(sched, 'init_noise_sigma', 1.0)  # the flow-match schedulers have neither: x is x_1
+    # the flow-match schedulers have neither: x is x_1
+    x = x * getattr(sched, 'init_noise_sigma', 1.0)
     scale = getattr(sched, 'scale_model_input', lambda x, t: x)
     for t, t_obj in zip(sched.timesteps, ts.tolist()):
         x = sched.step(net(scale(x, t), t_obj), t, x).prev_sample
@@ -234,22 +324,27 @@ def run_diffusers(net, x, diffusion, nfe, cls_name, kwargs, at_sigma=False):
 # -----------------------------------------------------------------------------
 # The Gaussian unit check: a linear ODE, too easy a referee, kept because its answer is closed form
 
+
 def gaussian_x0(x_t, alpha, sigma, mu, s):
-    """E[x0 | x_t] for data x0 ~ N(mu, s^2 I) and x_t = alpha x0 + sigma eps: the optimal denoiser in closed
-    form, so every sampler has an exact answer to be measured against."""
-    return mu + alpha * s ** 2 / (alpha ** 2 * s ** 2 + sigma ** 2) * (x_t - alpha * mu)
+    """E[x0 | x_t] for data x0 ~ N(mu, s^2 I) and x_t = alpha x0 + sigma eps: the optimal denoiser
+    in closed form, so every sampler has an exact answer to be measured against."""
+    return mu + alpha * s**2 / (alpha**2 * s**2 + sigma**2) * (x_t - alpha * mu)
 
 
 def solver_errors(mu=0.3, s=0.5, nfes=(5, 10, 20, 50)):
-    """The Gaussian unit check (--gaussian=True). Rows (model, sampler, [error at each NFE]): the RMS distance of each sampler's end point from the exact probability-flow ODE solution, which for
-    Gaussian data maps the start x_T to mu + s * (x_T - alpha_T mu) / sqrt(alpha_T^2 s^2 + sigma_T^2)."""
+    """The Gaussian unit check (--gaussian=True). Rows (model, sampler, [error at each NFE]): the
+    RMS distance of each sampler's end point from the exact probability-flow ODE solution, which for
+    Gaussian data maps the start x_T to mu + s * (x_T - alpha_T mu) / sqrt(alpha_T^2 s^2 +
+    sigma_T^2)."""
     x = torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     rows = []
     for objective in ('vp', 'flow'):
         diffusion = Diffusion(objective, 'linear', 'eps', 1000)
 
         def net(x_t, t):
-            a, sg = (float(v) for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
+            a, sg = (
+                float(v) for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
+            )
             x0 = gaussian_x0(x_t, a, sg, mu, s)
             return (x_t - x0) / sg if objective == 'flow' else (x_t - a * x0) / sg
 
@@ -257,27 +352,46 @@ def solver_errors(mu=0.3, s=0.5, nfes=(5, 10, 20, 50)):
         a, sg = (float(v) for v in diffusion.alpha_sigma(torch.tensor(t0, dtype=torch.float64)))
         exact = mu + s * (x - a * mu) / (a * a * s * s + sg * sg) ** 0.5
         rms = lambda out: (out - exact).pow(2).mean().sqrt().item()
-        uniform = 'leading' if objective == 'vp' else 'linspace'  # time-uniform, as diffusers' DDIM default
-        configs = [('dpm++', 2, 'logsnr'), ('dpm++', 1, 'logsnr'), ('dpm++', 3, 'logsnr'), ('dpm++', 2, 'karras'),
-                   ('dpm++', 3, 'karras'), ('dpm++', 2, 'linspace'), ('ddim', 1, uniform)]
+        # time-uniform, as diffusers' DDIM default
+        uniform = 'leading' if objective == 'vp' else 'linspace'
+        configs = [
+            ('dpm++', 2, 'logsnr'),
+            ('dpm++', 1, 'logsnr'),
+            ('dpm++', 3, 'logsnr'),
+            ('dpm++', 2, 'karras'),
+            ('dpm++', 3, 'karras'),
+            ('dpm++', 2, 'linspace'),
+            ('ddim', 1, uniform),
+        ]
         if objective == 'flow':
             configs += [('euler', 1, 'linspace'), ('heun', 2, 'karras')]
         for sampler, order, spacing in configs:
             errs = []
             for nfe in nfes:
                 steps = (nfe + 1) // 2 if sampler == 'heun' else nfe
-                errs.append(rms(sample_loop(net, x.clone(), diffusion, steps, sampler, order, spacing)[0]))
-            name = f"{sampler}{order if sampler == 'dpm++' else ''} {spacing}" + (' (our default)' if (sampler, order, spacing) == ('dpm++', 2, 'logsnr') else '')
+                errs.append(
+                    rms(sample_loop(net, x.clone(), diffusion, steps, sampler, order, spacing)[0])
+                )
+            name = f"{sampler}{order if sampler == 'dpm++' else ''} {spacing}" + (
+                ' (our default)' if (sampler, order, spacing) == ('dpm++', 2, 'logsnr') else ''
+            )
             rows.append((objective, name, errs))
         if objective == 'vp':
             try:
                 import diffusers
             except ImportError:
-                rows.append(('vp', 'diffusers DPMSolverMultistep default: not installed', [float('nan')] * len(nfes)))
+                rows.append(
+                    (
+                        'vp',
+                        'diffusers DPMSolverMultistep default: not installed',
+                        [float('nan')] * len(nfes),
+                    )
+                )
                 continue
             errs = []
             for nfe in nfes:
-                sched = diffusers.DPMSolverMultistepScheduler()  # its defaults: linear betas, 2M, linspace
+                # its defaults: linear betas, 2M, linspace
+                sched = diffusers.DPMSolverMultistepScheduler()
                 sched.set_timesteps(nfe)
                 out = x.clone()
                 for t in sched.timesteps:
@@ -298,60 +412,110 @@ def print_solver_table(nfes=(5, 10, 20, 50)):
 # -----------------------------------------------------------------------------
 # The tables
 
+
 def rms(a, b):
     return (a - b).pow(2).mean().sqrt().item()
 
 
 def start(diffusion):
-    """(alpha, sigma) at our samplers' first time, pure noise: vp the last training step, flow t = 1."""
+    """(alpha, sigma) at our samplers' first time, pure noise: vp the last training step, flow t =
+    1."""
     t = 1.0 if diffusion.objective == 'flow' else diffusion.T - 1.0
     return [v.item() for v in diffusion.alpha_sigma(torch.tensor(t, dtype=torch.float64))]
 
 
 def spread(out, ref, mix):
-    """Over the samples that land in the reference's component: their RMS distance from its mean in units of its
-    std, over the reference's. < 1: pulled towards the component mean (blurred detail); > 1: noisier than data."""
-    def component(z):  # the most likely one, at noise level 0
-        log_lik = mix.logw - z.shape[1] * mix.std.log() - 0.5 * (z[:, None] - mix.mu).pow(2).sum(-1) / mix.std ** 2
+    """Over the samples that land in the reference's component: their RMS distance from its mean in
+    units of its std, over the reference's. < 1: pulled towards the component mean (blurred detail);
+    > 1: noisier than data."""
+
+    # the most likely one, at noise level 0
+    def component(z):
+        log_lik = (
+            mix.logw
+            - z.shape[1] * mix.std.log()
+            - 0.5 * (z[:, None] - mix.mu).pow(2).sum(-1) / mix.std**2
+        )
         return log_lik.argmax(1)
+
     k = component(ref)
     same = component(out) == k
-    dist = lambda z: ((z[same] - mix.mu[k[same]]) / mix.std[k[same], None]).pow(2).mean().sqrt().item()
+    dist = lambda z: (
+        ((z[same] - mix.mu[k[same]]) / mix.std[k[same], None]).pow(2).mean().sqrt().item()
+    )
     return dist(out) / dist(ref)
 
 
 def bench(name, w, mix, x, labels):
-    """Rows (name, is ours, [RMS error at each NFE], std / the reference's, spread) for one objective and CFG
-    scale, the std and spread at std_nfe; and the reference's own error, its change from ref_steps / 2 steps."""
+    """Rows (name, is ours, [RMS error at each NFE], std / the reference's, spread) for one
+    objective and CFG scale, the std and spread at std_nfe; and the reference's own error, its
+    change from ref_steps / 2 steps."""
     diffusion = Diffusion(*OBJECTIVES[name])
     alpha, sigma = start(diffusion)
     ref = reference(x, alpha, sigma, mix, labels, w, ref_steps)
     gap = rms(ref, reference(x, alpha, sigma, mix, labels, w, ref_steps // 2))
     net = exact_net(diffusion, mix, labels, w)
     default = default_config(name)
-    runs = [(our_name(*c, default), True, lambda n, c=c: run_ours(net, x, diffusion, n, *c)) for c in our_configs(name)]
+    runs = [
+        (our_name(*c, default), True, lambda n, c=c: run_ours(net, x, diffusion, n, *c))
+        for c in our_configs(name)
+    ]
 
     @functools.lru_cache(maxsize=1)
-    def tune():  # the fit's noise (not the benchmark's), its labels' exact model, and its exact end points
-        x_tune = torch.randn(tune_samples, x.shape[1], generator=torch.Generator().manual_seed(seed + 2), dtype=x.dtype)
+    # the fit's noise (not the benchmark's), its labels' exact model, and its exact end points
+    def tune():
+        x_tune = torch.randn(
+            tune_samples,
+            x.shape[1],
+            generator=torch.Generator().manual_seed(seed + 2),
+            dtype=x.dtype,
+        )
         labels_tune = torch.arange(tune_samples) % classes
-        return (exact_net(diffusion, mix, labels_tune, w), x_tune,
-                reference(x_tune, alpha, sigma, mix, labels_tune, w, ref_steps))
-    runs.insert(1, (our_name(*default[:2], 'tuned solver'), True, lambda n: run_tuned(net, x, diffusion, n, tune)))
-    if importlib.util.find_spec('diffusers'):  # a test-only reference: without it, our rows alone
-        runs += [(row, False, lambda n, c=c, kw=kw: run_diffusers(net, x, diffusion, n, c, kw, diffusers_at_sigma)[0])
-                 for row, c, kw in diffusers_configs(name)]
+        return (
+            exact_net(diffusion, mix, labels_tune, w),
+            x_tune,
+            reference(x_tune, alpha, sigma, mix, labels_tune, w, ref_steps),
+        )
+
+    runs.insert(
+        1,
+        (
+            our_name(*default[:2], 'tuned solver'),
+            True,
+            lambda n: run_tuned(net, x, diffusion, n, tune),
+        ),
+    )
+    # a test-only reference: without it, our rows alone
+    if importlib.util.find_spec('diffusers'):
+        runs += [
+            (
+                row,
+                False,
+                lambda n, c=c, kw=kw: run_diffusers(
+                    net, x, diffusion, n, c, kw, diffusers_at_sigma
+                )[0],
+            )
+            for row, c, kw in diffusers_configs(name)
+        ]
     rows = []
     for row, ours, fn in runs:
         outs = {n: fn(n) for n in nfes}
         out = outs[std_nfe]
-        rows.append((row, ours, [rms(outs[n], ref) if outs[n] is not None else math.nan for n in nfes],
-                     out.std().item() / ref.std().item(), spread(out, ref, mix)))
+        rows.append(
+            (
+                row,
+                ours,
+                [rms(outs[n], ref) if outs[n] is not None else math.nan for n in nfes],
+                out.std().item() / ref.std().item(),
+                spread(out, ref, mix),
+            )
+        )
     return rows, gap
 
 
 def print_table(name, by_cfg):
-    """One objective: a row a configuration; RMS error at each NFE, std and spread at std_nfe; unguided | CFG."""
+    """One objective: a row a configuration; RMS error at each NFE, std and spread at std_nfe;
+    unguided | CFG."""
     (w1, a), (w2, b) = by_cfg.items()
     width = max(len(r[0]) for r in a) + 1
     head = ''.join(f"{f'{n} NFE':>8}" for n in nfes) + f"{'std':>6}{'sprd':>6}"
@@ -365,14 +529,19 @@ def print_table(name, by_cfg):
 
 
 def print_ratios(results):
-    """Our default's error, tuned to the model (as sample.py --tune=True leaves it) and not, and our best
-    configuration's, over the best diffusers configuration's, at each NFE."""
-    print("\nour error / the best diffusers configuration's (the goal: default <= 0.5 at 5 and 10 NFE); 'tuned': the "
-          "default\nwith its solver fitted to the model on other noise (sample.py --tune=True), used when present")
-    print(f"{'':<15}{'NFE':>4}  {'best diffusers':<25}{'error':>7}  {'default':>7}{'ratio':>6}{'tuned':>8}{'ratio':>6}  "
-          f"{'best of ours':<20}{'ratio':>6}")
+    """Our default's error, tuned to the model (as sample.py --tune=True leaves it) and not, and our
+    best configuration's, over the best diffusers configuration's, at each NFE."""
+    print(
+        "\nour error / the best diffusers configuration's (the goal: default <= 0.5 at 5 and 10 NFE); 'tuned': the "
+        "default\nwith its solver fitted to the model on other noise (sample.py --tune=True), used when present"
+    )
+    print(
+        f"{'':<15}{'NFE':>4}  {'best diffusers':<25}{'error':>7}  {'default':>7}{'ratio':>6}{'tuned':>8}{'ratio':>6}  "
+        f"{'best of ours':<20}{'ratio':>6}"
+    )
     for (name, w), rows in results.items():
-        default, tuned = rows[:2]  # bench puts them first
+        # bench puts them first
+        default, tuned = rows[:2]
         for j, n in enumerate(nfes):
             error = lambda r: math.inf if math.isnan(r[2][j]) else r[2][j]
             theirs = min((r for r in rows if not r[1]), key=error, default=None)
@@ -381,59 +550,100 @@ def print_ratios(results):
             ours = min((r for r in rows if r[1]), key=error)
             e = theirs[2][j]
             fit = '-' if math.isnan(tuned[2][j]) else f"{tuned[2][j]:.1e}{tuned[2][j] / e:6.2f}"
-            print(f"{f'{name} cfg {w:g}':<15}{n:>4}  {theirs[0]:<25}{e:7.1e}  {default[2][j]:7.1e}"
-                  f"{default[2][j] / e:6.2f}{fit:>14}  {ours[0]:<20}{ours[2][j] / e:6.2f}")
+            print(
+                f"{f'{name} cfg {w:g}':<15}{n:>4}  {theirs[0]:<25}{e:7.1e}  {default[2][j]:7.1e}"
+                f"{default[2][j] / e:6.2f}{fit:>14}  {ours[0]:<20}{ours[2][j] / e:6.2f}"
+            )
 
 
 def quality_table(ckpt_dir):
-    """A trained shapes model, per sampler and NFE: conditional accuracy and factor FD (shapes.py) of
-    quality_per_class samples per class, the same noise in every cell; and our default solver tuned to the
-    checkpoint (on other noise, as sample.py --tune=True does). The last row: 1000 ancestral steps, for scale."""
+    """A trained shapes model, per sampler and NFE: conditional accuracy and factor FD (shapes.py)
+    of quality_per_class samples per class, the same noise in every cell; and our default solver
+    tuned to the checkpoint (on other noise, as sample.py --tune=True does). The last row: 1000
+    ancestral steps, for scale."""
     from checkpoint import load_model
     from diffusion import guided
     from sample import sample_images, shapes_reference
     from shapes import factor_fd, grade
+
     dev = setup_device(device, 'float32')[0]
     model, diffusion, meta, config = load_model(os.path.join(ckpt_dir, 'ckpt.pt'), dev)
     if meta.get('dataset') != 'shapes' or model.config.text_dim:
-        sys.exit(f"error: --quality={ckpt_dir} must be a class-conditional model of the built-in shapes data")
+        sys.exit(
+            f"error: --quality={ckpt_dir} must be a class-conditional model of the built-in shapes data"
+        )
     reference = shapes_reference(config['data_dir'])
     labels = torch.arange(meta['num_classes']).repeat_interleave(quality_per_class).to(dev)
     d = default_solver(diffusion.objective, 10)
     default = (d['sampler'], d['order'], None)
-    configs = [default] + [c for c in [('unipc', 2, 'flowtime'), ('dpm++', 2, 'flowtime'), ('dpm++', 1, 'flowtime'),
-                                       ('dpm++', 2, 'logsnr'), ('unipc', 3, 'logsnr')] if c != default]
+    configs = [default] + [
+        c
+        for c in [
+            ('unipc', 2, 'flowtime'),
+            ('dpm++', 2, 'flowtime'),
+            ('dpm++', 1, 'flowtime'),
+            ('dpm++', 2, 'logsnr'),
+            ('unipc', 3, 'logsnr'),
+        ]
+        if c != default
+    ]
     print(f"{len(labels)} samples per cell (accuracy % / factor FD), cfg {cfg_scale:g}, {ckpt_dir}")
     print(f"{'sampler':<24}" + ''.join(f"{f'{n} NFE':>15}" for n in quality_nfes), flush=True)
 
     def cell(steps, **solver):
-        x = sample_images(model, diffusion, labels, meta, cfg_scale, seed=seed, steps=steps, **solver).numpy()
+        x = sample_images(
+            model, diffusion, labels, meta, cfg_scale, seed=seed, steps=steps, **solver
+        ).numpy()
         y = labels.cpu().numpy()
         return f"{100 * grade(x, y)[0]:6.1f}% {factor_fd(x, y, *reference)['overall']:.4f}"
+
     for sampler, order, spacing in configs:
         cells = [cell(n, sampler=sampler, order=order, spacing=spacing) for n in quality_nfes]
-        print(f"{our_name(sampler, order, spacing, default):<24}" + ''.join(f"{c:>15}" for c in cells), flush=True)
-    g = torch.Generator(dev).manual_seed(seed + 1_000_003)  # the fit's noise: not the cells'
+        print(
+            f"{our_name(sampler, order, spacing, default):<24}"
+            + ''.join(f"{c:>15}" for c in cells),
+            flush=True,
+        )
+    # the fit's noise: not the cells'
+    g = torch.Generator(dev).manual_seed(seed + 1_000_003)
     tune_labels = torch.arange(meta['num_classes'], device=dev).repeat(4)
     x_tune = torch.randn((len(tune_labels),) + tuple(input_shape(meta)), generator=g, device=dev)
-    model_fn = guided(model.requires_grad_(False), diffusion, tune_labels, meta['num_classes'], cfg_scale)
+    model_fn = guided(
+        model.requires_grad_(False), diffusion, tune_labels, meta['num_classes'], cfg_scale
+    )
     cells = []
     for n in quality_nfes:
         if n > tune_max_steps:
             cells.append('-')
             continue
         t0, d = time.time(), default_solver(diffusion.objective, n)
-        matrix, _ = tune_solver(model_fn, x_tune, diffusion, n, d['sampler'], d['order'], d['spacing'], iters=tune_iters)
+        matrix, _ = tune_solver(
+            model_fn, x_tune, diffusion, n, d['sampler'], d['order'], d['spacing'], iters=tune_iters
+        )
         cells.append(cell(n, spacing=d['spacing'], matrix=matrix))
-        print(f"  (tuned the {n}-step solver in {time.time() - t0:.0f} s: {cells[-1]})", flush=True)  # kept if cut short
+        # kept if cut short
+        print(f"  (tuned the {n}-step solver in {time.time() - t0:.0f} s: {cells[-1]})", flush=True)
     print(f"{our_name(*default[:2], 'tuned solver'):<24}" + ''.join(f"{c:>15}" for c in cells))
     print(f"{'ddpm flowtime, 1000 NFE':<24}{cell(1000, sampler='ddpm', spacing='flowtime'):>15}")
 
 
 def check_config():
-    check(globals(), positive=('dims', 'components', 'classes', 'std_min', 'std_max', 'num_samples', 'ref_steps'))
+    check(
+        globals(),
+        positive=(
+            'dims',
+            'components',
+            'classes',
+            'std_min',
+            'std_max',
+            'num_samples',
+            'ref_steps',
+        ),
+    )
     if std_nfe not in nfes or cfg_scale == 1:
-        sys.exit(f"error: --std_nfe={std_nfe} must be one of --nfes={nfes}, and --cfg_scale={cfg_scale:g} not 1")
+        sys.exit(
+            f"error: --std_nfe={std_nfe} must be one of --nfes={nfes}, and --cfg_scale={cfg_scale:g} not 1"
+        )
 
 
 def main():
@@ -444,14 +654,19 @@ def main():
     if quality:
         return quality_table(quality)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # [1024, 32] tensors: more threads only contend
+    # [1024, 32] tensors: more threads only contend
+    torch.set_num_threads(1)
     mix = make_mixture(dims, components, classes, std_min, std_max, seed)
-    x = torch.randn(num_samples, dims, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    x = torch.randn(
+        num_samples, dims, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
+    )
     labels = torch.arange(num_samples) % classes
-    print(f"Gaussian mixture: {dims} dims, {components} components (std {std_min:g}..{std_max:g}), {classes} classes, "
-          f"{num_samples} samples.\nEach cell: the RMS distance of the end point from the exact ODE solution from the "
-          f"same noise.\nAt {std_nfe} NFE, std: the end points' std / the reference's; sprd: their spread within "
-          f"their component / the reference's (< 1: shrunk).")
+    print(
+        f"Gaussian mixture: {dims} dims, {components} components (std {std_min:g}..{std_max:g}), {classes} classes, "
+        f"{num_samples} samples.\nEach cell: the RMS distance of the end point from the exact ODE solution from the "
+        f"same noise.\nAt {std_nfe} NFE, std: the end points' std / the reference's; sprd: their spread within "
+        f"their component / the reference's (< 1: shrunk)."
+    )
     if diffusers_at_sigma:
         print("diffusers: the model called at its schedulers' own sigmas (diffusers_at_sigma)")
     results, gaps = {}, []
@@ -461,8 +676,10 @@ def main():
             gaps.append(gap)
         print_table(name, {w: results[(name, w)] for w in (1.0, cfg_scale)})
     smallest = min(e for rows in results.values() for r in rows for e in r[2] if not math.isnan(e))
-    print(f"\nreference: RK4 uniform in log-SNR, {ref_steps} steps; it moves <= {max(gaps):.1e} (RMS) from "
-          f"{ref_steps // 2} steps, {smallest / max(gaps):.0f}x less than the smallest error above ({smallest:.1e})")
+    print(
+        f"\nreference: RK4 uniform in log-SNR, {ref_steps} steps; it moves <= {max(gaps):.1e} (RMS) from "
+        f"{ref_steps // 2} steps, {smallest / max(gaps):.0f}x less than the smallest error above ({smallest:.1e})"
+    )
     print_ratios(results)
     print(f"\n({time.time() - t0:.0f} s)")
     torch.set_num_threads(threads)
@@ -471,5 +688,6 @@ def main():
 
 if __name__ == '__main__':
     from configurator import configure
+
     configure(globals())
     main()

@@ -1,16 +1,19 @@
 """
-Checkpoints: how train.py writes them, how every script reads them, and the file a model is shared as.
+Checkpoints: how train.py writes them, how every script reads them, and the file a model is shared
+as.
 
 - Reading: torch.load(weights_only=True), so a checkpoint can hold tensors and plain Python values
-  (dicts, lists, numbers, strings) and nothing else: a pickled object that would run code is refused.
-  Every unreadable or incomplete file is one line naming it and what is wrong.
-- Writing: to a temporary file unique to this process, fsynced, then renamed over the old one, so a kill
-  or a full disk at any moment leaves the previous checkpoint intact (and no partial file behind).
-- Sharing: model.safetensors = the EMA weights + model args, diffusion settings and dataset meta as JSON
-  metadata (the format the ecosystem shares weights in); sample.py reads it like a ckpt.pt.
+  (dicts, lists, numbers, strings) and nothing else: a pickled object that would run code is
+  refused. Every unreadable or incomplete file is one line naming it and what is wrong.
+- Writing: to a temporary file unique to this process, fsynced, then renamed over the old one, so a
+  kill or a full disk at any moment leaves the previous checkpoint intact (and no partial file
+  behind).
+- Sharing: model.safetensors = the EMA weights + model args, diffusion settings and dataset meta as
+  JSON metadata (the format the ecosystem shares weights in); sample.py reads it like a ckpt.pt.
       python checkpoint.py out-shapes/ckpt.pt     # -> out-shapes/model.safetensors
 - A training run holds an exclusive lock on its out_dir, so two runs cannot overwrite each other.
 """
+
 import errno
 import glob
 import json
@@ -24,20 +27,33 @@ from diffusion import Diffusion
 from model import build_model
 
 # what train.py stores; sampling needs only the last four (and the weights)
-TRAIN_KEYS = ('model', 'ema', 'optimizer', 'scaler', 'step', 'best_val', 'bad_steps', 'stale', 'history')
+TRAIN_KEYS = (
+    'model',
+    'ema',
+    'optimizer',
+    'scaler',
+    'step',
+    'best_val',
+    'bad_steps',
+    'stale',
+    'history',
+)
 MODEL_KEYS = ('model_args', 'config', 'meta')
 DIFFUSION_KEYS = ('objective', 'schedule', 'prediction', 'num_timesteps')
 
 
 def atomic_write(path, write):
-    """write(f) into `path` atomically: a temporary file beside it, fsynced, then renamed over it. A failure
-    at any point (a kill, a full disk) leaves the old file byte-identical and removes the partial one."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # unique per process: two writers never share a temporary file
+    """write(f) into `path` atomically: a temporary file beside it, fsynced, then renamed over it. A
+    failure at any point (a kill, a full disk) leaves the old file byte-identical and removes the
+    partial one."""
+    # unique per process: two writers never share a temporary file
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, 'wb') as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so even a power cut cannot leave a torn file
+            # on disk before the rename, so even a power cut cannot leave a torn file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -45,8 +61,10 @@ def atomic_write(path, write):
         except OSError:
             pass
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise SystemExit(f"error: disk full writing {path}: the previous file there is intact; "
-                             f"free some space, then resume") from None
+            raise SystemExit(
+                f"error: disk full writing {path}: the previous file there is intact; "
+                f"free some space, then resume"
+            ) from None
         if isinstance(e, OSError):
             raise SystemExit(f"error: cannot write {path} ({e.strerror or e})") from None
         raise
@@ -57,21 +75,25 @@ def save(ckpt, path):
 
 
 def remove_stale_temporaries(folder):
-    """Temporary files of writers that were killed (ours end in .<pid>.tmp). Call with the out_dir lock held."""
+    """Temporary files of writers that were killed (ours end in .<pid>.tmp). Call with the out_dir
+    lock held."""
     for path in glob.glob(os.path.join(glob.escape(folder), '*.tmp')):
         os.remove(path)
 
 
-_lock_file = None  # open for the life of the process: the kernel drops the lock when the process dies
+# open for the life of the process: the kernel drops the lock when the process dies
+_lock_file = None
 
 
 def lock_out_dir(folder):
-    """An exclusive lock on out_dir for this process: a second training run there stops with one line naming
-    the holder. A lock left by a killed run does not block (flock locks die with their process)."""
+    """An exclusive lock on out_dir for this process: a second training run there stops with one
+    line naming the holder. A lock left by a killed run does not block (flock locks die with their
+    process)."""
     global _lock_file
     try:
         import fcntl
-    except ImportError:  # not POSIX (Windows): no lock, the rest works
+    # not POSIX (Windows): no lock, the rest works
+    except ImportError:
         return
     path = os.path.join(folder, 'train.lock')
     f = open(path, 'a+')
@@ -81,8 +103,10 @@ def lock_out_dir(folder):
         f.seek(0)
         holder = f.read().strip() or 'unknown'
         f.close()
-        raise SystemExit(f"error: out_dir '{folder}' is in use by another training run (pid {holder}): "
-                         f"wait for it to finish, or pass another --out_dir") from None
+        raise SystemExit(
+            f"error: out_dir '{folder}' is in use by another training run (pid {holder}): "
+            f"wait for it to finish, or pass another --out_dir"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -95,27 +119,38 @@ def _fail(path, why):
 
 
 def load(path, device='cpu', training=False):
-    """A checkpoint as a dict: a train.py ckpt.pt/best.pt, or a model.safetensors export (EMA weights only).
-    training=True: everything a resume needs must be there too."""
+    """A checkpoint as a dict: a train.py ckpt.pt/best.pt, or a model.safetensors export (EMA
+    weights only). training=True: everything a resume needs must be there too."""
     if not os.path.isfile(path):
         _fail(path, "does not exist: train first, or pass --out_dir=<the training out_dir>")
     if path.endswith('.safetensors'):
         return _load_safetensors(path, device, training)
     try:
-        with warnings.catch_warnings():  # torch warns about odd pickle protocols before refusing them
+        # torch warns about odd pickle protocols before refusing them
+        with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # zero bytes, truncated, random bytes, text, a pickle with code: all end here
-        if 'GLOBAL' in str(e):  # a class or function to import and call: the way a pickle runs code
-            _fail(path, "holds pickled objects other than tensors and plain values (refused: loading them could "
-                        "run code); only load checkpoints written by train.py")
-        msg = [l for l in str(e).splitlines() if 'error' in l.lower() or 'failed' in l.lower()][-1:] or [type(e).__name__]
+    # zero bytes, truncated, random bytes, text, a pickle with code: all end here
+    except Exception as e:
+        # a class or function to import and call: the way a pickle runs code
+        if 'GLOBAL' in str(e):
+            _fail(
+                path,
+                "holds pickled objects other than tensors and plain values (refused: loading them could "
+                "run code); only load checkpoints written by train.py",
+            )
+        msg = [l for l in str(e).splitlines() if 'error' in l.lower() or 'failed' in l.lower()][
+            -1:
+        ] or [type(e).__name__]
         _fail(path, f"is not a readable checkpoint: truncated or corrupt ({msg[0].strip()[:100]})")
     if not isinstance(ckpt, dict):
         _fail(path, f"is not a train.py checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        _fail(path, "is a bare state_dict (weights only, no model_args/config): it cannot be rebuilt; "
-                    "use a train.py ckpt.pt or a model.safetensors export")
+        _fail(
+            path,
+            "is a bare state_dict (weights only, no model_args/config): it cannot be rebuilt; "
+            "use a train.py ckpt.pt or a model.safetensors export",
+        )
     need = MODEL_KEYS + (TRAIN_KEYS if training else ('ema', 'model'))
     missing = [k for k in need if k not in ckpt]
     if missing:
@@ -129,27 +164,40 @@ def check_model_keys(path, ckpt):
     for k in MODEL_KEYS:
         if not isinstance(ckpt[k], dict):
             _fail(path, f"has a broken '{k}' (a {type(ckpt[k]).__name__}, not a dict)")
-    missing = [k for k in DIFFUSION_KEYS if k not in ckpt['config']] + [k for k in ('arch',) if k not in ckpt['model_args']]
+    missing = [k for k in DIFFUSION_KEYS if k not in ckpt['config']] + [
+        k for k in ('arch',) if k not in ckpt['model_args']
+    ]
     if missing:
         _fail(path, f"lacks the settings {', '.join(missing)}: it was not written by this train.py")
 
 
 def check_same_model(path, ckpt, now):
-    """A checkpoint to resume or build on has the settings `now` (model args, data shape, diffusion), or one line names
-    those that differ: resuming or fine-tuning on another model would silently train something else."""
+    """A checkpoint to resume or build on has the settings `now` (model args, data shape,
+    diffusion), or one line names those that differ: resuming or fine-tuning on another model would
+    silently train something else."""
     before = dict(ckpt['config'], **ckpt['model_args'], vae=ckpt['meta'].get('vae'))
     differ = {k: (before.get(k, 0), v) for k, v in now.items() if before.get(k, 0) != v}
     if differ:
-        _fail(path, "is a different model: " + ', '.join(f"{k}={a} in checkpoint vs {b} now" for k, (a, b) in differ.items()))
+        _fail(
+            path,
+            "is a different model: "
+            + ', '.join(f"{k}={a} in checkpoint vs {b} now" for k, (a, b) in differ.items()),
+        )
 
 
 def load_base(model, ckpt, path, new, lacks=False):
-    """A base checkpoint's EMA weights into `model`, which extends it by the parameters named `new`* (a control branch,
-    a student's CFG-scale input); lacks: the base must not have them already. Anything else that does not fit: one line."""
+    """A base checkpoint's EMA weights into `model`, which extends it by the parameters named `new`*
+    (a control branch, a student's CFG-scale input); lacks: the base must not have them already.
+    Anything else that does not fit: one line."""
     try:
         missing, unexpected = model.load_state_dict(ckpt['ema'], strict=False)
-        wrong = [k for k in missing if not k.startswith(new)] + unexpected + [f"{new}* already there"] * (lacks and not missing)
-    except RuntimeError as e:  # a tensor of another shape
+        wrong = (
+            [k for k in missing if not k.startswith(new)]
+            + unexpected
+            + [f"{new}* already there"] * (lacks and not missing)
+        )
+    # a tensor of another shape
+    except RuntimeError as e:
         wrong = [' '.join(str(e).split())]
     if wrong:
         _fail(path, f"has weights that do not fit a base model: {', '.join(wrong)[:200]}")
@@ -160,32 +208,42 @@ def _load_safetensors(path, device, training):
         _fail(path, "holds only the EMA weights (an export): resume from the ckpt.pt it came from")
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
+
     try:
         with safe_open(path, 'pt') as f:
             info = f.metadata() or {}
         weights = load_file(path, device=str(device))
         extra = {k: json.loads(info[k]) for k in MODEL_KEYS}
     except (SafetensorError, OSError, ValueError) as e:
-        _fail(path, f"is not a readable safetensors file ({(str(e).splitlines() or [''])[0][:120]})")
+        _fail(
+            path, f"is not a readable safetensors file ({(str(e).splitlines() or [''])[0][:120]})"
+        )
     except KeyError as e:
         _fail(path, f"has no {e} metadata: it was not exported by checkpoint.py")
-    extra['model_args'] = {k: tuple(v) if isinstance(v, list) else v for k, v in extra['model_args'].items()}
+    extra['model_args'] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in extra['model_args'].items()
+    }
     ckpt = dict(extra, ema=weights)
     check_model_keys(path, ckpt)
     return ckpt
 
 
 def export_safetensors(ckpt, path):
-    """The EMA weights of a checkpoint as model.safetensors, with everything sampling needs as metadata."""
+    """The EMA weights of a checkpoint as model.safetensors, with everything sampling needs as
+    metadata."""
     from safetensors.torch import save
+
     meta = {k: json.dumps(ckpt[k]) for k in ('model_args', 'meta')}
-    meta['config'] = json.dumps({k: v for k, v in ckpt['config'].items() if k in DIFFUSION_KEYS + ('data_dir', 'student')})
+    meta['config'] = json.dumps(
+        {k: v for k, v in ckpt['config'].items() if k in DIFFUSION_KEYS + ('data_dir', 'student')}
+    )
     weights = {k: v.detach().cpu().contiguous() for k, v in ckpt['ema'].items()}
     atomic_write(path, lambda f: f.write(save(weights, metadata=meta)))
 
 
 def load_model(path, dev, use_ema=True):
-    """Rebuild the denoiser from a checkpoint (ckpt.pt or model.safetensors); returns (model, diffusion, meta, config)."""
+    """Rebuild the denoiser from a checkpoint (ckpt.pt or model.safetensors); returns (model,
+    diffusion, meta, config)."""
     ckpt = load(path, dev)
     which = 'ema' if use_ema else 'model'
     if which not in ckpt:
@@ -199,7 +257,10 @@ def load_model(path, dev, use_ema=True):
     try:
         model.load_state_dict(ckpt[which])
     except (RuntimeError, TypeError, AttributeError) as e:
-        _fail(path, f"holds weights that do not fit its model_args ({(str(e).splitlines() or [''])[0][:160]})")
+        _fail(
+            path,
+            f"holds weights that do not fit its model_args ({(str(e).splitlines() or [''])[0][:160]})",
+        )
     c = ckpt['config']
     try:
         diffusion = Diffusion(*(c[k] for k in DIFFUSION_KEYS))
@@ -208,10 +269,15 @@ def load_model(path, dev, use_ema=True):
     return model.to(dev).eval(), diffusion, ckpt['meta'], c
 
 
-if __name__ == '__main__':  # python checkpoint.py out/ckpt.pt [out/model.safetensors]
+# python checkpoint.py out/ckpt.pt [out/model.safetensors]
+if __name__ == '__main__':
     if len(sys.argv) not in (2, 3) or sys.argv[1].startswith('-'):
         sys.exit("usage: python checkpoint.py path/to/ckpt.pt [path/to/model.safetensors]")
     src = sys.argv[1]
-    dst = sys.argv[2] if len(sys.argv) == 3 else os.path.join(os.path.dirname(src), 'model.safetensors')
+    dst = (
+        sys.argv[2]
+        if len(sys.argv) == 3
+        else os.path.join(os.path.dirname(src), 'model.safetensors')
+    )
     export_safetensors(load(src), dst)
     print(f"wrote {dst} (the EMA weights of {src})")

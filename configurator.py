@@ -9,6 +9,7 @@ default, so a typo fails loudly on one line instead of silently training the wro
 
     python train.py config/shapes.py --batch_size=32 --lr=3e-4
 """
+
 import ast
 import sys
 import traceback
@@ -18,24 +19,35 @@ CONFIG_TYPES = (int, float, bool, str, tuple, list)
 
 def _check(key, value, defaults, where):
     if key not in defaults:
-        sys.exit(f"error: unknown config key '{key}' ({where}); known keys: {', '.join(sorted(defaults))}")
+        sys.exit(
+            f"error: unknown config key '{key}' ({where}); known keys: {', '.join(sorted(defaults))}"
+        )
     want = type(defaults[key])
     if want is float and type(value) is int:
-        return float(value)  # --lr=1 means 1.0
+        # --lr=1 means 1.0
+        return float(value)
     if type(value) is not want:
-        sys.exit(f"error: config key '{key}' ({where}) must be {want.__name__}, got {type(value).__name__} {value!r}")
+        sys.exit(
+            f"error: config key '{key}' ({where}) must be {want.__name__}, got {type(value).__name__} {value!r}"
+        )
     return value
 
 
 def configure(g, argv=None, ignore_unknown_in_files=False):
     """Apply config files and --key=value overrides to the globals dict `g`; return the config dict.
-    ignore_unknown_in_files: skip keys a config file sets that `g` does not have (bench.py reads train
-    configs for their model keys only); --key=value overrides are always checked."""
+    ignore_unknown_in_files: skip keys a config file sets that `g` does not have (bench.py reads
+    train configs for their model keys only); --key=value overrides are always checked."""
     argv = sys.argv[1:] if argv is None else argv
-    # settings: lower-case module globals of plain types (UPPER_CASE names are constants, not settings)
-    defaults = {k: v for k, v in g.items() if not k.startswith('_') and not k.isupper() and type(v) in CONFIG_TYPES}
+    # settings: lower-case module globals of plain types (UPPER_CASE names are constants, not
+    # settings)
+    defaults = {
+        k: v
+        for k, v in g.items()
+        if not k.startswith('_') and not k.isupper() and type(v) in CONFIG_TYPES
+    }
     for arg in argv:
-        if not arg.startswith('--'):  # a config file: plain Python that assigns some of the keys
+        # a config file: plain Python that assigns some of the keys
+        if not arg.startswith('--'):
             try:
                 src = open(arg).read()
             except OSError as e:
@@ -43,10 +55,15 @@ def configure(g, argv=None, ignore_unknown_in_files=False):
             scope = {}
             try:
                 exec(compile(src, arg, 'exec'), scope)
-            except Exception as e:  # a typo in a config file: its file and line, not a traceback
-                frames = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == arg]
+            # a typo in a config file: its file and line, not a traceback
+            except Exception as e:
+                frames = [
+                    f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == arg
+                ]
                 line = e.lineno if isinstance(e, SyntaxError) else (frames or ['?'])[-1]
-                sys.exit(f"error: config file '{arg}' line {line}: {type(e).__name__}: {getattr(e, 'msg', e)}")
+                sys.exit(
+                    f"error: config file '{arg}' line {line}: {type(e).__name__}: {getattr(e, 'msg', e)}"
+                )
             for k, v in scope.items():
                 if k.startswith('_') or callable(v) or type(v).__name__ == 'module':
                     continue
@@ -59,18 +76,24 @@ def configure(g, argv=None, ignore_unknown_in_files=False):
             try:
                 value = ast.literal_eval(text)
             except (SyntaxError, ValueError):
-                value = text  # a bare word, e.g. --device=cuda, is a string
+                # a bare word, e.g. --device=cuda, is a string
+                value = text
             if isinstance(defaults.get(key), str):
-                value = text  # a string key takes the text as written: --out_dir=2024 stays '2024'
+                # a string key takes the text as written: --out_dir=2024 stays '2024'
+                value = text
             g[key] = _check(key, value, defaults, f"--{key}")
     return {k: g[k] for k in defaults}
 
 
 def check(cfg, positive=(), non_negative=(), fraction=(), choices=None):
-    """Range checks on settings, so a harmful value is one line before anything runs, not a climbing loss
-    or a NaN in a checkpoint: positive (> 0), non_negative (>= 0), fraction (in [0, 1]), choices {key: allowed}."""
-    for keys, ok, want in ((positive, lambda v: v > 0, 'must be > 0'), (non_negative, lambda v: v >= 0, 'must be >= 0'),
-                           (fraction, lambda v: 0 <= v <= 1, 'must be in [0, 1]')):
+    """Range checks on settings, so a harmful value is one line before anything runs, not a climbing
+    loss or a NaN in a checkpoint: positive (> 0), non_negative (>= 0), fraction (in [0, 1]),
+    choices {key: allowed}."""
+    for keys, ok, want in (
+        (positive, lambda v: v > 0, 'must be > 0'),
+        (non_negative, lambda v: v >= 0, 'must be >= 0'),
+        (fraction, lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
+    ):
         for k in keys:
             if not ok(cfg[k]):
                 sys.exit(f"error: --{k}={cfg[k]!r} {want}")

@@ -1,8 +1,10 @@
 """
-Reading a dataset made by prepare.py: meta.json and the memory-mapped splits, each checked against the
-other when opened (a torn or mismatched file is one line saying to re-run prepare.py), and which examples
-make up each training batch, a pure function of the step so that resuming needs no data-loader state.
+Reading a dataset made by prepare.py: meta.json and the memory-mapped splits, each checked against
+the other when opened (a torn or mismatched file is one line saying to re-run prepare.py), and which
+examples make up each training batch, a pure function of the step so that resuming needs no
+data-loader state.
 """
+
 import functools
 import json
 import os
@@ -10,7 +12,8 @@ import os
 import numpy as np
 import torch
 
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')  # what prepare.py and metrics.py read as images
+# what prepare.py and metrics.py read as images
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
 
 def bad_data(path, why):
@@ -29,7 +32,9 @@ def read_meta(data_dir):
         bad_data(path, f"is unreadable ({e})")
     if not isinstance(meta, dict):
         bad_data(path, "is not a JSON object")
-    need = ('kind', 'num_classes', 'splits') + (('latent_shape',) if meta.get('kind') == 'latents' else ('resolution', 'channels'))
+    need = ('kind', 'num_classes', 'splits') + (
+        ('latent_shape',) if meta.get('kind') == 'latents' else ('resolution', 'channels')
+    )
     need += ('hint_shape',) if meta.get('hint') else ()
     if any(k not in meta for k in need):
         bad_data(path, f"lacks some of {', '.join(need)}")
@@ -37,19 +42,25 @@ def read_meta(data_dir):
 
 
 class Data:
-    """A split of a prepare.py dataset, memory-mapped: a batch is one fancy-index and one host->device copy.
-    Pixel data: uint8 [N, 3, H, W]. Latent data: fp16 [N, 2, 2, C, h, w] = (image, h-flipped) x (posterior
-    mean, std) from the VAE, so every step can draw a fresh latent mean + std * eps of either orientation.
-    Captions (text=True): the pre-encoded (states, mask, pooled) arrays, and those of the empty caption.
-    Hints (when meta has one): uint8 [N, 1, H, W] control maps at the pixel resolution, also for latents."""
+    """A split of a prepare.py dataset, memory-mapped: a batch is one fancy-index and one
+    host->device copy. Pixel data: uint8 [N, 3, H, W]. Latent data: fp16 [N, 2, 2, C, h, w] =
+    (image, h-flipped) x (posterior mean, std) from the VAE, so every step can draw a fresh latent
+    mean + std * eps of either orientation. Captions (text=True): the pre-encoded (states, mask,
+    pooled) arrays, and those of the empty caption. Hints (when meta has one): uint8 [N, 1, H, W]
+    control maps at the pixel resolution, also for latents."""
 
     def __init__(self, data_dir, split, device, text=False, resident=None):
         meta = read_meta(data_dir)
         self.latent = meta['kind'] == 'latents'
         n, L, D = meta['splits'].get(split), meta.get('text_max_len'), meta.get('text_dim')
-        x_shape = (n, 2, 2, *meta['latent_shape']) if self.latent else (n, meta['channels'], meta['resolution'], meta['resolution'])
+        x_shape = (
+            (n, 2, 2, *meta['latent_shape'])
+            if self.latent
+            else (n, meta['channels'], meta['resolution'], meta['resolution'])
+        )
 
-        def load(name, shape, mmap_mode='r'):  # every array checked against meta: a torn file is one line here
+        # every array checked against meta: a torn file is one line here
+        def load(name, shape, mmap_mode='r'):
             path = os.path.join(data_dir, name + '.npy')
             try:
                 a = np.load(path, mmap_mode=mmap_mode)
@@ -58,9 +69,11 @@ class Data:
             if a.shape != shape:
                 bad_data(path, f"has shape {a.shape}, meta.json says {shape}")
             return a
+
         self.x = load(f"{split}_{'latents' if self.latent else 'x'}", x_shape)
         self.y = load(f'{split}_y', (n,), None)
-        hi = max(meta['num_classes'], 1)  # labels index the classes (an unconditional set: all 0)
+        # labels index the classes (an unconditional set: all 0)
+        hi = max(meta['num_classes'], 1)
         if n and (self.y.min() < 0 or self.y.max() >= hi):
             bad_data(os.path.join(data_dir, f'{split}_y.npy'), f"has labels outside 0..{hi - 1}")
         self.hint = load(f'{split}_hint', (n, *meta['hint_shape'])) if meta.get('hint') else None
@@ -68,30 +81,49 @@ class Data:
         self.device = device
         self.text = []
         if text:
-            self.text = [load(f'{split}_text', (n, L, D)), load(f'{split}_text_mask', (n, L)), load(f'{split}_text_pooled', (n, D))]
-            empty = (load('empty_text', (L, D), None), load('empty_text_mask', (L,), None), load('empty_text_pooled', (D,), None))
+            self.text = [
+                load(f'{split}_text', (n, L, D)),
+                load(f'{split}_text_mask', (n, L)),
+                load(f'{split}_text_pooled', (n, D)),
+            ]
+            empty = (
+                load('empty_text', (L, D), None),
+                load('empty_text_mask', (L,), None),
+                load('empty_text_pooled', (D,), None),
+            )
             self.empty = [torch.from_numpy(a).to(device) for a in empty]
-        # resident (None = auto: on a GPU, if the split fits in a quarter of its free memory): the split is copied to
-        # the device once, and a batch is a gather there: no host work, no host->device copy in the step
+        # resident (None = auto: on a GPU, if the split fits in a quarter of its free memory): the
+        # split is copied to
+        # the device once, and a batch is a gather there: no host work, no host->device copy in the
+        # step
         arrays = [self.x, self.y] + self.text + ([] if self.hint is None else [self.hint])
         if resident is None:
-            resident = device.type == 'cuda' and sum(a.nbytes for a in arrays) < torch.cuda.mem_get_info(device)[0] / 4
+            resident = (
+                device.type == 'cuda'
+                and sum(a.nbytes for a in arrays) < torch.cuda.mem_get_info(device)[0] / 4
+            )
         self.resident = resident
         if self.resident:
-            self.x_dev, self.y_dev, *self.text_dev = [torch.from_numpy(np.array(a)).to(device) for a in arrays]
-            self.hint_dev = None if self.hint is None else self.text_dev.pop()  # the hint came last
+            self.x_dev, self.y_dev, *self.text_dev = [
+                torch.from_numpy(np.array(a)).to(device) for a in arrays
+            ]
+            # the hint came last
+            self.hint_dev = None if self.hint is None else self.text_dev.pop()
 
     def fetch(self, a, idx, resident=None):
-        """a[idx] on the device: a device-side gather when the split is resident, else a gather from the memmap into
-        pinned memory and an asynchronous copy, so the host can gather the next batch while the GPU computes."""
-        a = torch.from_numpy(np.asarray(idx) if resident is not None else a[idx])  # the indices, or the examples
-        if self.device.type == 'cuda':  # pinned: a pageable copy would make the host wait for the GPU
+        """a[idx] on the device: a device-side gather when the split is resident, else a gather from
+        the memmap into pinned memory and an asynchronous copy, so the host can gather the next
+        batch while the GPU computes."""
+        # the indices, or the examples
+        a = torch.from_numpy(np.asarray(idx) if resident is not None else a[idx])
+        # pinned: a pageable copy would make the host wait for the GPU
+        if self.device.type == 'cuda':
             a = a.pin_memory().to(self.device, non_blocking=True)
         return a if resident is None else resident[a]
 
     def get_text(self, idx, drop=None):
-        """Captions of idx as (states fp32 [B,L,D], mask bool [B,L], pooled fp32 [B,D]) on the device;
-        where drop [B] is True, the empty caption's (classifier-free guidance dropout)."""
+        """Captions of idx as (states fp32 [B,L,D], mask bool [B,L], pooled fp32 [B,D]) on the
+        device; where drop [B] is True, the empty caption's (classifier-free guidance dropout)."""
         out = []
         for i, (a, e) in enumerate(zip(self.text, self.empty)):
             a = self.fetch(a, idx, self.text_dev[i] if self.resident else None)
@@ -100,9 +132,12 @@ class Data:
         return tuple(out)
 
     def get_hint(self, idx, flip=None):
-        """Hint maps of idx as float [B, 1, H, W] in [0, 1] on the device; flip [B] bool mirrors them like get's latents."""
+        """Hint maps of idx as float [B, 1, H, W] in [0, 1] on the device; flip [B] bool mirrors
+        them like get's latents."""
         if self.hint is None:
-            raise SystemExit("error: this dataset has no hints: re-run prepare.py with --hint=canny, mask or file")
+            raise SystemExit(
+                "error: this dataset has no hints: re-run prepare.py with --hint=canny, mask or file"
+            )
         h = self.fetch(self.hint, idx, self.hint_dev if self.resident else None).float() / 255
         return h if flip is None else torch.where(flip.view(-1, 1, 1, 1), h.flip(-1), h)
 
@@ -110,30 +145,40 @@ class Data:
         return len(self.y)
 
     def get(self, idx, eps=None, flip=None):
-        """(x0, y) on the device. Latents: eps [B, C, h, w] and flip [B] bool pick the sample; None = mean, unflipped."""
+        """(x0, y) on the device. Latents: eps [B, C, h, w] and flip [B] bool pick the sample; None
+        = mean, unflipped."""
         x = self.fetch(self.x, idx, self.x_dev if self.resident else None)
         y = self.fetch(self.y, idx, self.y_dev if self.resident else None)
         if not self.latent:
-            return x.float() / 127.5 - 1, y  # uint8 pixels -> [-1, 1], on the device
+            # uint8 pixels -> [-1, 1], on the device
+            return x.float() / 127.5 - 1, y
         x = x.float()
         pair = x[:, 0] if flip is None else torch.where(flip.view(-1, 1, 1, 1, 1), x[:, 1], x[:, 0])
-        mean, std = pair.unbind(1)  # [B, C, h, w] each
+        # [B, C, h, w] each
+        mean, std = pair.unbind(1)
         z = mean if eps is None else mean + std * eps
-        return (z - self.shift) * self.scale, y  # the VAE's latent normalisation, recorded by prepare.py
+        # the VAE's latent normalisation, recorded by prepare.py
+        return (z - self.shift) * self.scale, y
 
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(n, seed, epoch):
-    """A fresh permutation of the dataset each epoch, derived from (seed, epoch): computed once per epoch."""
+    """A fresh permutation of the dataset each epoch, derived from (seed, epoch): computed once per
+    epoch."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def batch_indices(step, n, global_batch, seed):
-    """Indices of the global batch for `step`: a pure function of the step, so resuming needs no data state."""
+    """Indices of the global batch for `step`: a pure function of the step, so resuming needs no
+    data state."""
     per_epoch = n // global_batch
     if per_epoch == 0:
-        raise SystemExit(f"error: the dataset has {n} images, fewer than the global batch {global_batch}: lower batch_size")
+        raise SystemExit(
+            f"error: the dataset has {n} images, fewer than the global batch {global_batch}: lower batch_size"
+        )
     epoch, i = divmod(step, per_epoch)
-    # sorted: near-sequential reads from the memmap (order within a batch does not matter; it is sorted
-    # here, once, so every process slices the same sequence and pairs each image with the same noise)
-    return np.sort(epoch_order(n, seed, epoch)[i * global_batch:(i + 1) * global_batch])
+    # sorted: near-sequential reads from the memmap (order within a batch does not matter; it is
+    # sorted
+    # here, once, so every process slices the same sequence and pairs each image with the same
+    # noise)
+    return np.sort(epoch_order(n, seed, epoch)[i * global_batch : (i + 1) * global_batch])

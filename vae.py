@@ -1,7 +1,7 @@
 """
-The Stable Diffusion VAE (AutoencoderKL, Rombach et al. 2022) in one file, loading diffusers weights as
-they are: our state-dict keys are exactly diffusers' AutoencoderKL keys, and tests/test_vae.py checks
-encode/decode against diffusers itself (which is never imported here).
+The Stable Diffusion VAE (AutoencoderKL, Rombach et al. 2022) in one file, loading diffusers weights
+as they are: our state-dict keys are exactly diffusers' AutoencoderKL keys, and tests/test_vae.py
+checks encode/decode against diffusers itself (which is never imported here).
 
     python vae.py --image=in.png                                  # sd-vae-ft-mse round trip, prints PSNR
     python vae.py --image=in.png --vae=black-forest-labs/FLUX.1-schnell --subfolder=vae --out=rt.png
@@ -13,11 +13,14 @@ encode/decode against diffusers itself (which is never imported here).
 Latent scaling, z = (latent - shift_factor) * scaling_factor, so that z has about unit variance
 (config.json carries both; a single-file checkpoint gets SD's unless told):
   SD 1.x, sd-vae-ft-mse  0.18215                   SD3   1.5305, shift 0.0609  } 16 latent channels,
-  SDXL                   0.13025 (NaNs in fp16:    FLUX  0.3611, shift 0.1159  } no (post_)quant_conv
+  SDXL                   0.13025 (NaNs in fp16:    FLUX  0.3611, shift 0.1159  } no
+  (post_)quant_conv
                          run it fp32 or bf16)
 Also loads the two older layouts: diffusers' old attention names (query/key/value/proj_attn) and
-original LDM/CompVis checkpoints (first_stage_model.encoder.down.0.block.0...), see load_state_dict_any.
+original LDM/CompVis checkpoints (first_stage_model.encoder.down.0.block.0...), see
+load_state_dict_any.
 """
+
 import json
 import math
 import os
@@ -31,31 +34,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-image = ''                            # input image for the round trip (required)
-vae = 'stabilityai/sd-vae-ft-mse'     # hub id, diffusers folder, or single .safetensors/.ckpt file
-subfolder = ''                        # e.g. 'vae' inside a pipeline repo
+# input image for the round trip (required)
+image = ''
+# hub id, diffusers folder, or single .safetensors/.ckpt file
+vae = 'stabilityai/sd-vae-ft-mse'
+# e.g. 'vae' inside a pipeline repo
+subfolder = ''
 out = 'roundtrip.png'
 device = 'auto'
-dtype = 'float32'                     # 'float32', 'bfloat16' or 'float16' (not for the SDXL VAE)
+# 'float32', 'bfloat16' or 'float16' (not for the SDXL VAE)
+dtype = 'float32'
 # -----------------------------------------------------------------------------
 
 
 @dataclass
 class VAEConfig:
     """The diffusers config.json keys that matter; defaults are Stable Diffusion's VAE."""
+
     in_channels: int = 3
     out_channels: int = 3
-    block_out_channels: tuple = (128, 256, 512, 512)  # one per resolution level; each level but the last halves H, W
+    # one per resolution level; each level but the last halves H, W
+    block_out_channels: tuple = (128, 256, 512, 512)
     layers_per_block: int = 2
     latent_channels: int = 4
     norm_num_groups: int = 32
-    sample_size: int = 512          # training image size; also the tile size for tiled encode/decode
+    # training image size; also the tile size for tiled encode/decode
+    sample_size: int = 512
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
-    use_quant_conv: bool = True     # FLUX / SD3 drop the 1x1 convs around the latent
+    # FLUX / SD3 drop the 1x1 convs around the latent
+    use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
-    force_upcast: bool = True       # diffusers' hint that the VAE misbehaves in fp16
+    # diffusers' hint that the VAE misbehaves in fp16
+    force_upcast: bool = True
 
     @classmethod
     def from_dict(cls, d, where='config'):
@@ -63,20 +75,30 @@ class VAEConfig:
         if d.get('_class_name', 'AutoencoderKL') != 'AutoencoderKL':
             raise SystemExit(f"error: {where} is a {d['_class_name']}, not an AutoencoderKL")
         n = len(d.get('block_out_channels', cls.block_out_channels))
-        for key, want in (('down_block_types', 'DownEncoderBlock2D'), ('up_block_types', 'UpDecoderBlock2D')):
+        for key, want in (
+            ('down_block_types', 'DownEncoderBlock2D'),
+            ('up_block_types', 'UpDecoderBlock2D'),
+        ):
             types = d.get(key, [want] * n)
             if len(types) != n or any(t != want for t in types):
-                raise SystemExit(f"error: {where}: {key} must be {n} x '{want}' (one per block_out_channels), got {types}")
+                raise SystemExit(
+                    f"error: {where}: {key} must be {n} x '{want}' (one per block_out_channels), got {types}"
+                )
         if d.get('act_fn', 'silu') != 'silu':
-            raise SystemExit(f"error: {where}: act_fn {d['act_fn']!r} is not supported, only 'silu'")
+            raise SystemExit(
+                f"error: {where}: act_fn {d['act_fn']!r} is not supported, only 'silu'"
+            )
         if isinstance(d.get('sample_size'), (list, tuple)):
-            d['sample_size'] = d['sample_size'][0]  # diffusers tiles with the first entry too
+            # diffusers tiles with the first entry too
+            d['sample_size'] = d['sample_size'][0]
         if d.get('shift_factor') is None:
             d['shift_factor'] = 0.0
         known = {f.name for f in fields(cls)}
-        c = cls(**{k: v for k, v in d.items() if k in known})  # unknown keys (act_fn, _diffusers_version...) ignored
+        # unknown keys (act_fn, _diffusers_version...) ignored
+        c = cls(**{k: v for k, v in d.items() if k in known})
         c.block_out_channels = tuple(c.block_out_channels)
         return c
+
 
 # -----------------------------------------------------------------------------
 # modules; attribute names are diffusers' so that state-dict keys match
@@ -100,18 +122,21 @@ class ResnetBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over all H*W positions, with a residual (only in the 8x-downsampled mid block)."""
+    """Single-head self-attention over all H*W positions, with a residual (only in the
+    8x-downsampled mid block)."""
 
     def __init__(self, c, groups):
         super().__init__()
         self.group_norm = group_norm(c, groups)
         self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
-        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # a list only so that the key is to_out.0
+        # a list only so that the key is to_out.0
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])
 
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)
-        q, k, v = (lin(h).unsqueeze(1) for lin in (self.to_q, self.to_k, self.to_v))  # [B, 1 head, HW, C]
+        # [B, 1 head, HW, C]
+        q, k, v = (lin(h).unsqueeze(1) for lin in (self.to_q, self.to_k, self.to_v))
         h = F.scaled_dot_product_attention(q, k, v).squeeze(1)
         return x + self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
 
@@ -122,7 +147,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(c, c, 3, stride=2)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right/bottom only, so H, W must be even
+        # LDM pads right/bottom only, so H, W must be even
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -135,11 +161,14 @@ class Upsample(nn.Module):
 
 
 class Block(nn.Module):
-    """One resolution level: resnets, then an optional 2x down- or upsampler (diffusers' Down/UpDecoderBlock2D)."""
+    """One resolution level: resnets, then an optional 2x down- or upsampler (diffusers'
+    Down/UpDecoderBlock2D)."""
 
     def __init__(self, cin, cout, n, groups, resample=None):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)]
+        )
         name = {Downsample: 'downsamplers', Upsample: 'upsamplers'}.get(resample)
         if name:
             setattr(self, name, nn.ModuleList([resample(cout)]))
@@ -169,11 +198,22 @@ class Encoder(nn.Module):
         super().__init__()
         ch, g, n = c.block_out_channels, c.norm_num_groups, len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], c.layers_per_block, g,
-                                                Downsample if i < n - 1 else None) for i in range(n)])
+        self.down_blocks = nn.ModuleList(
+            [
+                Block(
+                    ch[max(i - 1, 0)],
+                    ch[i],
+                    c.layers_per_block,
+                    g,
+                    Downsample if i < n - 1 else None,
+                )
+                for i in range(n)
+            ]
+        )
         self.mid_block = MidBlock(ch[-1], g, c.mid_block_add_attention)
         self.conv_norm_out = group_norm(ch[-1], g)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)  # mean and logvar
+        # mean and logvar
+        self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x):
         x = self.conv_in(x)
@@ -185,11 +225,22 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, c):
         super().__init__()
-        ch, g, n = c.block_out_channels[::-1], c.norm_num_groups, len(c.block_out_channels)  # lowest resolution first
+        # lowest resolution first
+        ch, g, n = c.block_out_channels[::-1], c.norm_num_groups, len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, c.mid_block_add_attention)
-        self.up_blocks = nn.ModuleList([Block(ch[max(i - 1, 0)], ch[i], c.layers_per_block + 1, g,
-                                              Upsample if i < n - 1 else None) for i in range(n)])
+        self.up_blocks = nn.ModuleList(
+            [
+                Block(
+                    ch[max(i - 1, 0)],
+                    ch[i],
+                    c.layers_per_block + 1,
+                    g,
+                    Upsample if i < n - 1 else None,
+                )
+                for i in range(n)
+            ]
+        )
         self.conv_norm_out = group_norm(ch[-1], g)
         self.conv_out = nn.Conv2d(ch[-1], c.out_channels, 3, padding=1)
 
@@ -205,7 +256,8 @@ class DiagonalGaussian:
 
     def __init__(self, moments):
         self.mean, logvar = moments.chunk(2, dim=1)
-        self.logvar = logvar.clamp(-30.0, 20.0)  # as LDM: keeps exp() finite for untrained / extreme inputs
+        # as LDM: keeps exp() finite for untrained / extreme inputs
+        self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator=None):
@@ -216,14 +268,16 @@ class DiagonalGaussian:
 
 
 def randn_like(x, generator=None):
-    """Noise drawn on the generator's device (so a CPU generator gives the same numbers on any device)."""
+    """Noise drawn on the generator's device (so a CPU generator gives the same numbers on any
+    device)."""
     dev = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
 
 def blend(a, b, n, dim):
-    """Crossfade the first n rows (dim=2) or columns (dim=3) of b in from the last n of a, in place: diffusers'
-    blend_v / blend_h, vectorised. Weights in float64 then cast, as diffusers' python-float weights are."""
+    """Crossfade the first n rows (dim=2) or columns (dim=3) of b in from the last n of a, in place:
+    diffusers' blend_v / blend_h, vectorised. Weights in float64 then cast, as diffusers'
+    python-float weights are."""
     n = min(a.shape[dim], b.shape[dim], n)
     if n > 0:
         w = (torch.arange(n, dtype=torch.float64, device=b.device) / n).view([-1] + [1] * (3 - dim))
@@ -235,10 +289,16 @@ def blend(a, b, n, dim):
 class AutoencoderKL(nn.Module):
     def __init__(self, config=None):
         super().__init__()
-        c = self.config = config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config or {})
+        c = self.config = (
+            config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config or {})
+        )
         self.encoder, self.decoder = Encoder(c), Decoder(c)
-        self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1) if c.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv else None
+        self.quant_conv = (
+            nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1) if c.use_quant_conv else None
+        )
+        self.post_quant_conv = (
+            nn.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv else None
+        )
         # tiling, with diffusers' attribute names and defaults (tests set them on both to compare)
         self.tile_sample_min_size = c.sample_size
         self.tile_latent_min_size = int(c.sample_size / 2 ** (len(c.block_out_channels) - 1))
@@ -252,10 +312,13 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z) if self.post_quant_conv is not None else z)
 
     def encode(self, x, tiled=None):
-        """x [B, C, H, W] in [-1, 1] -> DiagonalGaussian over latents [B, latent_channels, H/8, W/8] (SD).
-        tiled=None tiles when H or W exceeds tile_sample_min_size, so that memory stays bounded."""
+        """x [B, C, H, W] in [-1, 1] -> DiagonalGaussian over latents [B, latent_channels, H/8, W/8]
+        (SD). tiled=None tiles when H or W exceeds tile_sample_min_size, so that memory stays
+        bounded."""
         if tiled or (tiled is None and max(x.shape[-2:]) > self.tile_sample_min_size):
-            return DiagonalGaussian(self.tiled(x, self._encode, self.tile_sample_min_size, self.tile_latent_min_size))
+            return DiagonalGaussian(
+                self.tiled(x, self._encode, self.tile_sample_min_size, self.tile_latent_min_size)
+            )
         return DiagonalGaussian(self._encode(x))
 
     def decode(self, z, tiled=None):
@@ -268,18 +331,22 @@ class AutoencoderKL(nn.Module):
         return self.decode(self.encode(x, tiled).mean, tiled)
 
     def tiled(self, x, fn, tile, tile_out):
-        """diffusers' tiled_encode / tiled_decode: fn on overlapping tile x tile windows (stride tile*(1-overlap)),
-        each output tile crossfaded into its upper and left neighbours over `n` pixels, then its top-left
-        `keep` square kept. Same order of in-place blends as diffusers, so the same numbers; but a row at a
-        time, so only two rows of output tiles are alive. Each tile has its own GroupNorm statistics and
-        attends only within itself, so the result differs slightly from untiled, most at the seams."""
-        stride, n = int(tile * (1 - self.tile_overlap_factor)), int(tile_out * self.tile_overlap_factor)
+        """diffusers' tiled_encode / tiled_decode: fn on overlapping tile x tile windows (stride
+        tile*(1-overlap)), each output tile crossfaded into its upper and left neighbours over `n`
+        pixels, then its top-left `keep` square kept. Same order of in-place blends as diffusers, so
+        the same numbers; but a row at a time, so only two rows of output tiles are alive. Each tile
+        has its own GroupNorm statistics and attends only within itself, so the result differs
+        slightly from untiled, most at the seams."""
+        stride, n = (
+            int(tile * (1 - self.tile_overlap_factor)),
+            int(tile_out * self.tile_overlap_factor),
+        )
         keep = tile_out - n
         prev, rows = None, []
         for i in range(0, x.shape[2], stride):
             row = []
             for j in range(0, x.shape[3], stride):
-                t = fn(x[:, :, i:i + tile, j:j + tile])
+                t = fn(x[:, :, i : i + tile, j : j + tile])
                 if prev is not None:
                     blend(prev[len(row)], t, n, dim=2)
                 if row:
@@ -290,7 +357,8 @@ class AutoencoderKL(nn.Module):
         return torch.cat(rows, dim=2)
 
     def to_latent(self, mean, std=None, generator=None):
-        """Posterior mean (or a sample, given std) -> the normalised latent the diffusion model is trained on."""
+        """Posterior mean (or a sample, given std) -> the normalised latent the diffusion model is
+        trained on."""
         z = mean if std is None else mean + std * randn_like(mean, generator)
         return (z - self.config.shift_factor) * self.config.scaling_factor
 
@@ -299,34 +367,54 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, subfolder=None, config=None):
-        """A diffusers folder or hub id (config.json + diffusion_pytorch_model.safetensors or .bin), or one
-        .safetensors/.ckpt/.pt/.bin file in any layout load_state_dict_any knows; the architecture of a single
-        file is read off its weight shapes, the rest (scaling_factor, ...) is SD's unless `config` overrides."""
+        """A diffusers folder or hub id (config.json + diffusion_pytorch_model.safetensors or .bin),
+        or one .safetensors/.ckpt/.pt/.bin file in any layout load_state_dict_any knows; the
+        architecture of a single file is read off its weight shapes, the rest (scaling_factor, ...)
+        is SD's unless `config` overrides."""
         path = str(path)
         if os.path.isfile(path):
             sd = load_state_dict_any(read_weights(path))
             try:
                 c = VAEConfig.from_dict({**infer_config(sd), **(config or {})}, path)
             except (KeyError, ValueError) as e:
-                raise SystemExit(f"error: {path} has no AutoencoderKL weights ({type(e).__name__} {e}); is it a VAE checkpoint?")
+                raise SystemExit(
+                    f"error: {path} has no AutoencoderKL weights ({type(e).__name__} {e}); is it a VAE checkpoint?"
+                )
             return cls(c).load_weights(sd, path)
-        if not os.path.isdir(path) and (path.startswith(('/', '.', '~')) or path.endswith(('.safetensors', '.ckpt', '.pt', '.bin'))):
-            raise SystemExit(f"error: no such file or folder: {path}")  # a local path, not a hub id
+        if not os.path.isdir(path) and (
+            path.startswith(('/', '.', '~'))
+            or path.endswith(('.safetensors', '.ckpt', '.pt', '.bin'))
+        ):
+            # a local path, not a hub id
+            raise SystemExit(f"error: no such file or folder: {path}")
         folder = os.path.join(path, subfolder or '')
-        fetch = (lambda name: local_file(folder, name)) if os.path.isdir(path) else \
-            (lambda name: hub_file(path, subfolder, name))
+        fetch = (
+            (lambda name: local_file(folder, name))
+            if os.path.isdir(path)
+            else (lambda name: hub_file(path, subfolder, name))
+        )
         cfg_path = fetch('config.json')
         if cfg_path is None:
-            hint = " (a pipeline folder? pass subfolder='vae')" if os.path.exists(os.path.join(folder, 'model_index.json')) else ''
-            raise SystemExit(f"error: no config.json in {folder}{hint}; need a diffusers AutoencoderKL folder or hub id")
+            hint = (
+                " (a pipeline folder? pass subfolder='vae')"
+                if os.path.exists(os.path.join(folder, 'model_index.json'))
+                else ''
+            )
+            raise SystemExit(
+                f"error: no config.json in {folder}{hint}; need a diffusers AutoencoderKL folder or hub id"
+            )
         try:
             with open(cfg_path) as f:
                 cfg = json.load(f)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot read {cfg_path}: {e}")
-        weights = fetch('diffusion_pytorch_model.safetensors') or fetch('diffusion_pytorch_model.bin')
+        weights = fetch('diffusion_pytorch_model.safetensors') or fetch(
+            'diffusion_pytorch_model.bin'
+        )
         if weights is None:
-            raise SystemExit(f"error: no diffusion_pytorch_model.safetensors or .bin next to {cfg_path}")
+            raise SystemExit(
+                f"error: no diffusion_pytorch_model.safetensors or .bin next to {cfg_path}"
+            )
         c = VAEConfig.from_dict({**cfg, **(config or {})}, cfg_path)
         return cls(c).load_weights(load_state_dict_any(read_weights(weights)), weights)
 
@@ -336,11 +424,14 @@ class AutoencoderKL(nn.Module):
         missing, extra = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
         shape = [k for k in own.keys() & sd.keys() if own[k].shape != sd[k].shape]
         if missing or extra or shape:
-            raise SystemExit(f"error: weights in {where} do not fit the config: {len(missing)} missing {missing[:3]}, "
-                             f"{len(extra)} unexpected {extra[:3]}, {len(shape)} of other shape {shape[:3]}; "
-                             f"check block_out_channels/layers_per_block/latent_channels/use_quant_conv in config.json")
+            raise SystemExit(
+                f"error: weights in {where} do not fit the config: {len(missing)} missing {missing[:3]}, "
+                f"{len(extra)} unexpected {extra[:3]}, {len(shape)} of other shape {shape[:3]}; "
+                f"check block_out_channels/layers_per_block/latent_channels/use_quant_conv in config.json"
+            )
         self.load_state_dict(sd, strict=True)
         return self.eval()
+
 
 # -----------------------------------------------------------------------------
 # files and checkpoint layouts
@@ -352,32 +443,45 @@ def local_file(folder, name):
 
 
 def hub_file(repo, subfolder, name):
-    """Download (or find in the HF cache) one file of a hub repo; None if the repo has no such file."""
-    from huggingface_hub import hf_hub_download  # only needed for hub ids
+    """Download (or find in the HF cache) one file of a hub repo; None if the repo has no such
+    file."""
+    # only needed for hub ids
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
     try:
         return hf_hub_download(repo, name, subfolder=subfolder or None)
-    except Exception as e:  # offline, bad id, gated repo...: one line, not a traceback
+    # offline, bad id, gated repo...: one line, not a traceback
+    except Exception as e:
         if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):
-            return None  # the repo is there, the file is not (e.g. no .safetensors: try .bin)
+            # the repo is there, the file is not (e.g. no .safetensors: try .bin)
+            return None
         msg = (str(e).strip().splitlines() or [''])[0][:200]
-        raise SystemExit(f"error: '{repo}' is not a local folder or file, and the Hugging Face hub gave "
-                         f"{type(e).__name__} for {name}: {msg}")
+        raise SystemExit(
+            f"error: '{repo}' is not a local folder or file, and the Hugging Face hub gave "
+            f"{type(e).__name__} for {name}: {msg}"
+        )
 
 
 def read_weights(path):
     try:
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file
+
             return load_file(path)
-        sd = torch.load(path, map_location='cpu', weights_only=True)  # tensors only, no arbitrary pickled code
+        # tensors only, no arbitrary pickled code
+        sd = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: cannot read weights {path} ({type(e).__name__}); a .ckpt/.pt/.bin must hold only "
-                         f"tensors (torch.load weights_only=True), else convert it to .safetensors")
-    return sd.get('state_dict', sd) if isinstance(sd, dict) else {}  # LDM .ckpt files nest it
+        raise SystemExit(
+            f"error: cannot read weights {path} ({type(e).__name__}); a .ckpt/.pt/.bin must hold only "
+            f"tensors (torch.load weights_only=True), else convert it to .safetensors"
+        )
+    # LDM .ckpt files nest it
+    return sd.get('state_dict', sd) if isinstance(sd, dict) else {}
 
 
-_LDM_RENAMES = [  # (pattern, replacement) for LDM/CompVis keys, applied in order
+# (pattern, replacement) for LDM/CompVis keys, applied in order
+_LDM_RENAMES = [
     (r'^(encoder|decoder)\.norm_out\.', r'\1.conv_norm_out.'),
     (r'^encoder\.down\.(\d+)\.block\.', r'encoder.down_blocks.\1.resnets.'),
     (r'^encoder\.down\.(\d+)\.downsample\.', r'encoder.down_blocks.\1.downsamplers.0.'),
@@ -392,9 +496,14 @@ _LDM_RENAMES = [  # (pattern, replacement) for LDM/CompVis keys, applied in orde
 
 def convert_ldm(sd):
     """LDM/CompVis VAE keys -> diffusers keys. LDM numbers decoder levels by resolution (up.0 is the
-    full-resolution one, run last), diffusers by execution order (up_blocks.0 runs first), hence the flip."""
-    n_up = 1 + max((int(m[1]) for k in sd if (m := re.match(r'decoder\.up\.(\d+)\.', k))), default=-1)
-    flip = lambda m: f'decoder.up_blocks.{n_up - 1 - int(m[1])}.{"resnets" if m[2] == "block" else "upsamplers.0"}.'
+    full-resolution one, run last), diffusers by execution order (up_blocks.0 runs first), hence the
+    flip."""
+    n_up = 1 + max(
+        (int(m[1]) for k in sd if (m := re.match(r'decoder\.up\.(\d+)\.', k))), default=-1
+    )
+    flip = lambda m: (
+        f'decoder.up_blocks.{n_up - 1 - int(m[1])}.{"resnets" if m[2] == "block" else "upsamplers.0"}.'
+    )
     out = {}
     for k, v in sd.items():
         k = re.sub(r'^decoder\.up\.(\d+)\.(block|upsample)\.', flip, k)
@@ -405,42 +514,62 @@ def convert_ldm(sd):
 
 
 def convert_old_attention(sd):
-    """diffusers < 0.14 attention names -> today's; and 1x1-conv attention weights (LDM) -> linear."""
+    """diffusers < 0.14 attention names -> today's; and 1x1-conv attention weights (LDM) ->
+    linear."""
     old = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
     out = {}
     for k, v in sd.items():
-        k = re.sub(r'(\.attentions\.\d+\.)(query|key|value|proj_attn)\.', lambda m: m[1] + old[m[2]] + '.', k)
+        k = re.sub(
+            r'(\.attentions\.\d+\.)(query|key|value|proj_attn)\.',
+            lambda m: m[1] + old[m[2]] + '.',
+            k,
+        )
         if re.search(r'\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$', k) and v.dim() > 2:
-            v = v.flatten(1)  # [C, C, 1, 1] or [C, C, 1] -> [C, C]
+            # [C, C, 1, 1] or [C, C, 1] -> [C, C]
+            v = v.flatten(1)
         out[k] = v
     return out
 
 
 def load_state_dict_any(sd):
-    """An AutoencoderKL state dict in any of: diffusers, diffusers with old attention names, or LDM/CompVis
-    (optionally inside a full SD checkpoint under first_stage_model. / vae.) -> a new dict with diffusers keys."""
+    """An AutoencoderKL state dict in any of: diffusers, diffusers with old attention names, or
+    LDM/CompVis (optionally inside a full SD checkpoint under first_stage_model. / vae.) -> a new
+    dict with diffusers keys."""
     for prefix in ('first_stage_model.', 'vae.'):
-        if any(k.startswith(prefix) for k in sd):  # a whole-pipeline checkpoint: keep the VAE's part
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        # a whole-pipeline checkpoint: keep the VAE's part
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
             break
-    # drop what is not the autoencoder (LDM training checkpoints carry loss.discriminator.*, loss.logvar, ...)
-    sd = {k: v for k, v in sd.items() if k.startswith(('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.'))}
+    # drop what is not the autoencoder (LDM training checkpoints carry loss.discriminator.*,
+    # loss.logvar, ...)
+    sd = {
+        k: v
+        for k, v in sd.items()
+        if k.startswith(('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.'))
+    }
     if any(k.startswith(('encoder.down.', 'encoder.mid.')) for k in sd):
         sd = convert_ldm(sd)
     return convert_old_attention(sd)
 
 
 def infer_config(sd):
-    """Architecture keys of a diffusers-keyed state dict, read off its weight shapes (norm_num_groups can't be:
-    32 assumed). KeyError if it is not an AutoencoderKL."""
+    """Architecture keys of a diffusers-keyed state dict, read off its weight shapes
+    (norm_num_groups can't be: 32 assumed). KeyError if it is not an AutoencoderKL."""
     n = 1 + max(int(k.split('.')[2]) for k in sd if k.startswith('encoder.down_blocks.'))
     return dict(
-        in_channels=sd['encoder.conv_in.weight'].shape[1], out_channels=sd['decoder.conv_out.weight'].shape[0],
-        block_out_channels=[sd[f'encoder.down_blocks.{i}.resnets.0.conv1.weight'].shape[0] for i in range(n)],
-        layers_per_block=1 + max(int(k.split('.')[4]) for k in sd if k.startswith('encoder.down_blocks.0.resnets.')),
+        in_channels=sd['encoder.conv_in.weight'].shape[1],
+        out_channels=sd['decoder.conv_out.weight'].shape[0],
+        block_out_channels=[
+            sd[f'encoder.down_blocks.{i}.resnets.0.conv1.weight'].shape[0] for i in range(n)
+        ],
+        layers_per_block=1
+        + max(int(k.split('.')[4]) for k in sd if k.startswith('encoder.down_blocks.0.resnets.')),
         latent_channels=sd['decoder.conv_in.weight'].shape[1],
-        use_quant_conv='quant_conv.weight' in sd, use_post_quant_conv='post_quant_conv.weight' in sd,
-        mid_block_add_attention='encoder.mid_block.attentions.0.to_q.weight' in sd)
+        use_quant_conv='quant_conv.weight' in sd,
+        use_post_quant_conv='post_quant_conv.weight' in sd,
+        mid_block_add_attention='encoder.mid_block.attentions.0.to_q.weight' in sd,
+    )
+
 
 # -----------------------------------------------------------------------------
 
@@ -448,23 +577,29 @@ def infer_config(sd):
 def psnr(a, b):
     """PSNR in dB of two uint8 images."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float('inf') if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+    return float('inf') if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def main():
     from PIL import Image
+
     if not image:
         raise SystemExit("error: pass --image=path/to/image.png")
     try:
         img = Image.open(image).convert('RGB')
     except OSError as e:
         raise SystemExit(f"error: cannot read image {image}: {e}")
-    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
+    dev = torch.device(
+        ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    )
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(
+        dtype
+    )
     if ptdtype is None:
         raise SystemExit(f"error: dtype must be float32, bfloat16 or float16; got {dtype!r}")
     model = AutoencoderKL.from_pretrained(vae, subfolder=subfolder or None).to(dev, ptdtype)
-    f = 2 ** (len(model.config.block_out_channels) - 1)  # H, W must be multiples of the downsampling factor
+    # H, W must be multiples of the downsampling factor
+    f = 2 ** (len(model.config.block_out_channels) - 1)
     w, h = img.width // f * f, img.height // f * f
     if (w, h) != img.size:
         print(f"cropping {img.width}x{img.height} to {w}x{h} (multiples of {f})")
@@ -486,5 +621,6 @@ def main():
 
 if __name__ == '__main__':
     from configurator import configure
+
     configure(globals())
     main()

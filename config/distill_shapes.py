@@ -1,19 +1,29 @@
-# Distil the demo model (config/shapes.py, out-shapes/ckpt.pt) into students of 2 and 1 steps that take the CFG
-# scale as an input: one network call per step. Rounds of 1,400 and 600 steps; each student is kept (out-distill/student2.pt).
-#   python train.py config/distill_shapes.py && python sample.py --out_dir=out-distill --ckpt_name=student1.pt --grade=True
-# A 4-step student too (README): --distill_steps="(4, 2, 1)" --distill_teacher_steps=16 --max_iters=1200 --batch_size=32 --lr=5e-4
+# Distil the demo model (config/shapes.py, out-shapes/ckpt.pt) into students of 2 and 1 steps that
+# take the CFG
+# scale as an input: one network call per step. Rounds of 1,400 and 600 steps; each student is kept
+# (out-distill/student2.pt).
+# python train.py config/distill_shapes.py && python sample.py --out_dir=out-distill
+# --ckpt_name=student1.pt --grade=True
+# A 4-step student too (README): --distill_steps="(4, 2, 1)" --distill_teacher_steps=16
+# --max_iters=1200 --batch_size=32 --lr=5e-4
 out_dir = 'out-distill'
 data_dir = 'data/shapes'
-init_from = 'out-shapes/ckpt.pt'   # the teacher: its EMA weights, with CFG
+# the teacher: its EMA weights, with CFG
+init_from = 'out-shapes/ckpt.pt'
 distill_steps = (2, 1)
-distill_teacher_steps = 8          # the first round's target: 4 teacher DDIM steps per student step, not 2: closer
+# the first round's target: 4 teacher DDIM steps per student step, not 2: closer
+distill_teacher_steps = 8
 distill_cfg = (1.0, 6.0)
-objective = 'flow'                 # the teacher's (train.py checks that it is)
-batch_size = 16                    # half of 32, twice the steps in the same time: 1 step +1.1 points (README)
+# the teacher's (train.py checks that it is)
+objective = 'flow'
+# half of 32, twice the steps in the same time: 1 step +1.1 points (README)
+batch_size = 16
 max_iters = 2000
-distill_iters = (1400, 600)        # the first round is the one that needs the steps (README: 1,000 each lose 0.9 points)
-dtype = 'bfloat16'                 # CPU autocast: 1.5x the steps/s on CPUs with AVX-512 BF16 or AMX, the same students
-                                   # (README); on a CPU without them it is slower: --dtype=float32
+# the first round is the one that needs the steps (README: 1,000 each lose 0.9 points)
+distill_iters = (1400, 600)
+# CPU autocast: 1.5x the steps/s on CPUs with AVX-512 BF16 or AMX, the same students
+# (README); on a CPU without them it is slower: --dtype=float32
+dtype = 'bfloat16'
 lr = 1e-3
 min_lr = 5e-5
 beta2 = 0.99
@@ -21,8 +31,11 @@ warmup_iters = 20
 ema_decay = 0.99
 ema_start = 50
 log_interval = 100
-eval_interval = 0                  # evaluate, checkpoint and draw a grid at each round's end
+# evaluate, checkpoint and draw a grid at each round's end
+eval_interval = 0
 eval_batches = 4
 eval_grade_per_class = 8
-cfg_scale = 4.0                    # the eval grid's and grade's scale
-class_dropout = 0.0                # a guided student never needs the unconditional output
+# the eval grid's and grade's scale
+cfg_scale = 4.0
+# a guided student never needs the unconditional output
+class_dropout = 0.0

@@ -1,12 +1,16 @@
-# The GPU recipe: 256 px faces (AFHQ / CelebA-HQ / FFHQ style folders) as 32x32x4 sd-vae-ft-mse latents, DiT-B/2.
-#   python prepare.py --dataset=path/to/faces --resolution=256 --vae=stabilityai/sd-vae-ft-mse --out_dir=data/faces
+# The GPU recipe: 256 px faces (AFHQ / CelebA-HQ / FFHQ style folders) as 32x32x4 sd-vae-ft-mse
+# latents, DiT-B/2.
+# python prepare.py --dataset=path/to/faces --resolution=256 --vae=stabilityai/sd-vae-ft-mse
+# --out_dir=data/faces
 #   python train.py config/faces.py                                   # one GPU
-#   torchrun --standalone --nproc_per_node=8 train.py config/faces.py # eight (same global batch: batch_size=32)
+# torchrun --standalone --nproc_per_node=8 train.py config/faces.py # eight (same global batch:
+# batch_size=32)
 #   python sample.py --out_dir=out-faces
 out_dir = 'out-faces'
 data_dir = 'data/faces'
 arch = 'dit'
-patch_size = 2               # DiT-B/2: 12 layers, 12 heads, 768 wide; 16x16 = 256 tokens per 32x32 latent
+# DiT-B/2: 12 layers, 12 heads, 768 wide; 16x16 = 256 tokens per 32x32 latent
+patch_size = 2
 n_layer = 12
 n_head = 12
 n_embd = 768
@@ -16,10 +20,12 @@ max_iters = 100000
 lr = 1e-4
 min_lr = 1e-5
 warmup_iters = 1000
-weight_decay = 0.0           # as DiT
+# as DiT
+weight_decay = 0.0
 ema_decay = 0.9999
 ema_start = 1000
 log_interval = 100
 eval_interval = 5000
-dtype = 'auto'               # bf16 on A100/H100
+# bf16 on A100/H100
+dtype = 'auto'
 compile = True

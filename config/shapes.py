@@ -1,5 +1,7 @@
-# The built-in demo: a class-conditional model of 32 px coloured shapes, trained on a 2-core CPU in ~6 minutes.
-#   python prepare.py && python train.py config/shapes.py && python sample.py --out_dir=out-shapes --grade=True
+# The built-in demo: a class-conditional model of 32 px coloured shapes, trained on a 2-core CPU in
+# ~6 minutes.
+# python prepare.py && python train.py config/shapes.py && python sample.py --out_dir=out-shapes
+# --grade=True
 out_dir = 'out-shapes'
 data_dir = 'data/shapes'
 # a small conv UNet (32-64-64 channels, attention at 8x8): convolutions learn shapes from far fewer
@@ -14,11 +16,14 @@ batch_size = 32
 max_iters = 1200
 lr = 1e-3
 min_lr = 1e-4
-beta2 = 0.99                 # a short run: let Adam's second moment adapt faster than the usual 0.999
+# a short run: let Adam's second moment adapt faster than the usual 0.999
+beta2 = 0.99
 warmup_iters = 100
 ema_decay = 0.995
 ema_start = 200
 log_interval = 100
-eval_interval = 0            # evaluate, checkpoint and draw a sample grid at the end only: it is a short run
+# evaluate, checkpoint and draw a sample grid at the end only: it is a short run
+eval_interval = 0
 eval_batches = 4
-eval_grade_per_class = 8     # read the eval grid's 8 samples per class back: accuracy + factor FD in the log, ~1.5 s
+# read the eval grid's 8 samples per class back: accuracy + factor FD in the log, ~1.5 s
+eval_grade_per_class = 8

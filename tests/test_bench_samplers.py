@@ -1,5 +1,7 @@
-"""bench_samplers.py, the exact-answer sampler benchmark: its closed-form mixture denoiser, its reference ODE
-solve and its diffusers driver are each checked against something independent of them."""
+"""bench_samplers.py, the exact-answer sampler benchmark: its closed-form mixture denoiser, its
+reference ODE solve and its diffusers driver are each checked against something independent of
+them."""
+
 import math
 
 import pytest
@@ -22,35 +24,45 @@ def gaussian():
 
 
 def gaussian_end_point(x, alpha, sigma, mu, s):
-    """The probability-flow ODE maps x at (alpha, sigma) to mu + s (x - alpha mu) / sqrt(alpha^2 s^2 + sigma^2)."""
-    return mu + s * (x - alpha * mu) / math.sqrt(alpha ** 2 * s ** 2 + sigma ** 2)
+    """The probability-flow ODE maps x at (alpha, sigma) to mu + s (x - alpha mu) / sqrt(alpha^2 s^2
+    + sigma^2)."""
+    return mu + s * (x - alpha * mu) / math.sqrt(alpha**2 * s**2 + sigma**2)
 
 
 @pytest.mark.parametrize('alpha, sigma', [(0.9, 0.3), (0.1, 1.0), (1.0, 0.01)])
 def test_one_component_is_the_gaussian_posterior_mean(alpha, sigma):
     mix, x = gaussian(), noise()
     mu, s = mix.mu[0], mix.std[0]
-    exact = mu + alpha * s ** 2 / (alpha ** 2 * s ** 2 + sigma ** 2) * (x - alpha * mu)
+    exact = mu + alpha * s**2 / (alpha**2 * s**2 + sigma**2) * (x - alpha * mu)
     torch.testing.assert_close(bs.mixture_x0(x, alpha, sigma, mix), exact, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize('alpha, sigma', [(0.99, 0.02), (0.8, 0.2), (0.5, 0.8), (0.01, 1.0)])
 @pytest.mark.parametrize('conditional', [False, True])
 def test_posterior_mean_is_tweedie(alpha, sigma, conditional):
-    """Tweedie's formula, E[x0 | x_t] = (x_t + sigma^2 grad log p(x_t)) / alpha, with the gradient of the
-    closed-form marginal density (a mixture of N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I)) taken by autograd."""
+    """Tweedie's formula, E[x0 | x_t] = (x_t + sigma^2 grad log p(x_t)) / alpha, with the gradient
+    of the closed-form marginal density (a mixture of N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I))
+    taken by autograd."""
     mix = bs.make_mixture(dims=16, components=6, classes=3, std_min=0.02, std_max=0.5)
     labels = torch.arange(64) % 3 if conditional else None
     x0 = mix.mu[torch.arange(64) % 6] + mix.std[torch.arange(64) % 6, None] * noise(64, 16, 1)
     x = (alpha * x0 + sigma * noise(64, 16, 2)).requires_grad_()
-    var = alpha ** 2 * mix.std ** 2 + sigma ** 2
-    logp = mix.logw - 0.5 * x.shape[1] * var.log() - 0.5 * (x[:, None] - alpha * mix.mu).pow(2).sum(-1) / var
+    var = alpha**2 * mix.std**2 + sigma**2
+    logp = (
+        mix.logw
+        - 0.5 * x.shape[1] * var.log()
+        - 0.5 * (x[:, None] - alpha * mix.mu).pow(2).sum(-1) / var
+    )
     if conditional:
         logp = logp.masked_fill(mix.labels != labels[:, None], -math.inf)
-    grad, = torch.autograd.grad(logp.logsumexp(1).sum(), x)
-    tweedie = (x + sigma ** 2 * grad) / alpha
-    torch.testing.assert_close(bs.mixture_x0(x.detach(), alpha, sigma, mix, labels), tweedie.detach(),
-                               rtol=0, atol=1e-9 / alpha)
+    (grad,) = torch.autograd.grad(logp.logsumexp(1).sum(), x)
+    tweedie = (x + sigma**2 * grad) / alpha
+    torch.testing.assert_close(
+        bs.mixture_x0(x.detach(), alpha, sigma, mix, labels),
+        tweedie.detach(),
+        rtol=0,
+        atol=1e-9 / alpha,
+    )
 
 
 @pytest.mark.parametrize('objective', ['vp-linear', 'flow'])
@@ -59,13 +71,19 @@ def test_cfg_on_x0_is_cfg_on_the_network_output(objective):
     mix, x = bs.make_mixture(dims=8), noise()
     labels = torch.arange(64) % 4
     t = 0.4 if objective == 'flow' else 400.0
-    cond, uncond = bs.exact_net(diffusion, mix, labels)(x, t), bs.exact_net(diffusion, mix, None)(x, t)
-    torch.testing.assert_close(bs.exact_net(diffusion, mix, labels, 3.0)(x, t), uncond + 3 * (cond - uncond))
+    cond, uncond = (
+        bs.exact_net(diffusion, mix, labels)(x, t),
+        bs.exact_net(diffusion, mix, None)(x, t),
+    )
+    torch.testing.assert_close(
+        bs.exact_net(diffusion, mix, labels, 3.0)(x, t), uncond + 3 * (cond - uncond)
+    )
 
 
 @pytest.mark.parametrize('objective', ['vp-cosine', 'flow'])
 def test_reference_is_the_gaussian_end_point(objective):
-    """From pure noise (flow: alpha = 0, the start no finite log-SNR reaches) as from vp's last training step."""
+    """From pure noise (flow: alpha = 0, the start no finite log-SNR reaches) as from vp's last
+    training step."""
     mix, x = gaussian(), noise()
     alpha, sigma = bs.start(Diffusion(*bs.OBJECTIVES[objective]))
     exact = gaussian_end_point(x, alpha, sigma, mix.mu[0], mix.std[0])
@@ -73,40 +91,54 @@ def test_reference_is_the_gaussian_end_point(objective):
 
 
 def test_reference_converges_and_agrees_with_our_sampler():
-    """On the mixture, with CFG: 300 vs 600 RK4 steps move it by far less than any sampler error, and our 3rd-order
-    DPM-Solver++ with 400 steps (independent code) lands on it up to its final step from t = 0.002 to 0."""
+    """On the mixture, with CFG: 300 vs 600 RK4 steps move it by far less than any sampler error,
+    and our 3rd-order DPM-Solver++ with 400 steps (independent code) lands on it up to its final
+    step from t = 0.002 to 0."""
     mix, x, labels = bs.make_mixture(dims=8), noise(), torch.arange(64) % 4
     diffusion = Diffusion('flow')
     ref = bs.reference(x, 0.0, 1.0, mix, labels, 3.0, steps=600)
     assert bs.rms(ref, bs.reference(x, 0.0, 1.0, mix, labels, 3.0, steps=300)) < 1e-5
-    ours, _ = sample_loop(bs.exact_net(diffusion, mix, labels, 3.0), x, diffusion, 400, 'dpm++', 3, 'logsnr')
+    ours, _ = sample_loop(
+        bs.exact_net(diffusion, mix, labels, 3.0), x, diffusion, 400, 'dpm++', 3, 'logsnr'
+    )
     assert bs.rms(ours, ref) < 2e-4
 
 
-# (objective, configuration, tolerance), about 3x the error measured at 200 NFE: first-order schedulers converge
-# slowly; the flow schedulers that pass integer timesteps call the model up to 1/1000 off their own sigma
-DRIVER_CASES = [('vp-linear', 'DPM++ 2M (default)', 3e-4), ('vp-linear', 'UniPC bh2', 2e-3),
-                ('vp-linear', 'Euler', 2e-2), ('vp-linear', 'Heun karras', 2e-3), ('vp-linear', 'DDIM trailing', 2e-2),
-                ('vp-cosine', 'UniPC 3', 1e-3), ('flow', 'UniPC bh2 flow sigmas', 2e-3),
-                ('flow', 'FlowMatchEuler', 1e-2), ('flow', 'FlowMatchHeun', 1e-4)]
+# (objective, configuration, tolerance), about 3x the error measured at 200 NFE: first-order
+# schedulers converge
+# slowly; the flow schedulers that pass integer timesteps call the model up to 1/1000 off their own
+# sigma
+DRIVER_CASES = [
+    ('vp-linear', 'DPM++ 2M (default)', 3e-4),
+    ('vp-linear', 'UniPC bh2', 2e-3),
+    ('vp-linear', 'Euler', 2e-2),
+    ('vp-linear', 'Heun karras', 2e-3),
+    ('vp-linear', 'DDIM trailing', 2e-2),
+    ('vp-cosine', 'UniPC 3', 1e-3),
+    ('flow', 'UniPC bh2 flow sigmas', 2e-3),
+    ('flow', 'FlowMatchEuler', 1e-2),
+    ('flow', 'FlowMatchHeun', 1e-4),
+]
 
 
 @pytest.mark.parametrize('objective, row, tol', DRIVER_CASES)
 def test_diffusers_driver_reaches_the_gaussian_end_point(objective, row, tol):
-    """Driven as a pipeline drives it (init_noise_sigma, scale_model_input, its timesteps), each scheduler lands
-    on the closed-form end point of the ODE from its own first time at 200 NFE."""
+    """Driven as a pipeline drives it (init_noise_sigma, scale_model_input, its timesteps), each
+    scheduler lands on the closed-form end point of the ODE from its own first time at 200 NFE."""
     require('diffusers')
     diffusion = Diffusion(*bs.OBJECTIVES[objective])
     mix, x = gaussian(), noise()
     cls_name, kwargs = next((c, kw) for r, c, kw in bs.diffusers_configs(objective) if r == row)
-    out, t0 = bs.run_diffusers(bs.exact_net(diffusion, mix, None), x, diffusion, 200, cls_name, kwargs)
+    out, t0 = bs.run_diffusers(
+        bs.exact_net(diffusion, mix, None), x, diffusion, 200, cls_name, kwargs
+    )
     alpha, sigma = (v.item() for v in diffusion.alpha_sigma(torch.tensor(t0, dtype=torch.float64)))
     assert bs.rms(out, gaussian_end_point(x, alpha, sigma, mix.mu[0], mix.std[0])) < tol
 
 
 def test_diffusers_driver_is_our_sampler_on_the_same_grid():
-    """diffusers' DPMSolverMultistep default is 2M on the time-uniform 'linspace' grid, as is ours with that
-    spacing: on the (nonlinear) mixture the two agree up to diffusers' float32 steps."""
+    """diffusers' DPMSolverMultistep default is 2M on the time-uniform 'linspace' grid, as is ours
+    with that spacing: on the (nonlinear) mixture the two agree up to diffusers' float32 steps."""
     require('diffusers')
     diffusion = Diffusion(*bs.OBJECTIVES['vp-linear'])
     mix, x, labels = bs.make_mixture(dims=8), noise(), torch.arange(64) % 4
@@ -118,8 +150,8 @@ def test_diffusers_driver_is_our_sampler_on_the_same_grid():
 
 
 def test_bench_tables(monkeypatch, capsys):
-    """The whole pipeline on a small problem: every configuration gives a row, the default's error falls with
-    NFE, and the tables print."""
+    """The whole pipeline on a small problem: every configuration gives a row, the default's error
+    falls with NFE, and the tables print."""
     monkeypatch.setattr(bs, 'nfes', (5, 10))
     monkeypatch.setattr(bs, 'ref_steps', 300)
     monkeypatch.setattr(bs, 'tune_samples', 128)
@@ -132,7 +164,11 @@ def test_bench_tables(monkeypatch, capsys):
     rows = results[('flow', 1.0)]
     names = [r[0] for r in rows]
     default = bs.default_config('flow')
-    assert names[0] == bs.our_name(*default, default) and names[1] == 'unipc3 tuned solver' and len(names) == len(set(names))
+    assert (
+        names[0] == bs.our_name(*default, default)
+        and names[1] == 'unipc3 tuned solver'
+        and len(names) == len(set(names))
+    )
     assert all(math.isfinite(e) for r in rows for e in r[2]) and all(0.5 < r[3] < 2 for r in rows)
     assert rows[0][2][1] < rows[0][2][0]
     bs.print_table('flow', {1.0: results[('flow', 1.0)], 3.0: results[('flow', 3.0)]})

@@ -11,9 +11,12 @@ def run(argv, **kw):
 
 
 def test_overrides_are_parsed_as_literals():
-    cfg, g = run(['--batch_size=32', '--lr=3e-4', '--out_dir=out-x', '--compile=False', '--unet_mult=(1, 2)'])
+    cfg, g = run(
+        ['--batch_size=32', '--lr=3e-4', '--out_dir=out-x', '--compile=False', '--unet_mult=(1, 2)']
+    )
     assert cfg == dict(batch_size=32, lr=3e-4, out_dir='out-x', compile=False, unet_mult=(1, 2))
-    assert g['batch_size'] == 32  # the globals themselves are updated, nanoGPT style
+    # the globals themselves are updated, nanoGPT style
+    assert g['batch_size'] == 32
 
 
 def test_int_for_float_and_strings_as_written():
@@ -29,13 +32,16 @@ def test_config_file_then_overrides(tmp_path):
     assert cfg['batch_size'] == 16 and cfg['lr'] == 5e-4
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--batchsize=32'], "unknown config key 'batchsize'"),
-    (['--batch_size=3.5'], "'batch_size' (--batch_size) must be int, got float"),
-    (['--compile=yes'], "'compile' (--compile) must be bool, got str"),
-    (['--lr'], "must look like --key=value"),
-    (['no_such_file.py'], "cannot read config file 'no_such_file.py'"),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--batchsize=32'], "unknown config key 'batchsize'"),
+        (['--batch_size=3.5'], "'batch_size' (--batch_size) must be int, got float"),
+        (['--compile=yes'], "'compile' (--compile) must be bool, got str"),
+        (['--lr'], "must look like --key=value"),
+        (['no_such_file.py'], "cannot read config file 'no_such_file.py'"),
+    ],
+)
 def test_rejections_are_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
         run(argv)
@@ -47,12 +53,14 @@ def test_unknown_key_in_file(tmp_path):
     f.write_text("learning_rate = 1e-3\n")
     with pytest.raises(SystemExit, match=f"unknown config key 'learning_rate' \\({f}\\)"):
         run([str(f)])
-    cfg, _ = run([str(f)], ignore_unknown_in_files=True)  # bench.py reads train configs for their model keys
+    # bench.py reads train configs for their model keys
+    cfg, _ = run([str(f)], ignore_unknown_in_files=True)
     assert cfg == DEFAULTS
 
 
 def test_constants_are_not_settings():
     g = dict(DEFAULTS, SAMPLERS=('a', 'b'), IMAGE_EXTS=('.png',))
-    assert configure(g, []) == DEFAULTS  # UPPER_CASE globals are the script's constants
+    # UPPER_CASE globals are the script's constants
+    assert configure(g, []) == DEFAULTS
     with pytest.raises(SystemExit, match="unknown config key 'SAMPLERS'"):
         configure(g, ['--SAMPLERS=("c",)'])

@@ -1,6 +1,8 @@
-"""metrics.py: the Frechet distance against closed forms and scipy, improved precision/recall on sets of known
-geometry and against a brute-force reference, the DINOv2 and CLIP loaders on tiny random transformers models saved
-to a folder and read back by path, and the CLI end to end (figures, the reference cache, bad inputs)."""
+"""metrics.py: the Frechet distance against closed forms and scipy, improved precision/recall on
+sets of known geometry and against a brute-force reference, the DINOv2 and CLIP loaders on tiny
+random transformers models saved to a folder and read back by path, and the CLI end to end (figures,
+the reference cache, bad inputs)."""
+
 import json
 import os
 import subprocess
@@ -15,11 +17,13 @@ import metrics
 from conftest import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}  # nothing here may reach the network
+# nothing here may reach the network
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
 WORDS = 'a red circle blue square green triangle'.split()
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.one_thread
+# see conftest.one_thread
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def random_cov(rng, d):
@@ -27,21 +31,40 @@ def random_cov(rng, d):
     return a @ a.T / d + 0.05 * np.eye(d)
 
 
-# ---- Frechet distance -------------------------------------------------------------------------------------------
+# ---- Frechet distance
+# -------------------------------------------------------------------------------------------
+
 
 def test_fd_closed_form_for_diagonal_gaussians():
     rng = np.random.default_rng(0)
-    mu1, mu2, a, b = rng.normal(size=16), rng.normal(size=16), rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
+    mu1, mu2, a, b = (
+        rng.normal(size=16),
+        rng.normal(size=16),
+        rng.uniform(0.1, 3, 16),
+        rng.uniform(0.1, 3, 16),
+    )
     want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-6)
+    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(
+        want, rel=1e-6
+    )
 
 
 def test_fd_matches_scipy_sqrtm_on_full_covariances():
     linalg = require('scipy.linalg')
     rng = np.random.default_rng(1)
     for d in (1, 5, 64):
-        mu1, mu2, s1, s2 = rng.normal(size=d), rng.normal(size=d), random_cov(rng, d), random_cov(rng, d)
-        want = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+        mu1, mu2, s1, s2 = (
+            rng.normal(size=d),
+            rng.normal(size=d),
+            random_cov(rng, d),
+            random_cov(rng, d),
+        )
+        want = (
+            ((mu1 - mu2) ** 2).sum()
+            + np.trace(s1)
+            + np.trace(s2)
+            - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+        )
         assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-6)
 
 
@@ -52,20 +75,26 @@ def test_fd_of_a_set_against_itself_and_its_twin_is_near_zero():
     stats = metrics.gaussian_stats(x)
     scale = np.trace(stats[1])
     assert abs(metrics.frechet_distance(*stats, *stats)) < 1e-9 * scale
-    assert 0 <= metrics.frechet_distance(*stats, *metrics.gaussian_stats(y)) < 0.01 * scale  # two draws: only noise
+    # two draws: only noise
+    assert 0 <= metrics.frechet_distance(*stats, *metrics.gaussian_stats(y)) < 0.01 * scale
     with pytest.raises(ValueError):
         metrics.gaussian_stats(x[:1])
 
 
-# ---- precision / recall -----------------------------------------------------------------------------------------
+# ---- precision / recall
+# -----------------------------------------------------------------------------------------
+
 
 def brute_force_pr(real, fake, k):
     """Kynkaenniemi et al. 2019 straight from the definition, on the whole distance matrix."""
+
     def radii(x):
-        return np.sort(np.linalg.norm(x[:, None] - x[None], axis=-1), axis=1)[:, k]  # column 0: the point itself
+        # column 0: the point itself
+        return np.sort(np.linalg.norm(x[:, None] - x[None], axis=-1), axis=1)[:, k]
 
     def share(points, centres, r):
         return (np.linalg.norm(points[:, None] - centres[None], axis=-1) <= r[None]).any(1).mean()
+
     return share(fake, real, radii(real)), share(real, fake, radii(fake))
 
 
@@ -75,9 +104,13 @@ def test_precision_recall_against_brute_force_and_in_chunks(monkeypatch):
     for k in (1, 3, 5):
         want = brute_force_pr(real, fake, k)
         assert metrics.precision_recall(real, fake, k) == pytest.approx(want, abs=1e-12)
-        assert 0 < want[0] < 1 and 0 < want[1] < 1  # a case where both are informative
-    monkeypatch.setattr(metrics, 'CHUNK', 7 * 150)  # 7 rows a block, ragged at the end: the same answer
-    assert metrics.precision_recall(real, fake, 3) == pytest.approx(brute_force_pr(real, fake, 3), abs=1e-12)
+        # a case where both are informative
+        assert 0 < want[0] < 1 and 0 < want[1] < 1
+    # 7 rows a block, ragged at the end: the same answer
+    monkeypatch.setattr(metrics, 'CHUNK', 7 * 150)
+    assert metrics.precision_recall(real, fake, 3) == pytest.approx(
+        brute_force_pr(real, fake, 3), abs=1e-12
+    )
 
 
 def test_precision_recall_on_known_geometry():
@@ -86,29 +119,44 @@ def test_precision_recall_on_known_geometry():
     assert metrics.precision_recall(real, real.copy(), 3) == (1.0, 1.0)
     twin = metrics.precision_recall(real, rng.normal(size=(1000, 8)), 3)
     shifted = metrics.precision_recall(real, rng.normal(size=(1000, 8)) + 1.5, 3)
-    assert shifted[0] < 0.5 * twin[0] and shifted[1] < 0.5 * twin[1]  # off the manifold: both drop
+    # off the manifold: both drop
+    assert shifted[0] < 0.5 * twin[0] and shifted[1] < 0.5 * twin[1]
     collapsed = metrics.precision_recall(real, real[0] + 0.01 * rng.normal(size=(1000, 8)), 3)
-    assert collapsed[0] > 0.99 and collapsed[1] < 0.01  # all realistic, no diversity: only recall drops
+    # all realistic, no diversity: only recall drops
+    assert collapsed[0] > 0.99 and collapsed[1] < 0.01
     with pytest.raises(ValueError, match='more than 3'):
         metrics.precision_recall(real[:3], real, 3)
 
 
-# ---- the encoders, tiny and random, saved and loaded by path -----------------------------------------------------
+# ---- the encoders, tiny and random, saved and loaded by path
+# -----------------------------------------------------
+
 
 @pytest.fixture(scope='module')
 def dino_path(tmp_path_factory):
     from transformers import Dinov2Config, Dinov2Model
+
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp('tiny-dinov2'))
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                             image_size=28, patch_size=14)).save_pretrained(path)
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=28,
+            patch_size=14,
+        )
+    ).save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope='module')
 def clip_path(tmp_path_factory):
-    """CLIP with a char-level BPE vocab (+ '</w>' word ends) that covers WORDS, and a 32 px vision tower."""
+    """CLIP with a char-level BPE vocab (+ '</w>' word ends) that covers WORDS, and a 32 px vision
+    tower."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp('tiny-clip'))
     vocab = {'<|startoftext|>': 0, '<|endoftext|>': 1}
@@ -120,21 +168,40 @@ def clip_path(tmp_path_factory):
     with open(mf, 'w') as f:
         f.write('#version: 0.2\n')
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    CLIPModel(CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=64, bos_token_id=0,
-                                          eos_token_id=1, pad_token_id=1, **tower),
-                         vision_config=dict(image_size=32, patch_size=16, **tower), projection_dim=16)).save_pretrained(path)
-    image_processor = CLIPImageProcessor(size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer(vf, mf)).save_pretrained(path)
+    CLIPModel(
+        CLIPConfig(
+            text_config=dict(
+                vocab_size=len(vocab),
+                max_position_embeddings=64,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+                **tower,
+            ),
+            vision_config=dict(image_size=32, patch_size=16, **tower),
+            projection_dim=16,
+        )
+    ).save_pretrained(path)
+    image_processor = CLIPImageProcessor(
+        size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer(vf, mf)).save_pretrained(
+        path
+    )
     return path
 
 
 def pictures(n, seed=0, size=(32, 32)):
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        for _ in range(n)
+    ]
 
 
 def test_dinov2_preprocessing_is_dgm_evals():
-    im = Image.new('RGB', (40, 24), (255, 128, 0))  # not square: squashed to 224 x 224, no crop
+    # not square: squashed to 224 x 224, no crop
+    im = Image.new('RGB', (40, 24), (255, 128, 0))
     x = metrics.dinov2_pixels([im])
     assert x.shape == (1, 3, 224, 224) and x.dtype == torch.float32
     want = (np.array([255, 128, 0]) / 255 - metrics.IMAGENET_MEAN) / metrics.IMAGENET_STD
@@ -147,52 +214,79 @@ def test_dinov2_features_are_the_final_normed_cls_token(dino_path):
     images = pictures(3) + pictures(1, seed=1, size=(48, 20))
     f = metrics.dinov2_features(model, images, dev)
     assert f.shape == (4, 32) and f.dtype == np.float32
-    assert np.array_equal(f, metrics.dinov2_features(model, images, dev))  # deterministic (eval mode)
+    # deterministic (eval mode)
+    assert np.array_equal(f, metrics.dinov2_features(model, images, dev))
     one_by_one = np.concatenate([metrics.dinov2_features(model, [im], dev) for im in images])
-    assert np.allclose(f, one_by_one, atol=1e-5)  # no mixing across the batch
+    # no mixing across the batch
+    assert np.allclose(f, one_by_one, atol=1e-5)
     with torch.no_grad():
-        pooled = model(pixel_values=metrics.dinov2_pixels(images)).pooler_output  # Dinov2: layernorm(h)[:, 0]
+        # Dinov2: layernorm(h)[:, 0]
+        pooled = model(pixel_values=metrics.dinov2_pixels(images)).pooler_output
     assert np.allclose(f, pooled.numpy(), atol=1e-6)
 
 
 def test_clip_scores_follow_torchmetrics_convention(clip_path):
     dev = torch.device('cpu')
     model, processor = metrics.load_clip(clip_path, dev)
-    images, prompts = pictures(12, seed=2), [' '.join(WORDS[i % 7:i % 7 + 2]) for i in range(12)]
+    images, prompts = pictures(12, seed=2), [' '.join(WORDS[i % 7 : i % 7 + 2]) for i in range(12)]
     s = metrics.clip_scores(model, processor, images, prompts, dev)
-    assert s.shape == (12,) and np.array_equal(s, metrics.clip_scores(model, processor, images, prompts, dev))
+    assert s.shape == (12,) and np.array_equal(
+        s, metrics.clip_scores(model, processor, images, prompts, dev)
+    )
     with torch.no_grad():
         text = processor.tokenizer(prompts, padding=True, return_tensors='pt')
         pixels = processor.image_processor(images=images, return_tensors='pt')['pixel_values']
-        img, txt = model.get_image_features(pixel_values=pixels).pooler_output, model.get_text_features(**text).pooler_output
+        img, txt = (
+            model.get_image_features(pixel_values=pixels).pooler_output,
+            model.get_text_features(**text).pooler_output,
+        )
     cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1).numpy()
-    assert (cos > 0).any() and (cos < 0).any()  # both sides of the clamp are exercised
+    # both sides of the clamp are exercised
+    assert (cos > 0).any() and (cos < 0).any()
     assert np.allclose(s, 100 * np.maximum(cos, 0), atol=1e-4) and (s <= 100).all()
 
 
 def test_a_missing_encoder_is_one_line(tmp_path):
-    for name, why in ((str(tmp_path / 'nope'), 'no such folder'), (str(tmp_path), 'cannot load image encoder')):
+    for name, why in (
+        (str(tmp_path / 'nope'), 'no such folder'),
+        (str(tmp_path), 'cannot load image encoder'),
+    ):
         with pytest.raises(SystemExit, match=why) as e:
             metrics.load_image_encoder(name, torch.device('cpu'))
         assert str(e.value.code).startswith('error:') and '\n' not in e.value.code
 
 
-# ---- the CLI ------------------------------------------------------------------------------------------------------
+# ---- the CLI
+# ------------------------------------------------------------------------------------------------------
+
 
 def run_metrics(*args):
-    p = subprocess.run([sys.executable, 'metrics.py', *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, 'metrics.py', *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     return p.stdout
 
 
 @pytest.fixture(scope='module')
 def folders(tmp_path_factory):
-    """A tiny prepare.py shapes dataset (24 val images) and a sample folder as sample.py --save_dir writes it:
-    30 PNGs of other shapes images, one file that is not an image, and samples.json with their prompts."""
+    """A tiny prepare.py shapes dataset (24 val images) and a sample folder as sample.py --save_dir
+    writes it: 30 PNGs of other shapes images, one file that is not an image, and samples.json with
+    their prompts."""
     base = tmp_path_factory.mktemp('cli')
     data, out = str(base / 'data'), base / 'samples'
-    subprocess.run([sys.executable, 'prepare.py', '--num_train=48', '--num_val=24', f'--out_dir={data}'],
-                   cwd=ROOT, env=ENV, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, 'prepare.py', '--num_train=48', '--num_val=24', f'--out_dir={data}'],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
     out.mkdir()
     train = np.load(os.path.join(data, 'train_x.npy'))
     files = []
@@ -202,7 +296,9 @@ def folders(tmp_path_factory):
     (out / 'bad.png').write_text('not a png')
     files.append('bad.png')
     prompts = [WORDS[i % len(WORDS)] + ' ' + WORDS[(i + 2) % len(WORDS)] for i in range(len(files))]
-    (out / 'samples.json').write_text(json.dumps(dict(files=files, labels=[0] * len(files), classes=[], prompts=prompts)))
+    (out / 'samples.json').write_text(
+        json.dumps(dict(files=files, labels=[0] * len(files), classes=[], prompts=prompts))
+    )
     return data, str(out)
 
 
@@ -211,14 +307,20 @@ def test_cli_prints_the_figures_and_caches_the_reference(folders, dino_path, cli
     args = [f'--samples={out}', f'--reference={data}', f'--encoder={dino_path}', '--batch_size=16']
     first = run_metrics(*args, f'--clip={clip_path}')
     cache = os.path.join(data, f"metrics_val_{dino_path.replace('/', '_').strip('_.')}.npz")
-    assert 'skipped 1 unreadable sample image(s)' in first and f'features written to {cache}' in first
-    assert 'FD-DINOv2 ' in first and 'N=30 samples vs 24 reference; FD is biased upwards at small N' in first
+    assert (
+        'skipped 1 unreadable sample image(s)' in first and f'features written to {cache}' in first
+    )
+    assert (
+        'FD-DINOv2 ' in first
+        and 'N=30 samples vs 24 reference; FD is biased upwards at small N' in first
+    )
     assert 'precision ' in first and 'recall ' in first and '(k=3;' in first
     assert 'CLIP score ' in first and '30 image-prompt pairs' in first
     stamp = os.stat(cache).st_mtime_ns
     assert np.load(cache)['features'].shape == (24, 32)
 
-    second = run_metrics(*args)  # the reference features come from the cache, unchanged
+    # the reference features come from the cache, unchanged
+    second = run_metrics(*args)
     assert f'features read from {cache}' in second and os.stat(cache).st_mtime_ns == stamp
     fd_line = [line for line in first.splitlines() if line.startswith('FD-DINOv2')]
     assert fd_line == [line for line in second.splitlines() if line.startswith('FD-DINOv2')]
@@ -233,11 +335,15 @@ def test_a_corrupt_or_stale_cache_is_recomputed(folders, dino_path, monkeypatch,
     np.savez(path, features=np.zeros((23, 32), np.float32))
     assert metrics.read_cache(path, 24, 32) is None and '(23, 32)' in capsys.readouterr().out
     np.savez(path, features=np.ones((24, 32), np.float32))
-    assert metrics.read_cache(path, 24, 16) is None and metrics.read_cache(path, 24, 32).shape == (24, 32)
+    assert metrics.read_cache(path, 24, 16) is None and metrics.read_cache(path, 24, 32).shape == (
+        24,
+        32,
+    )
 
 
 def test_bad_inputs_are_one_line_errors(folders, dino_path, tmp_path):
-    """Each case in a fresh copy of the script (runpy), all in one process so torch is imported once."""
+    """Each case in a fresh copy of the script (runpy), all in one process so torch is imported
+    once."""
     data, out = folders
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'broken').mkdir()
@@ -256,11 +362,21 @@ def test_bad_inputs_are_one_line_errors(folders, dino_path, tmp_path):
         f'--samples={tmp_path}/broken --clip={tmp_path}': '--clip needs prompts',
         f'--samples={tmp_path}/broken --encoder={dino_path}': 'none of the 1 images',
     }
-    driver = ("import runpy, sys\nfor case in sys.argv[1:]:\n    sys.argv = ['metrics.py'] + case.split()\n"
-              "    try:\n        runpy.run_path('metrics.py', run_name='__main__')\n    except SystemExit as e:\n"
-              "        print('EXIT', e.code)\n")
-    argv = [f'--samples={out} --reference={data} {case}' for case in cases]  # a later --key= overrides an earlier one
-    p = subprocess.run([sys.executable, '-c', driver, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    driver = (
+        "import runpy, sys\nfor case in sys.argv[1:]:\n    sys.argv = ['metrics.py'] + case.split()\n"
+        "    try:\n        runpy.run_path('metrics.py', run_name='__main__')\n    except SystemExit as e:\n"
+        "        print('EXIT', e.code)\n"
+    )
+    # a later --key= overrides an earlier one
+    argv = [f'--samples={out} --reference={data} {case}' for case in cases]
+    p = subprocess.run(
+        [sys.executable, '-c', driver, *argv],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     exits = [line for line in p.stdout.splitlines() if line.startswith('EXIT')]
     assert len(exits) == len(cases), p.stdout + p.stderr
     for line, want in zip(exits, cases.values()):

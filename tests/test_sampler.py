@@ -1,6 +1,7 @@
-"""Samplers against diffusers' reference schedulers, on a model whose answer is known in closed form:
-for data x0 ~ N(MU, S^2 I) the optimal denoiser E[x0 | x_t] is linear, so the 'network' below is exact and
-any difference between two samplers is a difference in the samplers."""
+"""Samplers against diffusers' reference schedulers, on a model whose answer is known in closed
+form: for data x0 ~ N(MU, S^2 I) the optimal denoiser E[x0 | x_t] is linear, so the 'network' below
+is exact and any difference between two samplers is a difference in the samplers."""
+
 import pytest
 import torch
 
@@ -8,7 +9,8 @@ from diffusion import Diffusion, sample_loop, solver_matrix, threshold_x0, tune_
 from bench_samplers import gaussian_x0
 from conftest import one_line_exit, require
 
-diffusers = require('diffusers')  # skips without diffusers; fails instead in CI (conftest.py)
+# skips without diffusers; fails instead in CI (conftest.py)
+diffusers = require('diffusers')
 
 MU, S = 0.3, 0.5
 BETAS = {'linear': 'linear', 'cosine': 'squaredcos_cap_v2'}
@@ -16,13 +18,18 @@ BETAS = {'linear': 'linear', 'cosine': 'squaredcos_cap_v2'}
 
 def net(diffusion, prediction='eps'):
     """The exact denoiser as a 'network' with the given output type, called at objective time t."""
+
     def fn(x, t):
-        alpha, sigma = (float(v) for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
+        alpha, sigma = (
+            float(v) for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
+        )
         x0 = gaussian_x0(x, alpha, sigma, MU, S)
         if diffusion.objective == 'flow':
-            return (x - x0) / sigma  # velocity eps - x0
+            # velocity eps - x0
+            return (x - x0) / sigma
         eps = (x - alpha * x0) / sigma
         return {'eps': eps, 'v': alpha * eps - sigma * x0, 'x0': x0}[prediction]
+
     return fn
 
 
@@ -31,11 +38,13 @@ def noise(dtype=torch.float32, seed=0):
 
 
 def float64_sigmas(sched, diffusion):
-    """diffusers keeps its sigmas in float32. Near pure noise on the cosine schedule alpha is ~5e-5 and
-    eps -> x0 divides by it, so float32 rounding of the schedule alone moves results by ~1e-3; to compare
-    the algorithms, give diffusers the same schedule in float64 (its own formula)."""
+    """diffusers keeps its sigmas in float32. Near pure noise on the cosine schedule alpha is ~5e-5
+    and eps -> x0 divides by it, so float32 rounding of the schedule alone moves results by ~1e-3;
+    to compare the algorithms, give diffusers the same schedule in float64 (its own formula)."""
     ac = diffusion.alphas_cumprod
-    sched.sigmas = torch.cat([((1 - ac) / ac).sqrt()[sched.timesteps], torch.zeros(1, dtype=torch.float64)])
+    sched.sigmas = torch.cat(
+        [((1 - ac) / ac).sqrt()[sched.timesteps], torch.zeros(1, dtype=torch.float64)]
+    )
 
 
 def run_diffusers(sched, x, model, steps, float64_from=None, **step_kw):
@@ -50,10 +59,17 @@ def run_diffusers(sched, x, model, steps, float64_from=None, **step_kw):
 @pytest.mark.parametrize('steps', [5, 10, 20])
 def test_dpm_solver_pp_2m_float32_unmodified_diffusers(steps):
     diffusion = Diffusion('vp', 'linear', 'eps', 1000)
-    sched = diffusers.DPMSolverMultistepScheduler(beta_schedule='linear', beta_start=1e-4, beta_end=0.02,
-                                                  solver_order=2, algorithm_type='dpmsolver++')
+    sched = diffusers.DPMSolverMultistepScheduler(
+        beta_schedule='linear',
+        beta_start=1e-4,
+        beta_end=0.02,
+        solver_order=2,
+        algorithm_type='dpmsolver++',
+    )
     x = noise()
-    ours, nfe = sample_loop(net(diffusion), x, diffusion, steps, 'dpm++', order=2, spacing='linspace')
+    ours, nfe = sample_loop(
+        net(diffusion), x, diffusion, steps, 'dpm++', order=2, spacing='linspace'
+    )
     ref = run_diffusers(sched, x, net(diffusion), steps)
     assert nfe == steps
     assert (ours - ref).abs().max().item() <= 1e-5
@@ -61,17 +77,35 @@ def test_dpm_solver_pp_2m_float32_unmodified_diffusers(steps):
 
 @pytest.mark.parametrize('schedule', ['linear', 'cosine'])
 @pytest.mark.parametrize('order', [1, 2, 3])
-@pytest.mark.parametrize('steps, spacing', [(5, 'linspace'), (10, 'linspace'), (20, 'linspace'), (50, 'linspace'),
-                                            (10, 'trailing'), (20, 'trailing')])
+@pytest.mark.parametrize(
+    'steps, spacing',
+    [
+        (5, 'linspace'),
+        (10, 'linspace'),
+        (20, 'linspace'),
+        (50, 'linspace'),
+        (10, 'trailing'),
+        (20, 'trailing'),
+    ],
+)
 @pytest.mark.parametrize('prediction', ['eps', 'v'])
 def test_dpm_solver_pp_orders(schedule, order, steps, spacing, prediction):
     diffusion = Diffusion('vp', schedule, prediction, 1000)
     sched = diffusers.DPMSolverMultistepScheduler(
-        beta_schedule=BETAS[schedule], beta_start=1e-4, beta_end=0.02, solver_order=order, algorithm_type='dpmsolver++',
-        prediction_type={'eps': 'epsilon', 'v': 'v_prediction'}[prediction], timestep_spacing=spacing,
-        final_sigmas_type='zero', lower_order_final=True)
+        beta_schedule=BETAS[schedule],
+        beta_start=1e-4,
+        beta_end=0.02,
+        solver_order=order,
+        algorithm_type='dpmsolver++',
+        prediction_type={'eps': 'epsilon', 'v': 'v_prediction'}[prediction],
+        timestep_spacing=spacing,
+        final_sigmas_type='zero',
+        lower_order_final=True,
+    )
     x = noise(torch.float64)
-    ours, _ = sample_loop(net(diffusion, prediction), x, diffusion, steps, 'dpm++', order=order, spacing=spacing)
+    ours, _ = sample_loop(
+        net(diffusion, prediction), x, diffusion, steps, 'dpm++', order=order, spacing=spacing
+    )
     ref = run_diffusers(sched, x, net(diffusion, prediction), steps, float64_from=diffusion)
     assert (ours - ref).abs().max().item() <= 1e-5
 
@@ -81,13 +115,31 @@ def test_dpm_solver_pp_orders(schedule, order, steps, spacing, prediction):
 @pytest.mark.parametrize('eta', [0.0, 0.5, 1.0])
 def test_ddim(schedule, steps, spacing, eta):
     diffusion = Diffusion('vp', schedule, 'eps', 1000)
-    sched = diffusers.DDIMScheduler(beta_schedule=BETAS[schedule], beta_start=1e-4, beta_end=0.02, clip_sample=False,
-                                    set_alpha_to_one=True, timestep_spacing=spacing, steps_offset=0)
+    sched = diffusers.DDIMScheduler(
+        beta_schedule=BETAS[schedule],
+        beta_start=1e-4,
+        beta_end=0.02,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing=spacing,
+        steps_offset=0,
+    )
     x = noise(torch.float64)
-    ours, _ = sample_loop(net(diffusion), x, diffusion, steps, 'ddim', eta=eta, spacing=spacing,
-                          generator=torch.Generator().manual_seed(7))
-    sched.alphas_cumprod = diffusion.alphas_cumprod  # float64 schedule, as above
-    ref = run_diffusers(sched, x, net(diffusion), steps, eta=eta, generator=torch.Generator().manual_seed(7))
+    ours, _ = sample_loop(
+        net(diffusion),
+        x,
+        diffusion,
+        steps,
+        'ddim',
+        eta=eta,
+        spacing=spacing,
+        generator=torch.Generator().manual_seed(7),
+    )
+    # float64 schedule, as above
+    sched.alphas_cumprod = diffusion.alphas_cumprod
+    ref = run_diffusers(
+        sched, x, net(diffusion), steps, eta=eta, generator=torch.Generator().manual_seed(7)
+    )
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
@@ -95,13 +147,29 @@ def test_ddim(schedule, steps, spacing, eta):
 @pytest.mark.parametrize('steps', [1000, 50])
 def test_ddpm_ancestral_with_the_same_noise(schedule, steps):
     diffusion = Diffusion('vp', schedule, 'eps', 1000)
-    sched = diffusers.DDPMScheduler(beta_schedule=BETAS[schedule], beta_start=1e-4, beta_end=0.02, clip_sample=False,
-                                    variance_type='fixed_small', timestep_spacing='leading', steps_offset=0)
+    sched = diffusers.DDPMScheduler(
+        beta_schedule=BETAS[schedule],
+        beta_start=1e-4,
+        beta_end=0.02,
+        clip_sample=False,
+        variance_type='fixed_small',
+        timestep_spacing='leading',
+        steps_offset=0,
+    )
     sched.alphas_cumprod = diffusion.alphas_cumprod
-    sched.betas = 1 - diffusion.alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), diffusion.alphas_cumprod[:-1]])
+    sched.betas = 1 - diffusion.alphas_cumprod / torch.cat(
+        [torch.ones(1, dtype=torch.float64), diffusion.alphas_cumprod[:-1]]
+    )
     x = noise(torch.float64)
-    ours, _ = sample_loop(net(diffusion), x, diffusion, steps, 'ddpm', spacing='leading',
-                          generator=torch.Generator().manual_seed(3))
+    ours, _ = sample_loop(
+        net(diffusion),
+        x,
+        diffusion,
+        steps,
+        'ddpm',
+        spacing='leading',
+        generator=torch.Generator().manual_seed(3),
+    )
     ref = run_diffusers(sched, x, net(diffusion), steps, generator=torch.Generator().manual_seed(3))
     assert (ours - ref).abs().max().item() <= 1e-5
 
@@ -111,7 +179,8 @@ def test_flow_euler_matches_flow_match_euler(steps):
     diffusion = Diffusion('flow')
     ts, _, _ = diffusion.sampling_schedule(steps, 'linspace')
     sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    sched.set_timesteps(sigmas=ts.float().numpy())  # the same times; diffusers appends the final 0
+    # the same times; diffusers appends the final 0
+    sched.set_timesteps(sigmas=ts.float().numpy())
     x = noise()
     ours, nfe = sample_loop(net(diffusion), x, diffusion, steps, 'euler', spacing='linspace')
     ref = x
@@ -122,16 +191,21 @@ def test_flow_euler_matches_flow_match_euler(steps):
 
 
 def test_dynamic_thresholding_matches_diffusers():
-    sched = diffusers.DPMSolverMultistepScheduler(thresholding=True, dynamic_thresholding_ratio=0.9,
-                                                  sample_max_value=1.5)
+    sched = diffusers.DPMSolverMultistepScheduler(
+        thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5
+    )
     x0 = 3 * torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(threshold_x0(x0, 0.9, 1.5), sched._threshold_sample(x0.clone()), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        threshold_x0(x0, 0.9, 1.5), sched._threshold_sample(x0.clone()), rtol=0, atol=1e-6
+    )
     assert threshold_x0(x0, 0.9, 1.5).abs().max() <= 1.0 + 1e-6
 
 
 @pytest.mark.parametrize('schedule, name', [('linear', 'linear'), ('cosine', 'squaredcos_cap_v2')])
 def test_schedules_match_diffusers(schedule, name):
-    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=name, beta_start=1e-4, beta_end=0.02)
+    ref = diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule=name, beta_start=1e-4, beta_end=0.02
+    )
     ours = Diffusion('vp', schedule, 'eps', 1000).alphas_cumprod
     torch.testing.assert_close(ours.float(), ref.alphas_cumprod, rtol=1e-5, atol=1e-8)
 
@@ -142,59 +216,89 @@ def test_log_snr_and_karras_grids(objective, spacing):
     diffusion = Diffusion(objective, 'linear')
     ts, alphas, sigmas = diffusion.sampling_schedule(10, spacing)
     snr = (alphas / sigmas).log()
-    assert (snr[1:] > snr[:-1]).all()  # strictly from noise to data
+    # strictly from noise to data
+    assert (snr[1:] > snr[:-1]).all()
     assert sigmas[-1] == 0 and alphas[-1] == 1
     s = (sigmas / alphas)[1:-1].log()
-    if spacing == 'logsnr':  # uniform in log(sigma/alpha) after the start
+    # uniform in log(sigma/alpha) after the start
+    if spacing == 'logsnr':
         steps = s[1:] - s[:-1]
         assert torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-4)
-    assert (sigmas / alphas)[-2] < 0.011  # the last model call is almost clean: no over-shrinking
+    # the last model call is almost clean: no over-shrinking
+    assert (sigmas / alphas)[-2] < 0.011
 
 
 def test_default_sampler_error_falls_with_nfe_and_beats_diffusers_default():
-    """bench_samplers.py's Gaussian unit check: data ~ N(MU, S^2) has a closed-form probability-flow ODE end
-    point. DPM-Solver++ 2M on log-SNR-uniform steps (the default before UniPC) is at most a third of the error
-    of diffusers' DPMSolverMultistepScheduler with its default config at 10 and 20 NFE."""
+    """bench_samplers.py's Gaussian unit check: data ~ N(MU, S^2) has a closed-form probability-flow
+    ODE end point. DPM-Solver++ 2M on log-SNR-uniform steps (the default before UniPC) is at most a
+    third of the error of diffusers' DPMSolverMultistepScheduler with its default config at 10 and
+    20 NFE."""
     from bench_samplers import solver_errors
+
     rows = {(m, name.split(' (')[0]): errs for m, name, errs in solver_errors(nfes=(10, 20, 50))}
     for model in ('vp', 'flow'):
         ours = rows[(model, 'dpm++2 logsnr')]
         assert ours[2] < ours[1] < ours[0] < 0.03
         assert rows[(model, 'dpm++3 logsnr')][1] < rows[(model, 'dpm++1 logsnr')][1]
     ref = rows[('vp', 'diffusers DPMSolverMultistep')]
-    assert rows[("vp", "dpm++2 linspace")] == pytest.approx(ref, rel=1e-6, abs=1e-6)  # same algorithm, same grid
-    assert rows[('vp', 'dpm++2 logsnr')][0] <= ref[0] / 3 and rows[('vp', 'dpm++2 logsnr')][1] <= ref[1] / 3
+    # same algorithm, same grid
+    assert rows[("vp", "dpm++2 linspace")] == pytest.approx(ref, rel=1e-6, abs=1e-6)
+    assert (
+        rows[('vp', 'dpm++2 logsnr')][0] <= ref[0] / 3
+        and rows[('vp', 'dpm++2 logsnr')][1] <= ref[1] / 3
+    )
 
 
 # -----------------------------------------------------------------------------
-# UniPC (Zhao et al. 2023) against diffusers' UniPCMultistepScheduler (predict_x0=True, disable_corrector=[],
-# lower_order_final=True: its defaults), in float64 on the same grid, driven by the same exact denoiser.
+# UniPC (Zhao et al. 2023) against diffusers' UniPCMultistepScheduler (predict_x0=True,
+# disable_corrector=[],
+# lower_order_final=True: its defaults), in float64 on the same grid, driven by the same exact
+# denoiser.
+
 
 def run_unipc_diffusers(sched, x, model, times):
-    """diffusers' UniPC, the model called at our `times` (sched.sigmas set by the caller). Its step to sigma = 0
-    is order 1, which returns the last data prediction exactly, sched.model_outputs[-1]; that is what we compare
-    with, because diffusers' bh1 makes it NaN: B(h) = h = inf times an empty sum, -inf * 0."""
+    """diffusers' UniPC, the model called at our `times` (sched.sigmas set by the caller). Its step
+    to sigma = 0 is order 1, which returns the last data prediction exactly,
+    sched.model_outputs[-1]; that is what we compare with, because diffusers' bh1 makes it NaN: B(h)
+    = h = inf times an empty sum, -inf * 0."""
     for t, time in zip(sched.timesteps, times):
         out = sched.step(model(x, time), t, x).prev_sample
         x = out
     if sched.config.solver_type == 'bh2':
-        assert torch.equal(out, sched.model_outputs[-1])  # ... as it is when diffusers computes it
+        # ... as it is when diffusers computes it
+        assert torch.equal(out, sched.model_outputs[-1])
     return sched.model_outputs[-1]
 
 
-@pytest.mark.parametrize('schedule, prediction, order, variant, steps, spacing', [
-    ('linear', 'eps', 2, 'bh2', 10, 'linspace'), ('linear', 'eps', 3, 'bh1', 10, 'linspace'),
-    ('linear', 'eps', 1, 'bh2', 5, 'linspace'), ('linear', 'eps', 3, 'bh2', 20, 'trailing'),
-    ('cosine', 'v', 2, 'bh2', 10, 'linspace'), ('cosine', 'v', 3, 'bh1', 20, 'trailing'),
-    ('cosine', 'v', 2, 'bh1', 5, 'linspace')])
+@pytest.mark.parametrize(
+    'schedule, prediction, order, variant, steps, spacing',
+    [
+        ('linear', 'eps', 2, 'bh2', 10, 'linspace'),
+        ('linear', 'eps', 3, 'bh1', 10, 'linspace'),
+        ('linear', 'eps', 1, 'bh2', 5, 'linspace'),
+        ('linear', 'eps', 3, 'bh2', 20, 'trailing'),
+        ('cosine', 'v', 2, 'bh2', 10, 'linspace'),
+        ('cosine', 'v', 3, 'bh1', 20, 'trailing'),
+        ('cosine', 'v', 2, 'bh1', 5, 'linspace'),
+    ],
+)
 def test_unipc_matches_diffusers_vp(schedule, prediction, order, variant, steps, spacing):
-    # our 'linspace' and 'trailing' are diffusers' timestep_spacing of the same name: the same integer times
+    # our 'linspace' and 'trailing' are diffusers' timestep_spacing of the same name: the same
+    # integer times
     diffusion = Diffusion('vp', schedule, prediction, 1000)
     sched = diffusers.UniPCMultistepScheduler(
-        beta_schedule=BETAS[schedule], beta_start=1e-4, beta_end=0.02, solver_order=order, solver_type=variant,
-        prediction_type={'eps': 'epsilon', 'v': 'v_prediction'}[prediction], timestep_spacing=spacing)
+        beta_schedule=BETAS[schedule],
+        beta_start=1e-4,
+        beta_end=0.02,
+        solver_order=order,
+        solver_type=variant,
+        prediction_type={'eps': 'epsilon', 'v': 'v_prediction'}[prediction],
+        timestep_spacing=spacing,
+    )
     x = noise(torch.float64)
-    ours, nfe = sample_loop(net(diffusion, prediction), x, diffusion, steps, 'unipc', order, spacing, variant=variant)
+    ours, nfe = sample_loop(
+        net(diffusion, prediction), x, diffusion, steps, 'unipc', order, spacing, variant=variant
+    )
     sched.set_timesteps(steps)
     float64_sigmas(sched, diffusion)
     ref = run_unipc_diffusers(sched, x, net(diffusion, prediction), sched.timesteps.tolist())
@@ -202,18 +306,25 @@ def test_unipc_matches_diffusers_vp(schedule, prediction, order, variant, steps,
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize('order, spacing', [(1, 'linspace'), (2, 'linspace'), (2, 'logsnr'), (2, 'karras')])
+@pytest.mark.parametrize(
+    'order, spacing', [(1, 'linspace'), (2, 'linspace'), (2, 'logsnr'), (2, 'karras')]
+)
 def test_unipc_matches_diffusers_flow(order, spacing):
-    # diffusers' own flow grid is linspace(1, 1/1000) and starts at 1 - 1e-6; ours is passed in (sigmas=) and then
-    # set exactly, in float64, starting at pure noise t = 1 (lambda = -inf). There diffusers' bh1 and order 3 are
-    # NaN (-inf * 0; a solve with an infinite r), so it is bh2 at order <= 2 here; order 3 is checked below
+    # diffusers' own flow grid is linspace(1, 1/1000) and starts at 1 - 1e-6; ours is passed in
+    # (sigmas=) and then
+    # set exactly, in float64, starting at pure noise t = 1 (lambda = -inf). There diffusers' bh1
+    # and order 3 are
+    # NaN (-inf * 0; a solve with an infinite r), so it is bh2 at order <= 2 here; order 3 is
+    # checked below
     diffusion = Diffusion('flow')
     steps = 10
     ts, _, _ = diffusion.sampling_schedule(steps, spacing)
-    sched = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type='flow_prediction', flow_shift=1.0,
-                                              solver_order=order)
+    sched = diffusers.UniPCMultistepScheduler(
+        use_flow_sigmas=True, prediction_type='flow_prediction', flow_shift=1.0, solver_order=order
+    )
     sched.set_timesteps(sigmas=ts.numpy())
-    sched.sigmas = torch.cat([ts, torch.zeros(1, dtype=torch.float64)])  # flow: sigma = t
+    # flow: sigma = t
+    sched.sigmas = torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
     x = noise(torch.float64)
     ours, _ = sample_loop(net(diffusion), x, diffusion, steps, 'unipc', order, spacing)
     ref = run_unipc_diffusers(sched, x, net(diffusion), ts.tolist())
@@ -221,9 +332,12 @@ def test_unipc_matches_diffusers_flow(order, spacing):
 
 
 def unipc_on(diffusion, ts, model, x, order, variant, lam0=None):
-    """Our unipc() on the times ts directly (sample_loop's grids start at pure noise; diffusers' flow grid does not);
-    lam0: replace the start's lambda."""
-    alphas, sigmas = (torch.cat([v, end]) for v, end in zip(diffusion.alpha_sigma(ts), (torch.ones(1), torch.zeros(1))))
+    """Our unipc() on the times ts directly (sample_loop's grids start at pure noise; diffusers'
+    flow grid does not); lam0: replace the start's lambda."""
+    alphas, sigmas = (
+        torch.cat([v, end])
+        for v, end in zip(diffusion.alpha_sigma(ts), (torch.ones(1), torch.zeros(1)))
+    )
     A, S, lam = alphas.tolist(), sigmas.tolist(), (alphas.log() - sigmas.log()).tolist()
     lam[0] = lam[0] if lam0 is None else lam0
     x0_at = lambda x, i: diffusion.to_x0(model(x, ts[i].item()), x, A[i], S[i])
@@ -233,10 +347,16 @@ def unipc_on(diffusion, ts, model, x, order, variant, lam0=None):
 @pytest.mark.parametrize('variant', ['bh1', 'bh2'])
 def test_unipc_flow_order_3_on_diffusers_own_grid(variant):
     diffusion = Diffusion('flow')
-    sched = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type='flow_prediction', flow_shift=1.0,
-                                              solver_order=3, solver_type=variant)
+    sched = diffusers.UniPCMultistepScheduler(
+        use_flow_sigmas=True,
+        prediction_type='flow_prediction',
+        flow_shift=1.0,
+        solver_order=3,
+        solver_type=variant,
+    )
     sched.set_timesteps(12)
-    ts = sched.sigmas[:-1].double()  # 1 - 1e-6, then linspace(1, 1/1000) in float32, as diffusers has them
+    # 1 - 1e-6, then linspace(1, 1/1000) in float32, as diffusers has them
+    ts = sched.sigmas[:-1].double()
     sched.sigmas = torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
     x = noise(torch.float64)
     ours = unipc_on(diffusion, ts, net(diffusion), x, 3, variant)
@@ -245,25 +365,32 @@ def test_unipc_flow_order_3_on_diffusers_own_grid(variant):
 
 
 def test_unipc_pure_noise_start_is_the_limit():
-    # at lambda = -inf (flow's t = 1) unipc drops the start from its polynomial fits; that must be the limit of a
-    # start at ever lower lambda (bh2: bh1's B(h) = h has no finite limit there, see unipc_update). Its effect
+    # at lambda = -inf (flow's t = 1) unipc drops the start from its polynomial fits; that must be
+    # the limit of a
+    # start at ever lower lambda (bh2: bh1's B(h) = h has no finite limit there, see unipc_update).
+    # Its effect
     # decays like 1/|lambda_0|: -13.8 (diffusers' 1 - 1e-6) is still 3e-4 away, -1e6 must be ~1e-8
     diffusion = Diffusion('flow')
     ts, _, _ = diffusion.sampling_schedule(10, 'logsnr')
     x = noise(torch.float64)
     exact = unipc_on(diffusion, ts, net(diffusion), x, 3, 'bh2')
-    gaps = [(unipc_on(diffusion, ts, net(diffusion), x, 3, 'bh2', lam0) - exact).abs().max().item()
-            for lam0 in (-1e2, -1e4, -1e6)]
+    gaps = [
+        (unipc_on(diffusion, ts, net(diffusion), x, 3, 'bh2', lam0) - exact).abs().max().item()
+        for lam0 in (-1e2, -1e4, -1e6)
+    ]
     assert gaps[0] < 1e-4 and gaps[1] < 1e-6 and gaps[2] < 1e-8, gaps
 
 
 def test_unipc_bad_variant_is_one_line():
     diffusion = Diffusion('flow')
-    one_line_exit(lambda: sample_loop(net(diffusion), noise(), diffusion, 3, 'unipc', variant='bh3'), 'bh3')
+    one_line_exit(
+        lambda: sample_loop(net(diffusion), noise(), diffusion, 3, 'unipc', variant='bh3'), 'bh3'
+    )
 
 
 # -----------------------------------------------------------------------------
 # Explicit grids, solver matrices, and tune_solver
+
 
 @pytest.mark.parametrize('objective', ['vp', 'flow'])
 @pytest.mark.parametrize('sampler', ['dpm++', 'unipc'])
@@ -273,16 +400,29 @@ def test_explicit_grid_is_the_named_grid(objective, sampler):
     x = noise(torch.float64)
     named, _ = sample_loop(net(diffusion), x, diffusion, 8, sampler, 3, 'logsnr')
     assert torch.equal(sample_loop(net(diffusion), x, diffusion, 8, sampler, 3, ts)[0], named)
-    assert torch.equal(sample_loop(net(diffusion), x, diffusion, 8, sampler, 3, ts.tolist())[0], named)
+    assert torch.equal(
+        sample_loop(net(diffusion), x, diffusion, 8, sampler, 3, ts.tolist())[0], named
+    )
 
 
-@pytest.mark.parametrize('objective, grid', [('vp', [999, 500]), ('vp', [999, 500, 500]), ('vp', [900, 500, 0]),
-                                             ('vp', [999, 500, -0.5]), ('vp', [999, float('nan'), 0]),
-                                             ('vp', [999, 1000, 0]), ('flow', [1, 0.5, 0]),
-                                             ('flow', [0.9, 0.5, 0.1])])
+@pytest.mark.parametrize(
+    'objective, grid',
+    [
+        ('vp', [999, 500]),
+        ('vp', [999, 500, 500]),
+        ('vp', [900, 500, 0]),
+        ('vp', [999, 500, -0.5]),
+        ('vp', [999, float('nan'), 0]),
+        ('vp', [999, 1000, 0]),
+        ('flow', [1, 0.5, 0]),
+        ('flow', [0.9, 0.5, 0.1]),
+    ],
+)
 def test_bad_explicit_grid_is_one_line(objective, grid):
     diffusion = Diffusion(objective, 'linear', 'eps')
-    one_line_exit(lambda: diffusion.sampling_schedule(3, grid), 'explicit spacing', '3 strictly decreasing')
+    one_line_exit(
+        lambda: diffusion.sampling_schedule(3, grid), 'explicit spacing', '3 strictly decreasing'
+    )
 
 
 MEANS = torch.tensor([[0.6, -0.4, 0.2, 0.5], [-0.5, 0.3, -0.6, -0.2]], dtype=torch.float64)
@@ -290,83 +430,145 @@ SD = 0.15
 
 
 def mixture_net(diffusion):
-    """The exact denoiser of an even mixture of N(MEANS[j], SD^2 I) in 4 dims: E[x0 | x_t] is each component's
-    Gaussian posterior mean (bench_samplers.gaussian_x0) weighted by its responsibility for x_t ~ N(alpha mu_j, var I)."""
+    """The exact denoiser of an even mixture of N(MEANS[j], SD^2 I) in 4 dims: E[x0 | x_t] is each
+    component's Gaussian posterior mean (bench_samplers.gaussian_x0) weighted by its responsibility
+    for x_t ~ N(alpha mu_j, var I)."""
+
     def fn(x, t):
-        alpha, sigma = (float(v) for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
-        var = alpha ** 2 * SD ** 2 + sigma ** 2
+        alpha, sigma = (
+            float(v) for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
+        )
+        var = alpha**2 * SD**2 + sigma**2
         resp = (-((x[:, None] - alpha * MEANS) ** 2).sum(-1) / (2 * var)).softmax(1)
         x0 = (resp[..., None] * gaussian_x0(x[:, None], alpha, sigma, MEANS, SD)).sum(1)
         return (x - x0) / sigma if diffusion.objective == 'flow' else (x - alpha * x0) / sigma
+
     return fn
 
 
-@pytest.mark.parametrize('objective, sampler, order, variant', [
-    (o, *s) for o in ('vp', 'flow') for s in [('dpm++', 1, 'bh2'), ('dpm++', 2, 'bh2'), ('dpm++', 3, 'bh2'), ('unipc', 2, 'bh1'),
-                                              ('unipc', 3, 'bh2'), ('ddim', 1, 'bh2')] + [('euler', 1, 'bh2')] * (o == 'flow')])
+@pytest.mark.parametrize(
+    'objective, sampler, order, variant',
+    [
+        (o, *s)
+        for o in ('vp', 'flow')
+        for s in [
+            ('dpm++', 1, 'bh2'),
+            ('dpm++', 2, 'bh2'),
+            ('dpm++', 3, 'bh2'),
+            ('unipc', 2, 'bh1'),
+            ('unipc', 3, 'bh2'),
+            ('ddim', 1, 'bh2'),
+        ]
+        + [('euler', 1, 'bh2')] * (o == 'flow')
+    ],
+)
 def test_solver_matrix_is_the_sampler(objective, sampler, order, variant):
-    """Every deterministic sampler is a fixed linear combination of the start noise and the data predictions: the
-    matrix read off it (on unit vectors) samples the nonlinear mixture model as the sampler itself does."""
+    """Every deterministic sampler is a fixed linear combination of the start noise and the data
+    predictions: the matrix read off it (on unit vectors) samples the nonlinear mixture model as the
+    sampler itself does."""
     diffusion = Diffusion(objective, 'linear', 'eps')
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for steps in (1, 2, 3, 6):
         for spacing in ('flowtime', 'logsnr'):
-            want, _ = sample_loop(mixture_net(diffusion), x, diffusion, steps, sampler, order, spacing, variant=variant)
+            want, _ = sample_loop(
+                mixture_net(diffusion),
+                x,
+                diffusion,
+                steps,
+                sampler,
+                order,
+                spacing,
+                variant=variant,
+            )
             C = solver_matrix(diffusion, steps, sampler, order, spacing, variant)
-            got, nfe = sample_loop(mixture_net(diffusion), x, diffusion, steps, spacing=spacing, matrix=C)
-            assert nfe == steps and C.shape == (steps, steps + 1) and (C.tril(1) == C).all()  # no peeking ahead
+            got, nfe = sample_loop(
+                mixture_net(diffusion), x, diffusion, steps, spacing=spacing, matrix=C
+            )
+            # no peeking ahead
+            assert nfe == steps and C.shape == (steps, steps + 1) and (C.tril(1) == C).all()
             assert (got - want).abs().max() < 1e-12, (steps, spacing)
-            got_list, _ = sample_loop(mixture_net(diffusion), x, diffusion, steps, spacing=spacing, matrix=C.tolist())
-            assert torch.equal(got_list, got)  # as grids.json stores it
+            got_list, _ = sample_loop(
+                mixture_net(diffusion), x, diffusion, steps, spacing=spacing, matrix=C.tolist()
+            )
+            # as grids.json stores it
+            assert torch.equal(got_list, got)
 
 
 def test_solver_matrix_refusals_are_one_line():
     diffusion = Diffusion('flow')
     for sampler in ('heun', 'ddpm'):
         one_line_exit(lambda: solver_matrix(diffusion, 4, sampler), 'one call a step', sampler)
-    one_line_exit(lambda: sample_loop(net(diffusion), noise(), diffusion, 3, matrix=[[1.0, 0.0]] * 2), '2 rows', '3 steps')
+    one_line_exit(
+        lambda: sample_loop(net(diffusion), noise(), diffusion, 3, matrix=[[1.0, 0.0]] * 2),
+        '2 rows',
+        '3 steps',
+    )
 
 
-@pytest.mark.usefixtures('one_thread')  # ~600 tiny solver runs: OpenMP threads fighting over 2 cores cost 50x
+# ~600 tiny solver runs: OpenMP threads fighting over 2 cores cost 50x
+@pytest.mark.usefixtures('one_thread')
 @pytest.mark.parametrize('objective', ['vp', 'flow'])
 def test_tune_solver_beats_its_start_on_held_out_noise(objective):
-    """Fitted on 256 noise samples against a converged solve, the 5-step solver starts exactly as the default
-    (UniPC-3, flowtime), never ends worse on them, and at least halves the error on 256 other samples."""
+    """Fitted on 256 noise samples against a converged solve, the 5-step solver starts exactly as
+    the default (UniPC-3, flowtime), never ends worse on them, and at least halves the error on 256
+    other samples."""
     diffusion = Diffusion(objective, 'linear', 'eps')
     model, steps = mixture_net(diffusion), 5
-    x, held_out = (torch.randn(256, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (0, 1))
+    x, held_out = (
+        torch.randn(256, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        for s in (0, 1)
+    )
     C, info = tune_solver(model, x, diffusion, steps, iters=150)
-    assert info['ref_change'] < 0.02 * info['start_error']  # the reference is converged
+    # the reference is converged
+    assert info['ref_change'] < 0.02 * info['start_error']
 
     def error(x, matrix=None):
         ref = sample_loop(model, x, diffusion, 200, 'unipc', 3, 'logsnr')[0]
         out = sample_loop(model, x, diffusion, steps, spacing='flowtime', matrix=matrix)[0]
         return (out - ref).pow(2).mean().sqrt().item()
-    assert error(x) == pytest.approx(info['start_error'], rel=1e-9) and error(x, C) == pytest.approx(info['error'], rel=1e-6)
-    assert error(held_out, C) <= 0.5 * error(held_out)  # not just fitted to x
-    print(f"{objective}: fit {info['start_error']:.3e} -> {info['error']:.3e}, held out {error(held_out):.3e} -> "
-          f"{error(held_out, C):.3e}, ref change {info['ref_change']:.1e}")
+
+    assert error(x) == pytest.approx(info['start_error'], rel=1e-9) and error(
+        x, C
+    ) == pytest.approx(info['error'], rel=1e-6)
+    # not just fitted to x
+    assert error(held_out, C) <= 0.5 * error(held_out)
+    print(
+        f"{objective}: fit {info['start_error']:.3e} -> {info['error']:.3e}, held out {error(held_out):.3e} -> "
+        f"{error(held_out, C):.3e}, ref change {info['ref_change']:.1e}"
+    )
 
 
-@pytest.mark.parametrize('objective,schedule', [('flow', 'cosine'), ('vp', 'linear'), ('vp', 'cosine')])
+@pytest.mark.parametrize(
+    'objective,schedule', [('flow', 'cosine'), ('vp', 'linear'), ('vp', 'cosine')]
+)
 def test_flowtime_grid_is_uniform_in_flow_time(objective, schedule):
-    """'flowtime': sigma / (alpha + sigma), a flow model's t, falls in equal steps from pure noise to clean on
-    every objective (a flow model's 'linspace'); the vp start is its last training step."""
+    """'flowtime': sigma / (alpha + sigma), a flow model's t, falls in equal steps from pure noise
+    to clean on every objective (a flow model's 'linspace'); the vp start is its last training
+    step."""
     d = Diffusion(objective, schedule, 'eps')
     t, alpha, sigma = d.sampling_schedule(8, 'flowtime')
     u = sigma / (alpha + sigma)
     assert t[0] == (1.0 if objective == 'flow' else d.T - 1)
-    torch.testing.assert_close(u[1:], torch.linspace(1, 0, 9, dtype=torch.float64)[1:], rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        u[1:], torch.linspace(1, 0, 9, dtype=torch.float64)[1:], rtol=0, atol=1e-9
+    )
     if objective == 'flow':
         assert torch.equal(t, d.sampling_schedule(8, 'linspace')[0])
 
 
 def test_unnamed_solver_settings_are_the_objectives_default():
     from diffusion import default_solver
+
     d = Diffusion('vp', 'linear', 'eps')
     x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    net = lambda x, t: 0.5 * x  # any deterministic model
+    # any deterministic model
+    net = lambda x, t: 0.5 * x
     out = sample_loop(net, x, d, 5)[0]
     assert torch.equal(out, sample_loop(net, x, d, 5, 'unipc', 3, 'flowtime')[0])
-    assert torch.equal(sample_loop(net, x, d, 30)[0], sample_loop(net, x, d, 30, 'unipc', 3, 'logsnr')[0])
-    assert default_solver('flow', 29)['spacing'] == 'flowtime' and default_solver('flow', 30)['spacing'] == 'logsnr'
+    assert torch.equal(
+        sample_loop(net, x, d, 30)[0], sample_loop(net, x, d, 30, 'unipc', 3, 'logsnr')[0]
+    )
+    assert (
+        default_solver('flow', 29)['spacing'] == 'flowtime'
+        and default_solver('flow', 30)['spacing'] == 'logsnr'
+    )

@@ -1,5 +1,6 @@
-"""Text-to-image end to end, offline: shapes captions pre-encoded with a tiny random BERT, a text model
-trained on them (DiT and UNet), prompts sampled into a grid; CFG with the empty caption."""
+"""Text-to-image end to end, offline: shapes captions pre-encoded with a tiny random BERT, a text
+model trained on them (DiT and UNet), prompts sampled into a grid; CFG with the empty caption."""
+
 import json
 import os
 import subprocess
@@ -13,15 +14,36 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from diffusion import Diffusion, guided  # noqa: E402
-from sample import read_prompts  # noqa: E402
-from test_text import make_bert  # noqa: E402
-from data import Data  # noqa: E402
+# noqa: E402
+from diffusion import Diffusion, guided
+
+# noqa: E402
+from sample import read_prompts
+
+# noqa: E402
+from test_text import make_bert
+
+# noqa: E402
+from data import Data
 
 ENV = dict(os.environ, TQDM_DISABLE='1')
-TINY = ['--patch_size=4', '--n_layer=2', '--n_head=2', '--n_embd=32', '--unet_channels=16', '--batch_size=16',
-        '--lr=1e-3', '--warmup_iters=2', '--ema_start=3', '--ema_decay=0.9', '--eval_batches=1', '--log_interval=1',
-        '--sample_steps=2', '--compile=False', '--device=cpu']
+TINY = [
+    '--patch_size=4',
+    '--n_layer=2',
+    '--n_head=2',
+    '--n_embd=32',
+    '--unet_channels=16',
+    '--batch_size=16',
+    '--lr=1e-3',
+    '--warmup_iters=2',
+    '--ema_start=3',
+    '--ema_decay=0.9',
+    '--eval_batches=1',
+    '--log_interval=1',
+    '--sample_steps=2',
+    '--compile=False',
+    '--device=cpu',
+]
 
 
 def run(args, check=True):
@@ -35,8 +57,17 @@ def run(args, check=True):
 def data(tmp_path_factory):
     enc = make_bert(str(tmp_path_factory.mktemp('bert')))
     d = str(tmp_path_factory.mktemp('data') / 'shapes')
-    run(['prepare.py', '--num_train=96', '--num_val=16', '--resolution=16', f'--text_encoder={enc}',
-         '--text_max_len=8', f'--out_dir={d}'])
+    run(
+        [
+            'prepare.py',
+            '--num_train=96',
+            '--num_val=16',
+            '--resolution=16',
+            f'--text_encoder={enc}',
+            '--text_max_len=8',
+            f'--out_dir={d}',
+        ]
+    )
     return d
 
 
@@ -49,38 +80,78 @@ def test_data_swaps_in_the_empty_caption_where_dropped(data):
     empty = np.load(os.path.join(data, 'empty_text.npy'))
     assert np.array_equal(states[0].numpy(), raw[0].astype(np.float32))
     assert np.array_equal(states[1].numpy(), empty.astype(np.float32))
-    assert torch.equal(mask[1], torch.from_numpy(np.load(os.path.join(data, 'empty_text_mask.npy'))))
-    assert torch.equal(pooled[2], torch.from_numpy(np.load(os.path.join(data, 'train_text_pooled.npy'))[5]).float())
-    resident = Data(data, 'train', torch.device('cpu'), text=True, resident=True).get_text(idx, torch.tensor([False, True, False]))
-    assert all(torch.equal(u, v) for u, v in zip(resident, (states, mask, pooled)))  # a device-side gather, same captions
+    assert torch.equal(
+        mask[1], torch.from_numpy(np.load(os.path.join(data, 'empty_text_mask.npy')))
+    )
+    assert torch.equal(
+        pooled[2], torch.from_numpy(np.load(os.path.join(data, 'train_text_pooled.npy'))[5]).float()
+    )
+    resident = Data(data, 'train', torch.device('cpu'), text=True, resident=True).get_text(
+        idx, torch.tensor([False, True, False])
+    )
+    # a device-side gather, same captions
+    assert all(torch.equal(u, v) for u, v in zip(resident, (states, mask, pooled)))
 
 
 @pytest.mark.parametrize('arch', ['dit', 'unet'])
 def test_text_model_trains_and_samples_prompts(data, tmp_path, arch):
     out = tmp_path / arch
-    p = run(['train.py', f'--data_dir={data}', f'--out_dir={out}', f'--arch={arch}', '--max_iters=30',
-             '--eval_interval=15'] + TINY)
+    p = run(
+        [
+            'train.py',
+            f'--data_dir={data}',
+            f'--out_dir={out}',
+            f'--arch={arch}',
+            '--max_iters=30',
+            '--eval_interval=15',
+        ]
+        + TINY
+    )
     assert 'conditioned on captions' in p.stdout
     losses = [float(l.split('loss ')[1].split()[0]) for l in p.stdout.splitlines() if '| lr' in l]
     assert sum(losses[-5:]) < sum(losses[:5])
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['model_args']['text_dim'] == 32 and ckpt['model_args']['num_classes'] == 0
-    assert (out / 'samples_000030.png').exists()  # the eval grid, from val captions (no encoder at train time)
+    # the eval grid, from val captions (no encoder at train time)
+    assert (out / 'samples_000030.png').exists()
     # prompts: --prompt repeats, --prompts adds a file's lines; each prompt gets per_class images
     (tmp_path / 'p.txt').write_text('a blue square\n\na green triangle\n')
-    p = run(['sample.py', f'--out_dir={out}', '--prompt=a red circle', '--prompt=a yellow circle',
-             f'--prompts={tmp_path / "p.txt"}', '--per_class=3', '--steps=2', '--device=cpu'])
+    p = run(
+        [
+            'sample.py',
+            f'--out_dir={out}',
+            '--prompt=a red circle',
+            '--prompt=a yellow circle',
+            f'--prompts={tmp_path / "p.txt"}',
+            '--per_class=3',
+            '--steps=2',
+            '--device=cpu',
+        ]
+    )
     assert '(12 images' in p.stdout
     grid = np.asarray(Image.open(out / 'grid.png'))
-    assert grid.shape[0] > 4 * 64 and grid.shape[1] > 3 * 64  # 4 rows of 3, tiles upscaled to >= 64 px
-    assert (grid[2:24] < 128).any()  # dark text pixels in the first row's caption band (two lines of 11 px)
+    # 4 rows of 3, tiles upscaled to >= 64 px
+    assert grid.shape[0] > 4 * 64 and grid.shape[1] > 3 * 64
+    # dark text pixels in the first row's caption band (two lines of 11 px)
+    assert (grid[2:24] < 128).any()
     # no prompts: the dataset's first val captions; and grading with text prompts
-    p = run(['sample.py', f'--out_dir={out}', '--per_class=1', '--steps=2', '--device=cpu', '--grade=True',
-             '--grade_per_class=1'])
+    p = run(
+        [
+            'sample.py',
+            f'--out_dir={out}',
+            '--per_class=1',
+            '--steps=2',
+            '--device=cpu',
+            '--grade=True',
+            '--grade_per_class=1',
+        ]
+    )
     assert 'conditional accuracy (text prompts' in p.stdout
     from sample import load_model, sample_images
+
     model, diffusion, meta, _ = load_model(str(out / 'ckpt.pt'), torch.device('cpu'))
-    with pytest.raises(SystemExit, match="text model: give it prompts"):  # never silently unconditioned
+    # never silently unconditioned
+    with pytest.raises(SystemExit, match="text model: give it prompts"):
         sample_images(model, diffusion, torch.zeros(2, dtype=torch.long), meta, 4.0, steps=2)
 
 
@@ -104,11 +175,28 @@ def test_cfg_pairs_each_prompt_with_the_empty_caption():
 
     def model(x, t, y, text):
         seen.update(x=x, y=y, text=text)
-        return x * 0 + text[2][:, :1, None, None] * 10  # output depends on the pooled caption only
+        # output depends on the pooled caption only
+        return x * 0 + text[2][:, :1, None, None] * 10
 
-    states, mask, pooled = torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.bool), torch.randn(2, 3)
-    empty = (torch.zeros(1, 4, 3), torch.tensor([[True, False, False, False]]), torch.full((1, 3), 0.5))
-    fn = guided(model, Diffusion('flow'), torch.zeros(2, dtype=torch.long), 0, 3.0, (states, mask, pooled), empty)
+    states, mask, pooled = (
+        torch.randn(2, 4, 3),
+        torch.ones(2, 4, dtype=torch.bool),
+        torch.randn(2, 3),
+    )
+    empty = (
+        torch.zeros(1, 4, 3),
+        torch.tensor([[True, False, False, False]]),
+        torch.full((1, 3), 0.5),
+    )
+    fn = guided(
+        model,
+        Diffusion('flow'),
+        torch.zeros(2, dtype=torch.long),
+        0,
+        3.0,
+        (states, mask, pooled),
+        empty,
+    )
     x = torch.randn(2, 1, 2, 2)
     out = fn(x, 0.5)
     assert seen['x'].shape[0] == 4 and torch.equal(seen['y'], torch.zeros(4, dtype=torch.long))
@@ -118,22 +206,49 @@ def test_cfg_pairs_each_prompt_with_the_empty_caption():
     cond, uncond = pooled[:, :1, None, None] * 10, 5.0
     torch.testing.assert_close(out, (uncond + 3.0 * (cond - uncond)).expand_as(x))
     # cfg_scale 1: no guidance, one un-doubled batch
-    out = guided(model, Diffusion('flow'), torch.zeros(2, dtype=torch.long), 0, 1.0, (states, mask, pooled), empty)(x, 0.5)
-    assert seen['x'].shape[0] == 2 and torch.equal(out, (pooled[:, :1, None, None] * 10).expand_as(x))
+    out = guided(
+        model,
+        Diffusion('flow'),
+        torch.zeros(2, dtype=torch.long),
+        0,
+        1.0,
+        (states, mask, pooled),
+        empty,
+    )(x, 0.5)
+    assert seen['x'].shape[0] == 2 and torch.equal(
+        out, (pooled[:, :1, None, None] * 10).expand_as(x)
+    )
 
 
 def test_prompt_on_a_class_model_is_refused(tmp_path):
     d = str(tmp_path / 'shapes')
     run(['prepare.py', '--num_train=32', '--num_val=16', '--resolution=16', f'--out_dir={d}'])
     run(['train.py', f'--data_dir={d}', f'--out_dir={tmp_path}', '--max_iters=1'] + TINY)
-    p = run(['sample.py', f'--out_dir={tmp_path}', '--prompt=a red circle', '--device=cpu'], check=False)
+    p = run(
+        ['sample.py', f'--out_dir={tmp_path}', '--prompt=a red circle', '--device=cpu'], check=False
+    )
     assert p.returncode != 0 and 'not a text model' in p.stderr and 'Traceback' not in p.stderr
 
 
 def test_bench_times_the_text_model(data):
-    args = ['bench.py', f'--data_dir={data}', '--arch=unet', '--unet_channels=16', '--batch_size=4', '--iters=1',
-            '--warmup=1', '--sample_batch=2', '--sample_steps=2', '--device=cpu']
+    args = [
+        'bench.py',
+        f'--data_dir={data}',
+        '--arch=unet',
+        '--unet_channels=16',
+        '--batch_size=4',
+        '--iters=1',
+        '--warmup=1',
+        '--sample_batch=2',
+        '--sample_steps=2',
+        '--device=cpu',
+    ]
     p = run(args + ['--n_head=4'])
     assert 'text 8x32' in p.stdout and 'train img/s' in p.stdout and 'sample img/s' in p.stdout
-    p = run(args + ['--n_head=6'], check=False)  # 32 channels do not split into 6 heads: one line, no traceback
-    assert p.returncode != 0 and p.stderr.strip() == "error: the UNet's lowest level has 32 channels: n_head=6 must divide it"
+    # 32 channels do not split into 6 heads: one line, no traceback
+    p = run(args + ['--n_head=6'], check=False)
+    assert (
+        p.returncode != 0
+        and p.stderr.strip()
+        == "error: the UNet's lowest level has 32 channels: n_head=6 must divide it"
+    )
