@@ -1,11 +1,15 @@
 """
-Throughput and profiling: the same model, precision, compile and optimiser step as train.py, timed.
+Throughput and profiling: train.py's own training step (train.train_step: the same model,
+precision, compile, optimiser and guarded update), timed. The CPU demo model on the real shapes
+data; DiT-B/2 on 32x32x4 latents (a GPU), beside diffusers'; with less memory (blocks recomputed
+in backward); a torch.profiler trace into bench_trace.json; every GPU figure of BENCHMARKS.md,
+written there (bench_suite.py):
 
-    python bench.py config/shapes.py                         # the CPU demo model on the real shapes data
-    python bench.py --size=B/2 --resolution=32 --channels=4  # DiT-B/2 on 32x32x4 latents (GPU), beside diffusers'
-    python bench.py --size=XL/2 --batch_size=256 --grad_checkpoint=True   # less memory: blocks recomputed in backward
-    python bench.py config/shapes.py --profile=True          # + a torch.profiler trace in bench_trace.json
-    python bench.py --suite=True                             # every GPU figure of BENCHMARKS.md, written there
+    python bench.py config/shapes.py
+    python bench.py --size=B/2 --resolution=32 --channels=4
+    python bench.py --size=XL/2 --batch_size=256 --grad_checkpoint=True
+    python bench.py config/shapes.py --profile=True
+    python bench.py --suite=True
 
 Prints one table: train img/s, MFU (analytic FLOPs from torch.utils.flop_counter / the peak FLOP/s
 it names), peak memory, the data-loading share of step time, and sampling img/s. For a
@@ -13,25 +17,26 @@ class-conditional DiT, the same rows for diffusers' DiTTransformer2DModel of the
 batches, precision, compile and step, in the same run) and the ratio ours / diffusers.
 """
 
-import json
-import os
-import re
-import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
 
-from diffusion import Diffusion, guided, sample_loop
+import train
+from diffusion import Denoise, Diffusion
+from samplers import guided, sample_loop
 from model import DIT_SIZES, UNet, build_model, input_shape, model_args_from, setup_device
 from configurator import check
-from data import Data, read_meta
+from data import Batch, Data, batch_indices, draw, read_meta
+from optim import Guard, make_optimizer
+from bench_suite import run_suite
 from flops import flops_per_image, guess_peak_flops
 
 # -----------------------------------------------------------------------------
 # the model keys mean what they mean in train.py, so `python bench.py config/x.py` measures that
 # config
+
 # a prepare.py dataset (times the real loader); '' = random data of the shape below
 data_dir = ''
 resolution = 32
@@ -79,7 +84,7 @@ compile_mode = 'default'
 # 0 = guess from the GPU name
 peak_flops = 0.0
 profile = False
-# instead: every GPU figure (SUITE below), each in its own process, -> BENCHMARKS.md
+# instead: every GPU figure (bench_suite.SUITE), each in its own process, -> BENCHMARKS.md
 suite = False
 # instead: VAE encode img/s, ours vs diffusers' AutoencoderKL with the same weights;
 # a hub id/folder, or 'random' for SD-size random weights (no download)
@@ -92,27 +97,14 @@ seed = 1337
 
 def check_config():
     """What each setting may be, in one place: a bad value is one line before anything is built."""
+    positive = (
+        'resolution channels text_dim patch_size n_layer n_head n_embd share_blocks unet_channels '
+        'unet_blocks num_timesteps batch_size iters warmup sample_batch vae_resolution vae_batch'
+    )
+    compile_modes = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
     check(
         globals(),
-        positive=(
-            'resolution',
-            'channels',
-            'text_dim',
-            'patch_size',
-            'n_layer',
-            'n_head',
-            'n_embd',
-            'share_blocks',
-            'unet_channels',
-            'unet_blocks',
-            'num_timesteps',
-            'batch_size',
-            'iters',
-            'warmup',
-            'sample_batch',
-            'vae_resolution',
-            'vae_batch',
-        ),
+        positive=positive.split(),
         non_negative=('num_classes', 'text_len', 'sample_steps', 'cfg_scale', 'peak_flops', 'seed'),
         choices=dict(
             arch=('dit', 'unet'),
@@ -121,19 +113,15 @@ def check_config():
             prediction=('eps', 'v', 'x0'),
             dtype=('auto', 'float32', 'bfloat16', 'float16'),
             size=('',) + tuple(f"{k}/{p}" for k in DIT_SIZES for p in (2, 4, 8)),
-            compile_mode=(
-                'default',
-                'reduce-overhead',
-                'max-autotune',
-                'max-autotune-no-cudagraphs',
-            ),
+            compile_mode=compile_modes,
         ),
     )
     if vae and vae_resolution % 8:
         sys.exit(f"error: --vae_resolution={vae_resolution} must be a multiple of 8")
     if suite and not torch.cuda.is_available():
         sys.exit(
-            "error: --suite=True measures GPU figures and torch sees no CUDA GPU here: BENCHMARKS.md is unchanged"
+            "error: --suite=True measures GPU figures and torch sees no CUDA GPU here: "
+            "BENCHMARKS.md is unchanged"
         )
 
 
@@ -184,8 +172,17 @@ def vae_table():
     ref = ref.to(dev).eval()
     ref_rate = rate(lambda v: ref.encode(v).latent_dist.mean)
     print(
-        f"diffusers AutoencoderKL.encode: {ref_rate:.2f} img/s | ours / diffusers = {ours_rate / ref_rate:.2f}x"
+        f"diffusers AutoencoderKL.encode: {ref_rate:.2f} img/s | ours / diffusers = "
+        f"{ours_rate / ref_rate:.2f}x"
     )
+
+
+def mfu(fwd_flops, img_s, peak):
+    """Model FLOPs utilisation: forward + backward = 3x the forward FLOPs (checkpointing's
+    recompute is not counted)."""
+    if not peak:
+        return 'n/a (no known peak)'
+    return f"{300 * fwd_flops * img_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s"
 
 
 def data_spec():
@@ -217,93 +214,110 @@ def model_args(shape, ncls, text_width):
     return model_args_from(cfg, shape, ncls, text_width)
 
 
-def batches(dev, shape, ncls, L, D):
-    """get_batch() -> (x0, y, captions or None) on dev, from the dataset's loader or from random
-    data held on the host like the memmap, so the host->device copy is timed either way."""
+class RandomData:
+    """Random examples held on the host like the memmap, with the batch() of data.Data that
+    train.py's step takes (the same gather into pinned memory and copy to the device, so the copy
+    is timed); text_len > 0: random captions too."""
+
+    def __init__(self, dev, shape, ncls, L, D):
+        n = batch_size * 4
+        self.host = [torch.randn(n, *shape), torch.randint(0, max(ncls, 1), (n,))]
+        # random caption states, a mask with 1..L real tokens, pooled vectors
+        if L:
+            mask = torch.arange(L) < torch.randint(1, L + 1, (n, 1))
+            self.host += [torch.randn(n, L, D), mask, torch.randn(n, D)]
+        self.device, self.latent = dev, False
+
+    def __len__(self):
+        return len(self.host[0])
+
+    def fetch(self, a, idx):
+        a = a[torch.from_numpy(idx)]
+        if self.device.type == 'cuda':
+            a = a.pin_memory()
+        return a.to(self.device, non_blocking=True)
+
+    def batch(self, idx, draws):
+        x, y, *caps = [self.fetch(h, idx) for h in self.host]
+        return Batch(x, y, tuple(caps) or None, None)
+
+
+def bench_data(dev, shape, ncls, L, D):
+    """The batches to time: the dataset's (data.Data, as train.py reads it) or random ones."""
     if data_dir:
-        data = Data(data_dir, 'train', dev, D > 0)
-
-        def get_batch():
-            idx = np.sort(np.random.randint(0, len(data), batch_size))
-            x, y = data.get(idx)
-            return (x, y * 0, data.get_text(idx)) if D else (x, y, None)
-
-        return get_batch
-    host = [torch.randn(batch_size * 4, *shape), torch.randint(0, max(ncls, 1), (batch_size * 4,))]
-    # random caption states, a mask with 1..L real tokens, pooled vectors
-    if L:
-        host += [
-            torch.randn(batch_size * 4, L, D),
-            torch.arange(L) < torch.randint(1, L + 1, (batch_size * 4, 1)),
-            torch.randn(batch_size * 4, D),
-        ]
-    host = [h.pin_memory() for h in host] if dev.type == 'cuda' else host
-
-    def get_batch():
-        i = np.random.randint(0, 4) * batch_size
-        x, y, *caps = [h[i : i + batch_size].to(dev, non_blocking=True) for h in host]
-        return x, y, tuple(caps) or None
-
-    return get_batch
+        return Data(data_dir, 'train', dev, D > 0)
+    return RandomData(dev, shape, ncls, L, D)
 
 
-def ready(model, diffusion, get_batch, dev, ptdtype, autocast):
-    """model on dev, compiled (on CUDA) as train.py compiles it, and one optimizer step as train.py
-    takes it (loss, backward, clip, fused AdamW), run warmup times untimed (compilation, allocator,
-    autotuning) -> (net, train_step, the peak GiB those steps allocated beyond what dev held before;
-    None on a CPU). Raises torch.OutOfMemoryError."""
+def step_inputs(data, diffusion, shape, i):
+    """The i-th step's (idx, draws), as train.py makes them."""
+    idx = batch_indices(i, len(data), batch_size, seed)
+    return idx, draw(diffusion, i, batch_size, shape, data.device, seed, data.latent)
+
+
+def ready(model, diffusion, data, shape, dev, ptdtype, autocast):
+    """model on dev, compiled (on CUDA) as train.py compiles it, and train.py's own step on it
+    (train.train_step: the loss, backward, guarded update with clipping, AdamW with its
+    weight-decay groups), run warmup times untimed (compilation, allocator, autotuning) -> (net,
+    step(i), the peak GiB those steps allocated beyond what dev held before; None on a CPU).
+    Raises torch.OutOfMemoryError."""
     base = torch.cuda.memory_allocated(dev) if dev.type == 'cuda' else 0
     # as train.py: the layout of cuDNN's tensor-core convolutions
     nhwc = dev.type == 'cuda' and isinstance(model, UNet)
     model.to(dev, memory_format=torch.channels_last if nhwc else torch.preserve_format)
     net = torch.compile(model, mode=compile_mode) if compile and dev.type == 'cuda' else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    # train.py's default optimiser settings
+    keys = (
+        'lr',
+        'weight_decay',
+        'beta1',
+        'beta2',
+        'optim',
+        'grad_clip',
+        'max_bad_steps',
+        'out_dir',
+    )
+    cfg = {k: getattr(train, k) for k in keys}
+    optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
+    guard = Guard(dev, ptdtype == torch.float16, cfg)
+    task = Denoise(diffusion)
+    slices = [slice(0, batch_size)]
 
-    def train_step(x0, y, caps):
-        t = diffusion.sample_t(len(y), device=dev)
-        with autocast:
-            loss = diffusion.loss(net, x0, y, t, torch.randn_like(x0), text=caps)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    def step(i):
+        idx, draws = step_inputs(data, diffusion, shape, i)
+        args = (guard, optimizer, scaler, autocast)
+        return train.train_step(net, task, data, idx, draws, slices, *args)
 
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev)
-    for _ in range(warmup):
-        train_step(*get_batch())
+    for i in range(warmup):
+        step(i)
     sync(dev)
-    return (
-        net,
-        train_step,
-        (torch.cuda.max_memory_allocated(dev) - base) / 2**30 if dev.type == 'cuda' else None,
-    )
+    mem = (torch.cuda.max_memory_allocated(dev) - base) / 2**30 if dev.type == 'cuda' else None
+    return net, step, mem
 
 
-def time_steps(steps, get_batch, dev):
-    """iters timed steps of each train_step in steps, interleaved: every batch goes through each
-    model in turn, so a machine busy with other work slows them alike -> [(img/s, seconds per step,
-    data share of it)], one per step."""
+def time_steps(steps, data, diffusion, shape, dev):
+    """iters timed steps of each step in steps, interleaved: every batch goes through each model
+    in turn, so a machine busy with other work slows them alike -> [(img/s, seconds per step, data
+    share of it)], one per step. The data share: the batch's assembly (data.batch, which the step
+    runs) timed on its own, as a share of the step."""
     np.random.seed(seed)
     torch.manual_seed(seed)
     t_data, t_step = 0.0, [0.0] * len(steps)
-    for _ in range(iters):
+    for i in range(warmup, warmup + iters):
         t0 = time.perf_counter()
-        batch = get_batch()
+        idx, draws = step_inputs(data, diffusion, shape, i)
+        data.batch(idx, draws)
         sync(dev)
         t_data += time.perf_counter() - t0
-        for i, train_step in enumerate(steps):
+        for j, step in enumerate(steps):
             t0 = time.perf_counter()
-            train_step(*batch)
+            step(i)
             sync(dev)
-            t_step[i] += time.perf_counter() - t0
-    return [
-        (batch_size * iters / (t_data + t), (t_data + t) / iters, t_data / (t_data + t))
-        for t in t_step
-    ]
+            t_step[j] += time.perf_counter() - t0
+    return [(batch_size * iters / t, t / iters, min(t_data / t, 1.0)) for t in t_step]
 
 
 def peer_model(args):
@@ -340,7 +354,7 @@ def main():
     if suite:
         # to every bench.py run
         extra = ''.join(f' {a}' for a in sys.argv[1:] if not a.startswith('--suite'))
-        return run_suite(os.path.join(HERE, 'BENCHMARKS.md'), extra)
+        return run_suite(extra)
     if vae:
         return vae_table()
     dev, ptdtype, autocast = setup_device(device, dtype)
@@ -349,18 +363,18 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # L, D: the captions' tokens and width (0, 0: a class-conditional model)
     shape, ncls, L, D = data_spec()
-    get_batch = batches(dev, shape, ncls, L, D)
+    data = bench_data(dev, shape, ncls, L, D)
     args = model_args(shape, ncls, D)
     model = build_model(args)
     model.grad_checkpoint = grad_checkpoint
     flops = flops_per_image(model, shape, L)
     diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
     try:
-        net, train_step, mem = ready(model, diffusion, get_batch, dev, ptdtype, autocast)
+        net, train_step, mem = ready(model, diffusion, data, shape, dev, ptdtype, autocast)
     except torch.OutOfMemoryError:
         raise SystemExit(
-            f"error: CUDA out of memory at batch_size={batch_size}: set --grad_checkpoint=True or lower "
-            f"--batch_size"
+            f"error: CUDA out of memory at batch_size={batch_size}: set --grad_checkpoint=True "
+            "or lower --batch_size"
         ) from None
     # the peer: diffusers' DiT of the same size, readied the same way beside ours, timed on the same
     # batches
@@ -373,29 +387,20 @@ def main():
             sum(p.numel() for p in peer_net.parameters()),
         )
         try:
-            steps.append(ready(peer_net, diffusion, get_batch, dev, ptdtype, autocast)[1])
+            steps.append(ready(peer_net, diffusion, data, shape, dev, ptdtype, autocast)[1])
         except torch.OutOfMemoryError:
             peer_net = f"out of memory at batch_size={batch_size} beside ours"
-    timed = time_steps(steps, get_batch, dev)
+    timed = time_steps(steps, data, diffusion, shape, dev)
     train_img_s, step_time, data_share = timed[0]
     peak = peak_flops or guess_peak_flops(dev)
-
-    # model FLOPs utilisation: forward + backward = 3x the forward FLOPs (checkpointing's recompute
-    # is not counted)
-    def mfu(fwd_flops, img_s):
-        return (
-            f"{300 * fwd_flops * img_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s"
-            if peak
-            else 'n/a (no known peak)'
-        )
 
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
         with torch_profile(activities=acts, record_shapes=True) as prof:
-            for _ in range(3):
-                train_step(*get_batch())
+            for i in range(3):
+                train_step(i)
             sync(dev)
         prof.export_chrome_trace('bench_trace.json')
         print(
@@ -432,36 +437,27 @@ def main():
             sync(dev)
         sample_img_s = f"{sample_batch / (time.perf_counter() - t0):.1f}"
 
-    name = (
-        size
-        and f"DiT-{size}"
-        or (
-            f"DiT L{n_layer} d{n_embd} p{patch_size}"
-            if arch == 'dit'
-            else f"UNet {unet_channels}x{tuple(unet_mult)}"
-        )
-    )
-    settings = (
-        f"{str(ptdtype).split('.')[-1]} / {f'on ({compile_mode})' if net is not model else 'off'}"
-    )
+    name = f"DiT-{size}" if size else f"DiT L{n_layer} d{n_embd} p{patch_size}"
+    if arch == 'unet' and not size:
+        name = f"UNet {unet_channels}x{tuple(unet_mult)}"
+    compiled = f'on ({compile_mode})' if net is not model else 'off'
+    settings = f"{str(ptdtype).split('.')[-1]} / {compiled}"
+    where = f"cpu ({torch.get_num_threads()} threads)"
+    if dev.type == 'cuda':
+        where = torch.cuda.get_device_name(dev)
     rows = [
-        (
-            'device',
-            torch.cuda.get_device_name(dev)
-            if dev.type == 'cuda'
-            else f"cpu ({torch.get_num_threads()} threads)",
-        ),
+        ('device', where),
         (
             'model',
-            f"{name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {'x'.join(map(str, shape))}"
-            + (f", text {L}x{D}" if D else ''),
+            f"{name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input "
+            f"{'x'.join(map(str, shape))}" + (f", text {L}x{D}" if D else ''),
         ),
         ('precision / compile', settings + (' / grad checkpointing' if grad_checkpoint else '')),
         ('batch', str(batch_size)),
         ('train img/s', f"{train_img_s:.1f}"),
         ('train step', f"{1000 * step_time:.1f} ms"),
         ('fwd GFLOP/img', f"{flops / 1e9:.3f} (x3 for a train step)"),
-        ('MFU', mfu(flops, train_img_s)),
+        ('MFU', mfu(flops, train_img_s, peak)),
         ('peak memory', f"{mem:.2f} GiB (training)" if mem is not None else 'n/a (CPU)'),
         ('data share of step', f"{100 * data_share:.1f}%"),
         (f'sample img/s ({sample_steps} steps, cfg)', sample_img_s),
@@ -469,154 +465,19 @@ def main():
             'diffusers DiT',
             peer_net
             if isinstance(peer_net, str)
-            else f"DiTTransformer2DModel, {peer_params / 1e6:.1f}M params, fwd {peer_flops / 1e9:.3f} GFLOP/img",
+            else f"DiTTransformer2DModel, {peer_params / 1e6:.1f}M params, "
+            f"fwd {peer_flops / 1e9:.3f} GFLOP/img",
         ),
     ]
     if len(timed) > 1:
         img_s = timed[1][0]
         rows += [
             ('diffusers train img/s', f"{img_s:.1f}"),
-            ('diffusers MFU', mfu(peer_flops, img_s)),
+            ('diffusers MFU', mfu(peer_flops, img_s, peak)),
             ('ours / diffusers', f"{train_img_s / img_s:.2f}x train img/s"),
         ]
     width = max(len(k) for k, _ in rows)
     print('\n'.join(f"{k:<{width}}  {v}" for k, v in rows))
-
-
-# -----------------------------------------------------------------------------
-# The GPU suite (--suite=True): every figure of BENCHMARKS.md from one command, each run in its own
-# process (a clean
-# memory count; an out-of-memory stays in its row). 256 px images are 32x32x4 SD-VAE latents, 1000
-# classes.
-B256 = ' --resolution=32 --channels=4 --num_classes=1000 --batch_size=256 --sample_steps=0'
-SUITE = [
-    ('DiT-B/2', 'bench.py --size=B/2' + B256),
-    (
-        'DiT-B/2, grad checkpointing',
-        'bench.py --size=B/2 --grad_checkpoint=True --peer=False' + B256,
-    ),
-    ('DiT-XL/2', 'bench.py --size=XL/2 --peer=False' + B256),
-    ('DiT-XL/2, grad checkpointing', 'bench.py --size=XL/2 --grad_checkpoint=True' + B256),
-    ('UNet demo', 'bench.py config/shapes.py --sample_steps=0'),
-    # train.py's own img/s and MFU: DiT-B/2 on random latents in prepare.py's format (write_latents)
-    (
-        'train.py, DiT-B/2',
-        'train.py --data_dir=data/bench_latents --out_dir=data/bench_latents/out --n_layer=12'
-        ' --n_head=12 --n_embd=768 --patch_size=2 --batch_size=256 --log_interval=20'
-        ' --eval_interval=0',
-    ),
-]
-COLUMNS = [
-    'train img/s',
-    'MFU',
-    'peak memory',
-    'diffusers train img/s',
-    'diffusers MFU',
-    'ours / diffusers',
-]
-BEGIN, END = '<!-- bench.py --suite writes from here -->', '<!-- to here -->'
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def write_latents(folder, n=1024, shape=(4, 32, 32), classes=1000):
-    """A latent dataset in prepare.py's format holding random numbers, for train.py's img/s where no
-    VAE can be downloaded: its speed is real (the same arrays, shapes and loader), but it has no VAE
-    to decode samples with, so train.py must be stopped before it evaluates (measure does)."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(0)
-    # (image, flipped) x (posterior mean, std)
-    latents = np.full((n, 2, 2, *shape), 0.1, np.float16)
-    latents[:, :, 0] = rng.standard_normal((n, 2, *shape))
-    np.save(os.path.join(folder, 'train_latents.npy'), latents)
-    np.save(os.path.join(folder, 'train_y.npy'), rng.integers(0, classes, n))
-    # no val split: train.py validates on train then
-    with open(os.path.join(folder, 'meta.json'), 'w') as f:
-        json.dump(
-            dict(
-                dataset='random latents (bench.py --suite)',
-                kind='latents',
-                latent_shape=list(shape),
-                vae='none',
-                num_classes=classes,
-                class_names=[str(i) for i in range(classes)],
-                splits=dict(train=n, val=0),
-            ),
-            f,
-        )
-
-
-def measure(cmd, lines=4):
-    """Run `python cmd` -> {column: value}: bench.py's printed table; or train.py's img/s and MFU,
-    the mean of its log lines after the first (which holds compilation), and it is stopped there,
-    before it evaluates."""
-    out, logs = [], []
-    with subprocess.Popen(
-        [sys.executable] + cmd.split(),
-        cwd=HERE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ) as p:
-        for line in p.stdout:
-            out.append(line.strip())
-            # train.py's log line
-            logs += re.findall(r'\| (\d+) img/s(?: \| mfu ([\d.]+)%)?', out[-1])
-            if len(logs) == lines:
-                p.kill()
-                img_s, mfu = zip(*logs[1:])
-                return {
-                    'train img/s': f"{np.mean([float(r) for r in img_s]):.1f}",
-                    'MFU': f"{np.mean([float(m) for m in mfu]):.1f}%" if all(mfu) else 'n/a',
-                }
-    if p.returncode:
-        return {'error': next((s for s in reversed(out) if s), '?')[:150]}
-    return dict(re.split(r'\s{2,}', s, maxsplit=1) for s in out if re.search(r'\S\s{2,}\S', s))
-
-
-def publish(path, head, results):
-    """Rewrite the text of path between BEGIN and END (appended if absent; the rest is kept) as head
-    and one table of results [(label, command, {column: value})]."""
-    table = ['| run | ' + ' | '.join(COLUMNS) + ' | command |', '|---' * (len(COLUMNS) + 2) + '|']
-    for label, cmd, rows in results:
-        # '41.0% of 989 TFLOP/s' -> '41.0%'
-        cells = [rows.get(c, '—').split(' of ')[0] for c in COLUMNS]
-        if 'error' in rows:
-            cells = [rows['error']] + [''] * (len(COLUMNS) - 1)
-        table.append(f"| {label} | {' | '.join(cells)} | `python {cmd}` |")
-    before, _, rest = (open(path).read() if os.path.exists(path) else '').partition(BEGIN)
-    with open(path + '.tmp', 'w') as f:
-        f.write(
-            f"{before}{BEGIN}\n{head}\n\n"
-            + '\n'.join(table)
-            + f"\n{END}"
-            + (rest.partition(END)[2] or '\n')
-        )
-    os.replace(path + '.tmp', path)
-
-
-def run_suite(path, extra=''):
-    """Every SUITE run (bench.py with extra arguments), its row of path's table rewritten after
-    each, so that a suite cut short still publishes what it measured."""
-    if not os.path.exists(os.path.join(HERE, 'data/shapes/meta.json')):
-        # the UNet demo's data: generated
-        subprocess.run([sys.executable, 'prepare.py'], cwd=HERE, check=True)
-    write_latents(os.path.join(HERE, 'data/bench_latents'))
-    commit = subprocess.run(
-        ['git', 'rev-parse', '--short', 'HEAD'], cwd=HERE, capture_output=True, text=True
-    ).stdout
-    head = (
-        f"Measured by `python bench.py --suite=True` on {torch.cuda.get_device_name()} (MFU of "
-        f"{guess_peak_flops(torch.device('cuda')) / 1e12:.0f} TFLOP/s), torch {torch.__version__}, commit "
-        f"{commit.strip() or '?'}, {time.strftime('%Y-%m-%d')}."
-    )
-    results = []
-    for label, cmd in SUITE:
-        cmd += extra if cmd.startswith('bench.py') else ''
-        print(f"{label}: python {cmd}", flush=True)
-        results.append((label, cmd, measure(cmd)))
-        print(f"  {results[-1][2]}", flush=True)
-        publish(path, head, results)
-    print(f"wrote {path}")
 
 
 if __name__ == '__main__':

@@ -8,24 +8,30 @@ start.
     python bench_samplers.py                         # the tables (80 s on 2 busy CPU cores)
     python bench_samplers.py --diffusers_at_sigma=True --cfg_scale=5.0
 
-Why a mixture: on Gaussian data (--gaussian=True, kept as a unit check) the ODE is linear, errors
-cancel and the ranking of the samplers flips with the data's std. Here the components have different
-widths (some as sharp as pixel values), so the denoiser is strongly nonlinear at low noise. The
-classes are groups of components, so the class-conditional denoiser, and CFG, are exact too.
+Why a mixture: on Gaussian data (--gaussian=True, kept as a unit check: bench_gaussian.py) the ODE
+is linear, errors cancel and the ranking of the samplers flips with the data's std. Here the
+components have different widths (some as sharp as pixel values), so the denoiser is strongly
+nonlinear at low noise. The classes are groups of components, so the class-conditional denoiser, and
+CFG, are exact too. diffusers' rows: bench_diffusers.py. On a trained shapes model instead, accuracy
+and factor FD per sampler and NFE (bench_quality.py):
+
+    python bench_samplers.py --quality=out-shapes --cfg_scale=4
 """
 
 import functools
 import importlib.util
 import math
-import os
 import sys
 import time
 
 import torch
 
+from bench_diffusers import diffusers_configs, run_diffusers
+from bench_gaussian import print_solver_table
+from bench_quality import quality_table
 from configurator import check
-from diffusion import Diffusion, default_solver, sample_loop, tune_solver
-from model import input_shape, setup_device
+from diffusion import Diffusion
+from samplers import default_solver, sample_loop, solver_name, tune_solver
 
 # -----------------------------------------------------------------------------
 dims = 32
@@ -67,7 +73,7 @@ OBJECTIVES = {
 # the tuned solver's row: fitted on this many other noise samples, at NFE <= tune_max_nfe
 tune_samples = 2048
 tune_max_nfe = 10
-# its gradient steps (diffusion.tune_solver)
+# its gradient steps (samplers.tune_solver)
 tune_iters = 400
 
 
@@ -117,7 +123,7 @@ def mixture_x0(x_t, alpha, sigma, mix, labels=None):
 def guided_x0(x_t, alpha, sigma, mix, labels, w):
     """CFG: uncond + w (cond - uncond). Every output type (eps, v, x0, velocity) is affine in x0
     with the same x_t, so guiding the x0 prediction is guiding the network output, as
-    diffusion.guided does."""
+    samplers.guided does."""
     cond = mixture_x0(x_t, alpha, sigma, mix, labels)
     if w == 1:
         return cond
@@ -168,11 +174,11 @@ def reference(x, alpha, sigma, mix, labels, w=1.0, steps=ref_steps, s_end=1e-5):
 
 
 # -----------------------------------------------------------------------------
-# The samplers: ours through sample_loop; diffusers' schedulers driven as a pipeline drives them
+# The samplers: ours through sample_loop (diffusers' schedulers: bench_diffusers.py)
 
 
 def default_config(name):
-    """(sampler, order, None): what sample_loop does when none is named: diffusion.default_solver,
+    """(sampler, order, None): what sample_loop does when none is named: samplers.default_solver,
     its spacing chosen by the step count."""
     d = default_solver(OBJECTIVES[name][0], 10)
     return d['sampler'], d['order'], None
@@ -202,9 +208,7 @@ def our_configs(name):
 
 
 def our_name(sampler, order, spacing, default=None):
-    name = (
-        f"{sampler}{order if sampler in ('dpm++', 'unipc') else ''} {spacing or 'flowtime|logsnr'}"
-    )
+    name = solver_name(sampler, order, spacing)
     return name + (' (default)' if (sampler, order, spacing) == default else '')
 
 
@@ -227,186 +231,6 @@ def run_ours(net, x, diffusion, nfe, sampler, order, spacing):
     out, used = sample_loop(net, x, diffusion, steps, sampler, order, spacing)
     assert used <= nfe, (sampler, nfe, used)
     return out
-
-
-def diffusers_configs(name):
-    """(row name, scheduler class, its kwargs): the configurations a pipeline would use for this
-    objective."""
-    objective, schedule, prediction = OBJECTIVES[name]
-    # what it switches to anyway, with a warning, when order does not divide NFE
-    single = dict(lower_order_final=True)
-    if objective == 'flow':
-        flow = dict(use_flow_sigmas=True, prediction_type='flow_prediction', flow_shift=1.0)
-        return [
-            ('DPM++ 2M flow sigmas', 'DPMSolverMultistepScheduler', flow),
-            ('DPM++ 3M flow sigmas', 'DPMSolverMultistepScheduler', dict(flow, solver_order=3)),
-            (
-                'DPM++ 3S flow sigmas',
-                'DPMSolverSinglestepScheduler',
-                dict(flow, solver_order=3, **single),
-            ),
-            ('UniPC bh2 flow sigmas', 'UniPCMultistepScheduler', flow),
-            ('UniPC 3 flow sigmas', 'UniPCMultistepScheduler', dict(flow, solver_order=3)),
-            ('FlowMatchEuler', 'FlowMatchEulerDiscreteScheduler', dict(shift=1.0)),
-            ('FlowMatchHeun', 'FlowMatchHeunDiscreteScheduler', dict(shift=1.0)),
-        ]
-    vp = dict(
-        beta_schedule={'linear': 'linear', 'cosine': 'squaredcos_cap_v2'}[schedule],
-        beta_start=1e-4,
-        beta_end=0.02,
-        prediction_type={'eps': 'epsilon', 'v': 'v_prediction'}[prediction],
-    )
-    configs = [
-        ('DPM++ 2M (default)', 'DPMSolverMultistepScheduler', vp),
-        ('DPM++ 2M karras', 'DPMSolverMultistepScheduler', dict(vp, use_karras_sigmas=True)),
-        ('DPM++ 2M lu lambdas', 'DPMSolverMultistepScheduler', dict(vp, use_lu_lambdas=True)),
-        ('DPM++ 2M trailing', 'DPMSolverMultistepScheduler', dict(vp, timestep_spacing='trailing')),
-        ('DPM++ 3M', 'DPMSolverMultistepScheduler', dict(vp, solver_order=3)),
-        (
-            'DPM++ 3M karras',
-            'DPMSolverMultistepScheduler',
-            dict(vp, solver_order=3, use_karras_sigmas=True),
-        ),
-        (
-            'DPM++ 3S (singlestep)',
-            'DPMSolverSinglestepScheduler',
-            dict(vp, solver_order=3, **single),
-        ),
-        ('UniPC bh2', 'UniPCMultistepScheduler', vp),
-        ('UniPC 3', 'UniPCMultistepScheduler', dict(vp, solver_order=3)),
-        ('UniPC bh2 karras', 'UniPCMultistepScheduler', dict(vp, use_karras_sigmas=True)),
-        ('DDIM leading (default)', 'DDIMScheduler', dict(vp, clip_sample=False)),
-        (
-            'DDIM trailing',
-            'DDIMScheduler',
-            dict(vp, clip_sample=False, timestep_spacing='trailing'),
-        ),
-        ('Euler', 'EulerDiscreteScheduler', vp),
-        ('Euler karras', 'EulerDiscreteScheduler', dict(vp, use_karras_sigmas=True)),
-        ('Heun karras', 'HeunDiscreteScheduler', dict(vp, use_karras_sigmas=True)),
-    ]
-    # the clipping its docs call critical for squaredcos_cap_v2
-    if schedule == 'cosine':
-        clipped = dict(vp, lambda_min_clipped=-5.1)
-        configs.insert(1, ('DPM++ 2M lambda_min -5.1', 'DPMSolverMultistepScheduler', clipped))
-    return configs
-
-
-def run_diffusers(net, x, diffusion, nfe, cls_name, kwargs, at_sigma=False):
-    """As a pipeline does: x = noise * init_noise_sigma, the model called on scale_model_input(x) at
-    the timestep the scheduler passes (flow: timestep / 1000 is our t), its output handed to step().
-    at_sigma: the model at the noise level of the scheduler's own sigma instead, which its timestep
-    only approximates. Returns (x, first t)."""
-    import diffusers
-
-    sched = getattr(diffusers, cls_name)(**kwargs)
-    # Heun: 2 calls a step, 1 for the last
-    sched.set_timesteps((nfe + 1) // 2 if 'Heun' in cls_name else nfe)
-    assert len(sched.timesteps) <= nfe, (cls_name, nfe, len(sched.timesteps))
-    flow = diffusion.objective == 'flow'
-    # flow: sigma is t; vp: sigma / alpha (DDIM has none: t is exact)
-    if at_sigma and hasattr(sched, 'sigmas'):
-        s = sched.sigmas[: len(sched.timesteps)].double()
-        ts = s if flow else diffusion.t_from_edm_sigma(s)
-    else:
-        ts = sched.timesteps.double() / 1000 if flow else sched.timesteps.double()
-    # as the SDXL, Wan, PixArt pipelines do: then repeated timesteps work
-    if hasattr(sched, 'set_begin_index'):
-        sched.set_begin_index(0)
-    # the flow-match schedulers have neither: x is x_1
-    x = x * getattr(sched, 'init_noise_sigma', 1.0)
-    scale = getattr(sched, 'scale_model_input', lambda x, t: x)
-    for t, t_obj in zip(sched.timesteps, ts.tolist()):
-        x = sched.step(net(scale(x, t), t_obj), t, x).prev_sample
-    return x.double(), ts[0].item()
-
-
-# -----------------------------------------------------------------------------
-# The Gaussian unit check: a linear ODE, too easy a referee, kept because its answer is closed form
-
-
-def gaussian_x0(x_t, alpha, sigma, mu, s):
-    """E[x0 | x_t] for data x0 ~ N(mu, s^2 I) and x_t = alpha x0 + sigma eps: the optimal denoiser
-    in closed form, so every sampler has an exact answer to be measured against."""
-    return mu + alpha * s**2 / (alpha**2 * s**2 + sigma**2) * (x_t - alpha * mu)
-
-
-def solver_errors(mu=0.3, s=0.5, nfes=(5, 10, 20, 50)):
-    """The Gaussian unit check (--gaussian=True). Rows (model, sampler, [error at each NFE]): the
-    RMS distance of each sampler's end point from the exact probability-flow ODE solution, which for
-    Gaussian data maps the start x_T to mu + s * (x_T - alpha_T mu) / sqrt(alpha_T^2 s^2 +
-    sigma_T^2)."""
-    x = torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    rows = []
-    for objective in ('vp', 'flow'):
-        diffusion = Diffusion(objective, 'linear', 'eps', 1000)
-
-        def net(x_t, t):
-            a, sg = (
-                float(v) for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
-            )
-            x0 = gaussian_x0(x_t, a, sg, mu, s)
-            return (x_t - x0) / sg if objective == 'flow' else (x_t - a * x0) / sg
-
-        t0 = 1.0 if objective == 'flow' else diffusion.T - 1.0
-        a, sg = (float(v) for v in diffusion.alpha_sigma(torch.tensor(t0, dtype=torch.float64)))
-        exact = mu + s * (x - a * mu) / (a * a * s * s + sg * sg) ** 0.5
-        rms = lambda out: (out - exact).pow(2).mean().sqrt().item()
-        # time-uniform, as diffusers' DDIM default
-        uniform = 'leading' if objective == 'vp' else 'linspace'
-        configs = [
-            ('dpm++', 2, 'logsnr'),
-            ('dpm++', 1, 'logsnr'),
-            ('dpm++', 3, 'logsnr'),
-            ('dpm++', 2, 'karras'),
-            ('dpm++', 3, 'karras'),
-            ('dpm++', 2, 'linspace'),
-            ('ddim', 1, uniform),
-        ]
-        if objective == 'flow':
-            configs += [('euler', 1, 'linspace'), ('heun', 2, 'karras')]
-        for sampler, order, spacing in configs:
-            errs = []
-            for nfe in nfes:
-                steps = (nfe + 1) // 2 if sampler == 'heun' else nfe
-                errs.append(
-                    rms(sample_loop(net, x.clone(), diffusion, steps, sampler, order, spacing)[0])
-                )
-            name = f"{sampler}{order if sampler == 'dpm++' else ''} {spacing}" + (
-                ' (our default)' if (sampler, order, spacing) == ('dpm++', 2, 'logsnr') else ''
-            )
-            rows.append((objective, name, errs))
-        if objective == 'vp':
-            try:
-                import diffusers
-            except ImportError:
-                rows.append(
-                    (
-                        'vp',
-                        'diffusers DPMSolverMultistep default: not installed',
-                        [float('nan')] * len(nfes),
-                    )
-                )
-                continue
-            errs = []
-            for nfe in nfes:
-                # its defaults: linear betas, 2M, linspace
-                sched = diffusers.DPMSolverMultistepScheduler()
-                sched.set_timesteps(nfe)
-                out = x.clone()
-                for t in sched.timesteps:
-                    out = sched.step(net(out, float(t)), t, out).prev_sample
-                errs.append(rms(out))
-            rows.append(('vp', 'diffusers DPMSolverMultistep (default config)', errs))
-    return rows
-
-
-def print_solver_table(nfes=(5, 10, 20, 50)):
-    rows = solver_errors(nfes=nfes)
-    width = max(len(r[1]) for r in rows)
-    print(f"{'model':<6} {'sampler':<{width}}  " + '  '.join(f"{f'{n} NFE':>9}" for n in nfes))
-    for objective, name, errs in rows:
-        print(f"{objective:<6} {name:<{width}}  " + '  '.join(f"{e:9.2e}" for e in errs))
 
 
 # -----------------------------------------------------------------------------
@@ -495,7 +319,7 @@ def bench(name, w, mix, x, labels):
                     net, x, diffusion, n, c, kw, diffusers_at_sigma
                 )[0],
             )
-            for row, c, kw in diffusers_configs(name)
+            for row, c, kw in diffusers_configs(*OBJECTIVES[name])
         ]
     rows = []
     for row, ours, fn in runs:
@@ -532,12 +356,13 @@ def print_ratios(results):
     """Our default's error, tuned to the model (as sample.py --tune=True leaves it) and not, and our
     best configuration's, over the best diffusers configuration's, at each NFE."""
     print(
-        "\nour error / the best diffusers configuration's (the goal: default <= 0.5 at 5 and 10 NFE); 'tuned': the "
-        "default\nwith its solver fitted to the model on other noise (sample.py --tune=True), used when present"
+        "\nour error / the best diffusers configuration's (the goal: default <= 0.5 at 5 and 10 "
+        "NFE); 'tuned': the default\nwith its solver fitted to the model on other noise (sample.py "
+        "--tune=True), used when present"
     )
     print(
-        f"{'':<15}{'NFE':>4}  {'best diffusers':<25}{'error':>7}  {'default':>7}{'ratio':>6}{'tuned':>8}{'ratio':>6}  "
-        f"{'best of ours':<20}{'ratio':>6}"
+        f"{'':<15}{'NFE':>4}  {'best diffusers':<25}{'error':>7}  "
+        f"{'default':>7}{'ratio':>6}{'tuned':>8}{'ratio':>6}  {'best of ours':<20}{'ratio':>6}"
     )
     for (name, w), rows in results.items():
         # bench puts them first
@@ -551,80 +376,10 @@ def print_ratios(results):
             e = theirs[2][j]
             fit = '-' if math.isnan(tuned[2][j]) else f"{tuned[2][j]:.1e}{tuned[2][j] / e:6.2f}"
             print(
-                f"{f'{name} cfg {w:g}':<15}{n:>4}  {theirs[0]:<25}{e:7.1e}  {default[2][j]:7.1e}"
-                f"{default[2][j] / e:6.2f}{fit:>14}  {ours[0]:<20}{ours[2][j] / e:6.2f}"
+                f"{f'{name} cfg {w:g}':<15}{n:>4}  {theirs[0]:<25}{e:7.1e}  "
+                f"{default[2][j]:7.1e}{default[2][j] / e:6.2f}{fit:>14}  "
+                f"{ours[0]:<20}{ours[2][j] / e:6.2f}"
             )
-
-
-def quality_table(ckpt_dir):
-    """A trained shapes model, per sampler and NFE: conditional accuracy and factor FD (shapes.py)
-    of quality_per_class samples per class, the same noise in every cell; and our default solver
-    tuned to the checkpoint (on other noise, as sample.py --tune=True does). The last row: 1000
-    ancestral steps, for scale."""
-    from checkpoint import load_model
-    from diffusion import guided
-    from sample import sample_images, shapes_reference
-    from shapes import factor_fd, grade
-
-    dev = setup_device(device, 'float32')[0]
-    model, diffusion, meta, config = load_model(os.path.join(ckpt_dir, 'ckpt.pt'), dev)
-    if meta.get('dataset') != 'shapes' or model.config.text_dim:
-        sys.exit(
-            f"error: --quality={ckpt_dir} must be a class-conditional model of the built-in shapes data"
-        )
-    reference = shapes_reference(config['data_dir'])
-    labels = torch.arange(meta['num_classes']).repeat_interleave(quality_per_class).to(dev)
-    d = default_solver(diffusion.objective, 10)
-    default = (d['sampler'], d['order'], None)
-    configs = [default] + [
-        c
-        for c in [
-            ('unipc', 2, 'flowtime'),
-            ('dpm++', 2, 'flowtime'),
-            ('dpm++', 1, 'flowtime'),
-            ('dpm++', 2, 'logsnr'),
-            ('unipc', 3, 'logsnr'),
-        ]
-        if c != default
-    ]
-    print(f"{len(labels)} samples per cell (accuracy % / factor FD), cfg {cfg_scale:g}, {ckpt_dir}")
-    print(f"{'sampler':<24}" + ''.join(f"{f'{n} NFE':>15}" for n in quality_nfes), flush=True)
-
-    def cell(steps, **solver):
-        x = sample_images(
-            model, diffusion, labels, meta, cfg_scale, seed=seed, steps=steps, **solver
-        ).numpy()
-        y = labels.cpu().numpy()
-        return f"{100 * grade(x, y)[0]:6.1f}% {factor_fd(x, y, *reference)['overall']:.4f}"
-
-    for sampler, order, spacing in configs:
-        cells = [cell(n, sampler=sampler, order=order, spacing=spacing) for n in quality_nfes]
-        print(
-            f"{our_name(sampler, order, spacing, default):<24}"
-            + ''.join(f"{c:>15}" for c in cells),
-            flush=True,
-        )
-    # the fit's noise: not the cells'
-    g = torch.Generator(dev).manual_seed(seed + 1_000_003)
-    tune_labels = torch.arange(meta['num_classes'], device=dev).repeat(4)
-    x_tune = torch.randn((len(tune_labels),) + tuple(input_shape(meta)), generator=g, device=dev)
-    model_fn = guided(
-        model.requires_grad_(False), diffusion, tune_labels, meta['num_classes'], cfg_scale
-    )
-    cells = []
-    for n in quality_nfes:
-        if n > tune_max_steps:
-            cells.append('-')
-            continue
-        t0, d = time.time(), default_solver(diffusion.objective, n)
-        matrix, _ = tune_solver(
-            model_fn, x_tune, diffusion, n, d['sampler'], d['order'], d['spacing'], iters=tune_iters
-        )
-        cells.append(cell(n, spacing=d['spacing'], matrix=matrix))
-        # kept if cut short
-        print(f"  (tuned the {n}-step solver in {time.time() - t0:.0f} s: {cells[-1]})", flush=True)
-    print(f"{our_name(*default[:2], 'tuned solver'):<24}" + ''.join(f"{c:>15}" for c in cells))
-    print(f"{'ddpm flowtime, 1000 NFE':<24}{cell(1000, sampler='ddpm', spacing='flowtime'):>15}")
 
 
 def check_config():
@@ -642,7 +397,8 @@ def check_config():
     )
     if std_nfe not in nfes or cfg_scale == 1:
         sys.exit(
-            f"error: --std_nfe={std_nfe} must be one of --nfes={nfes}, and --cfg_scale={cfg_scale:g} not 1"
+            f"error: --std_nfe={std_nfe} must be one of --nfes={nfes}, and "
+            f"--cfg_scale={cfg_scale:g} not 1"
         )
 
 
@@ -652,7 +408,16 @@ def main():
     if gaussian:
         return print_solver_table()
     if quality:
-        return quality_table(quality)
+        return quality_table(
+            quality,
+            cfg_scale,
+            quality_per_class,
+            quality_nfes,
+            tune_max_steps,
+            tune_iters,
+            seed,
+            device,
+        )
     threads = torch.get_num_threads()
     # [1024, 32] tensors: more threads only contend
     torch.set_num_threads(1)
@@ -662,10 +427,11 @@ def main():
     )
     labels = torch.arange(num_samples) % classes
     print(
-        f"Gaussian mixture: {dims} dims, {components} components (std {std_min:g}..{std_max:g}), {classes} classes, "
-        f"{num_samples} samples.\nEach cell: the RMS distance of the end point from the exact ODE solution from the "
-        f"same noise.\nAt {std_nfe} NFE, std: the end points' std / the reference's; sprd: their spread within "
-        f"their component / the reference's (< 1: shrunk)."
+        f"Gaussian mixture: {dims} dims, {components} components (std {std_min:g}..{std_max:g}), "
+        f"{classes} classes, {num_samples} samples.\nEach cell: the RMS distance of the end point "
+        "from the exact ODE solution from the same noise.\nAt "
+        f"{std_nfe} NFE, std: the end points' std / the reference's; sprd: their spread within "
+        "their component / the reference's (< 1: shrunk)."
     )
     if diffusers_at_sigma:
         print("diffusers: the model called at its schedulers' own sigmas (diffusers_at_sigma)")
@@ -677,8 +443,9 @@ def main():
         print_table(name, {w: results[(name, w)] for w in (1.0, cfg_scale)})
     smallest = min(e for rows in results.values() for r in rows for e in r[2] if not math.isnan(e))
     print(
-        f"\nreference: RK4 uniform in log-SNR, {ref_steps} steps; it moves <= {max(gaps):.1e} (RMS) from "
-        f"{ref_steps // 2} steps, {smallest / max(gaps):.0f}x less than the smallest error above ({smallest:.1e})"
+        f"\nreference: RK4 uniform in log-SNR, {ref_steps} steps; it moves <= {max(gaps):.1e} "
+        f"(RMS) from {ref_steps // 2} steps, {smallest / max(gaps):.0f}x less than the smallest "
+        f"error above ({smallest:.1e})"
     )
     print_ratios(results)
     print(f"\n({time.time() - t0:.0f} s)")

@@ -17,14 +17,17 @@ as.
 import errno
 import glob
 import json
+import math
 import os
 import sys
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
+import distill
 from diffusion import Diffusion
-from model import build_model
+from model import build_model, freeze_base, model_args_from
 
 # what train.py stores; sampling needs only the last four (and the weights)
 TRAIN_KEYS = (
@@ -40,6 +43,89 @@ TRAIN_KEYS = (
 )
 MODEL_KEYS = ('model_args', 'config', 'meta')
 DIFFUSION_KEYS = ('objective', 'schedule', 'prediction', 'num_timesteps')
+
+
+@dataclass
+class Run:
+    """A training run's counters, saved in every checkpoint under these names and restored on
+    resume. best_score: best.pt's keep_best score, lower is better (val loss, factor FD or
+    -accuracy); stale: evaluations since it last improved (early stopping)."""
+
+    step: int = 0
+    best_val: float = math.inf
+    bad_steps: int = 0
+    stale: int = 0
+    history: list = field(default_factory=list)
+    best_score: float = math.inf
+
+    @classmethod
+    def resumed(cls, ckpt, keep_best):
+        """The counters of a checkpoint to resume, for a run that keeps best by keep_best."""
+        run = cls(*(ckpt[k] for k in ('step', 'best_val', 'bad_steps', 'stale', 'history')))
+        # best.pt's score (one from before keep_best existed kept best by val loss); a run that
+        # changed its yardstick starts afresh
+        if ckpt['config'].get('keep_best', 'val_loss') == keep_best:
+            run.best_score = ckpt.get('best_score', run.best_val)
+        else:
+            run.stale = 0
+        return run
+
+    def restart_best(self):
+        """best.pt and early stopping start afresh (a new distillation round: its own best)."""
+        self.best_score = math.inf
+        self.stale = 0
+
+    def improved(self, score):
+        """Keep-best: whether score beats the best so far (then it is the best); else the run has
+        gone one more evaluation without improving."""
+        better = score < self.best_score
+        if better:
+            self.best_score = score
+            self.stale = 0
+        else:
+            self.stale += 1
+        return better
+
+
+@dataclass
+class Trained:
+    """What a train.py checkpoint saves: the network, its EMA, the optimiser and its scaler, the
+    objective's own state (distillation: its teacher), the run's counters, what rebuilds the
+    network (model_args, the dataset's meta) and the settings (config); saved into out_dir."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    task: object
+    run: Run
+    model_args: dict
+    meta: dict
+    config: dict
+
+    def state(self):
+        """The checkpoint: tensors and plain values only (load refuses anything else)."""
+        weights = {'model': self.model.state_dict(), 'ema': self.ema.state_dict()}
+        opt = {'optimizer': self.optimizer.state_dict(), 'scaler': self.scaler.state_dict()}
+        info = {'model_args': self.model_args, 'config': self.config, 'meta': self.meta}
+        return {**weights, **opt, **vars(self.run), **info, **self.task.state_dict()}
+
+    def save(self, name):
+        save(self.state(), os.path.join(self.config['out_dir'], name))
+
+
+def restore(ckpt, path, model, ema, optimizer, scaler, task):
+    """A checkpoint's weights and optimizer state into a resumed run, or one line if they do not
+    fit."""
+    try:
+        model.load_state_dict(ckpt['model'])
+        ema.load_state_dict(ckpt['ema'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        task.load_state_dict(ckpt)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = (str(e).splitlines() or [''])[0][:160]
+        _fail(path, f"has weights or optimizer state that do not fit this model ({first})")
 
 
 def atomic_write(path, write):
@@ -136,7 +222,8 @@ def load(path, device='cpu', training=False):
         if 'GLOBAL' in str(e):
             _fail(
                 path,
-                "holds pickled objects other than tensors and plain values (refused: loading them could "
+                "holds pickled objects other than tensors and plain values (refused: loading them "
+                "could "
                 "run code); only load checkpoints written by train.py",
             )
         msg = [l for l in str(e).splitlines() if 'error' in l.lower() or 'failed' in l.lower()][
@@ -259,7 +346,8 @@ def load_model(path, dev, use_ema=True):
     except (RuntimeError, TypeError, AttributeError) as e:
         _fail(
             path,
-            f"holds weights that do not fit its model_args ({(str(e).splitlines() or [''])[0][:160]})",
+            "holds weights that do not fit its model_args "
+            f"({(str(e).splitlines() or [''])[0][:160]})",
         )
     c = ckpt['config']
     try:
@@ -270,6 +358,66 @@ def load_model(path, dev, use_ema=True):
 
 
 # python checkpoint.py out/ckpt.pt [out/model.safetensors]
+def starting_point(cfg, meta, shape, num_classes, text_dim, dev):
+    """train.py's run: -> (checkpoint, its path, model_args): what it starts from (no checkpoint:
+    scratch) and the network to build: the run's settings (cfg); resumed, the same; distilling,
+    the teacher's network with a CFG-scale input; a control run, the base's with a branch for the
+    dataset's hints."""
+    init_from, resume = cfg['init_from'], cfg['init_from'] == 'resume'
+    path = os.path.join(cfg['out_dir'], 'ckpt.pt') if resume else init_from
+    plain = model_args_from(cfg, shape, num_classes, text_dim)
+    if init_from == 'scratch':
+        return None, path, plain
+    ckpt = load(path, dev, training=resume)
+    model_args = plain
+    if cfg['distill_steps']:
+        model_args = ckpt['model_args']
+        if not resume:
+            first, conditional = cfg['distill_steps'][0], bool(num_classes or text_dim)
+            teacher_steps = cfg['distill_teacher_steps']
+            model_args = distill.student_args(ckpt, path, conditional, first, teacher_steps)
+    elif not resume or ckpt['model_args'].get('hint_channels'):
+        if not meta.get('hint'):
+            _fail(
+                path,
+                f"needs hints for a control branch: {cfg['data_dir']} has none "
+                "(prepare.py --hint=...)",
+            )
+        hint_channels, hint_size = meta['hint_shape'][0], meta['hint_shape'][-1]
+        model_args = dict(ckpt['model_args'], hint_channels=hint_channels, hint_size=hint_size)
+        if model_args['arch'] == 'dit':
+            model_args['control_blocks'] = cfg['control_blocks']
+    # the same data and diffusion (resumed: the same network), or it would silently train
+    # something else
+    data_keys = ('input_size', 'in_channels', 'num_classes', 'text_dim')
+    now = {k: plain.get(k, 0) for k in data_keys}
+    now.update(vae=meta.get('vae'), **{k: cfg[k] for k in DIFFUSION_KEYS})
+    if resume:
+        now.update(model_args)
+    check_same_model(path, ckpt, now)
+    return ckpt, path, model_args
+
+
+def build(cfg, model_args, ckpt, path, dev):
+    """train.py's network. A control run: the base's EMA weights, frozen, and a trainable branch
+    that starts as a copy of what it copies (ControlNet); a student: its teacher's weights, and a
+    CFG-scale input that starts at zero."""
+    model = build_model(model_args).to(dev)
+    control = bool(model_args.get('hint_channels'))
+    if control:
+        freeze_base(model)
+    if ckpt and cfg['init_from'] != 'resume' and (control or cfg['distill_steps']):
+        new = 'control.' if control else 'g_embed.'
+        load_base(model, ckpt, path, new, lacks=control)
+        if control:
+            model.init_control_from_base()
+    # NHWC: the layout cuDNN's tensor-core convolutions run in
+    if model_args['arch'] == 'unet' and dev.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    model.grad_checkpoint = cfg['grad_checkpoint']
+    return model
+
+
 if __name__ == '__main__':
     if len(sys.argv) not in (2, 3) or sys.argv[1].startswith('-'):
         sys.exit("usage: python checkpoint.py path/to/ckpt.pt [path/to/model.safetensors]")

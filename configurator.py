@@ -8,10 +8,16 @@ and any `--key=value` overrides. Values are parsed as Python literals and must h
 default, so a typo fails loudly on one line instead of silently training the wrong model:
 
     python train.py config/shapes.py --batch_size=32 --lr=3e-4
+
+`--help` (or `-h`) prints the script's docstring's first paragraph and every setting with its
+default and the comment above it in the script, then exits.
 """
 
 import ast
+import difflib
+import io
 import sys
+import tokenize
 import traceback
 
 CONFIG_TYPES = (int, float, bool, str, tuple, list)
@@ -19,16 +25,20 @@ CONFIG_TYPES = (int, float, bool, str, tuple, list)
 
 def _check(key, value, defaults, where):
     if key not in defaults:
-        sys.exit(
-            f"error: unknown config key '{key}' ({where}); known keys: {', '.join(sorted(defaults))}"
+        # a typo gets its nearest key, not the whole list
+        close = difflib.get_close_matches(key, defaults, n=1)
+        known = (
+            f"did you mean --{close[0]}?" if close else f"known keys: {', '.join(sorted(defaults))}"
         )
+        sys.exit(f"error: unknown config key '{key}' ({where}); {known}")
     want = type(defaults[key])
     if want is float and type(value) is int:
         # --lr=1 means 1.0
         return float(value)
     if type(value) is not want:
         sys.exit(
-            f"error: config key '{key}' ({where}) must be {want.__name__}, got {type(value).__name__} {value!r}"
+            f"error: config key '{key}' ({where}) must be {want.__name__}, "
+            f"got {type(value).__name__} {value!r}"
         )
     return value
 
@@ -45,6 +55,9 @@ def configure(g, argv=None, ignore_unknown_in_files=False):
         for k, v in g.items()
         if not k.startswith('_') and not k.isupper() and type(v) in CONFIG_TYPES
     }
+    if '--help' in argv or '-h' in argv:
+        print(help_text(g, defaults))
+        sys.exit(0)
     for arg in argv:
         # a config file: plain Python that assigns some of the keys
         if not arg.startswith('--'):
@@ -62,7 +75,8 @@ def configure(g, argv=None, ignore_unknown_in_files=False):
                 ]
                 line = e.lineno if isinstance(e, SyntaxError) else (frames or ['?'])[-1]
                 sys.exit(
-                    f"error: config file '{arg}' line {line}: {type(e).__name__}: {getattr(e, 'msg', e)}"
+                    f"error: config file '{arg}' line {line}: "
+                    f"{type(e).__name__}: {getattr(e, 'msg', e)}"
                 )
             for k, v in scope.items():
                 if k.startswith('_') or callable(v) or type(v).__name__ == 'module':
@@ -83,6 +97,43 @@ def configure(g, argv=None, ignore_unknown_in_files=False):
                 value = text
             g[key] = _check(key, value, defaults, f"--{key}")
     return {k: g[k] for k in defaults}
+
+
+def setting_comments(path):
+    """{name: [comment lines]} for the module-level assignments in the script at path: the block of
+    comment lines directly above each one (a `# ---` rule ends it)."""
+    try:
+        src = open(path).read()
+    except (OSError, TypeError):
+        return {}
+    # comment tokens alone on their line, by line number
+    alone = {
+        tok.start[0]: tok.string.lstrip('#').strip()
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+        if tok.type == tokenize.COMMENT and tok.line.lstrip().startswith('#')
+    }
+    comments = {}
+    for node in ast.parse(src).body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        for name in [t.id for t in targets if isinstance(t, ast.Name)]:
+            line, block = node.lineno - 1, []
+            while line in alone and not alone[line].startswith('---'):
+                block.insert(0, alone[line])
+                line -= 1
+            comments.setdefault(name, block)
+    return comments
+
+
+def help_text(g, defaults):
+    """What --help prints: the script's docstring's first paragraph, then each setting as
+    --key=default with its comment."""
+    intro = (g.get('__doc__') or '').strip().split('\n\n')[0]
+    comments = setting_comments(g.get('__file__'))
+    lines = [intro, '', "settings (--key=value, or in a config file named on the command line):"]
+    for k, v in defaults.items():
+        lines.append(f"  --{k}={v!r}")
+        lines += [f"      {c}" for c in comments.get(k, [])]
+    return '\n'.join(lines)
 
 
 def check(cfg, positive=(), non_negative=(), fraction=(), choices=None):

@@ -1,13 +1,15 @@
 """
 Reading a dataset made by prepare.py: meta.json and the memory-mapped splits, each checked against
-the other when opened (a torn or mismatched file is one line saying to re-run prepare.py), and which
-examples make up each training batch, a pure function of the step so that resuming needs no
-data-loader state.
+the other when opened (a torn or mismatched file is one line saying to re-run prepare.py); which
+examples make up each training batch, and every random number of a step (`draw`), each a pure
+function of the step so that resuming needs no data-loader or RNG state; and the `Batch` the
+network is trained on (`Data.batch`: where a new conditioning or an augmentation goes).
 """
 
 import functools
 import json
 import os
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -41,6 +43,58 @@ def read_meta(data_dir):
     return meta
 
 
+@dataclass
+class Draws:
+    """Every random number of one training step, for the whole global batch (see draw)."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    drop: torch.Tensor
+    eps: torch.Tensor | None
+    flip: torch.Tensor | None
+    empty: torch.Tensor
+    u: torch.Tensor
+
+    def part(self, s):
+        """The draws of the examples in slice s (a process's micro-batch)."""
+        values = [getattr(self, f.name) for f in fields(self)]
+        return Draws(*(None if v is None else v[s] for v in values))
+
+
+def draw(
+    diffusion, step, n, shape, device, seed, latent=False, class_dropout=0.0, hint_dropout=0.0
+):
+    """Every random number of a step's global batch of n, from a generator seeded by (seed, step): a
+    pure function of the step, so resuming needs no RNG state, and N processes slice the same draws
+    as one. The order is fixed: a new kind of draw goes after the last one, so that every draw
+    before it, and so every run before it, stays bit for bit as it was."""
+    g = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+    # each example's diffusion time and noise
+    t = diffusion.sample_t(n, g, device)
+    noise = torch.randn((n,) + shape, generator=g, device=device)
+    # label dropout, for CFG: the null class (a text model: the empty caption)
+    drop = torch.rand(n, generator=g, device=device) < class_dropout
+    # latents: the VAE posterior's sample (mean + std * eps), and whether it is mirrored
+    eps = torch.randn((n,) + shape, generator=g, device=device) if latent else None
+    flip = torch.rand(n, generator=g, device=device) < 0.5 if latent else None
+    # a control branch's hint dropout: an all-zero hint, so the branch's strength can be scaled
+    empty = torch.rand(n, generator=g, device=device) < hint_dropout
+    # distillation: each example's student step and CFG scale, in [0, 1)
+    u = torch.rand(n, 2, generator=g, device=device, dtype=torch.float64)
+    return Draws(t, noise, drop, eps, flip, empty, u)
+
+
+@dataclass
+class Batch:
+    """What the network sees of a batch: clean images x0 [B, C, H, W], labels y [B] (the null class
+    where dropped), the captions' (states, mask, pooled) or None, the hint maps or None."""
+
+    x0: torch.Tensor
+    y: torch.Tensor
+    text: tuple | None
+    hint: torch.Tensor | None
+
+
 class Data:
     """A split of a prepare.py dataset, memory-mapped: a batch is one fancy-index and one
     host->device copy. Pixel data: uint8 [N, 3, H, W]. Latent data: fp16 [N, 2, 2, C, h, w] =
@@ -51,6 +105,10 @@ class Data:
 
     def __init__(self, data_dir, split, device, text=False, resident=None):
         meta = read_meta(data_dir)
+        # what batch() assembles: the null class a dropped label becomes; whether it carries the
+        # hints (train.py sets it for a control run)
+        self.null_class = meta['num_classes']
+        self.hints = False
         self.latent = meta['kind'] == 'latents'
         n, L, D = meta['splits'].get(split), meta.get('text_max_len'), meta.get('text_dim')
         x_shape = (
@@ -93,9 +151,8 @@ class Data:
             )
             self.empty = [torch.from_numpy(a).to(device) for a in empty]
         # resident (None = auto: on a GPU, if the split fits in a quarter of its free memory): the
-        # split is copied to
-        # the device once, and a batch is a gather there: no host work, no host->device copy in the
-        # step
+        # split is copied to the device once, and a batch is a gather there: no host work, no
+        # host->device copy in the step
         arrays = [self.x, self.y] + self.text + ([] if self.hint is None else [self.hint])
         if resident is None:
             resident = (
@@ -136,10 +193,24 @@ class Data:
         them like get's latents."""
         if self.hint is None:
             raise SystemExit(
-                "error: this dataset has no hints: re-run prepare.py with --hint=canny, mask or file"
+                "error: this dataset has no hints: "
+                "re-run prepare.py with --hint=canny, mask or file"
             )
         h = self.fetch(self.hint, idx, self.hint_dev if self.resident else None).float() / 255
         return h if flip is None else torch.where(flip.view(-1, 1, 1, 1), h.flip(-1), h)
+
+    def batch(self, idx, draws):
+        """The Batch of examples idx with their draws: the latent sample and mirroring, label
+        (caption) dropout, and the hints with hint dropout (where self.hints). Augmentations go
+        here: drawn in draw(), applied to x0 (and the hint) here."""
+        x0, y = self.get(idx, draws.eps, draws.flip)
+        # a text model has only the null class; its dropout empties the caption instead
+        text = self.get_text(idx, draws.drop) if self.text else None
+        y = y * 0 if self.text else torch.where(draws.drop, self.null_class, y)
+        hint = None
+        if self.hints:
+            hint = self.get_hint(idx, draws.flip) * ~draws.empty.view(-1, 1, 1, 1)
+        return Batch(x0, y, text, hint)
 
     def __len__(self):
         return len(self.y)
@@ -174,11 +245,11 @@ def batch_indices(step, n, global_batch, seed):
     per_epoch = n // global_batch
     if per_epoch == 0:
         raise SystemExit(
-            f"error: the dataset has {n} images, fewer than the global batch {global_batch}: lower batch_size"
+            f"error: the dataset has {n} images, fewer than the global batch {global_batch}: "
+            "lower batch_size"
         )
     epoch, i = divmod(step, per_epoch)
     # sorted: near-sequential reads from the memmap (order within a batch does not matter; it is
-    # sorted
-    # here, once, so every process slices the same sequence and pairs each image with the same
-    # noise)
+    # sorted here, once, so every process slices the same sequence and pairs each image with the
+    # same noise)
     return np.sort(epoch_order(n, seed, epoch)[i * global_batch : (i + 1) * global_batch])

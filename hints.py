@@ -3,10 +3,12 @@ Hint maps for a control branch (ControlNet, Zhang et al. 2023): what prepare.py 
 image as uint8 [1, H, W] at the pixel resolution (also for latent datasets: the model's hint encoder
 brings it down).
 
-    canny        edge maps, the detector of Canny 1986 ("A Computational Approach to Edge Detection") in torch,
-                 batched: Gaussian blur, Sobel gradient, non-maximum suppression, hysteresis. No OpenCV.
-    shape_masks  the built-in shapes data: the exact mask of each drawn shape, from the generator's own draws
-The third kind, a user's NAME.hint.png beside NAME.png, is read by prepare.read_hint (it decodes
+    canny        edge maps, the detector of Canny 1986 ("A Computational Approach to Edge
+                 Detection") in torch, batched: Gaussian blur, Sobel gradient, non-maximum
+                 suppression, hysteresis. No OpenCV.
+    shape_masks  the built-in shapes data: the exact mask of each drawn shape, from the
+                 generator's own draws
+The third kind, a user's NAME.hint.png beside NAME.png, is read by folders.read_hint (it decodes
 like the image).
 """
 
@@ -69,12 +71,9 @@ def canny(images, sigma=1.0, low=0.1, high=0.2):
     mag, gx, gy = mag.gather(1, c) / unit, gx.gather(1, c), gy.gather(1, c)
 
     # Non-maximum suppression: keep a pixel only where it is the crest of the gradient across the
-    # edge, comparing
-    # it with its two neighbours along the gradient direction quantised to 0, 45, 90 or 135 degrees.
-    # A step that
-    # falls between two pixels gives them equal magnitudes: >= on one side and > on the other keeps
-    # exactly one.
-    # y points down (rows), as in the image
+    # edge, comparing it with its two neighbours along the gradient direction quantised to 0, 45, 90
+    # or 135 degrees. A step that falls between two pixels gives them equal magnitudes: >= on one
+    # side and > on the other keeps exactly one. y points down (rows), as in the image
     angle = torch.atan2(gy, gx) % math.pi
     # 0: along x, 1: x=y diagonal, 2: along y, 3: x=-y
     sector = ((angle + math.pi / 8) // (math.pi / 4)).long() % 4
@@ -91,8 +90,8 @@ def canny(images, sigma=1.0, low=0.1, high=0.2):
     crest = (mag > ahead) & (mag >= behind)
 
     # Hysteresis: strong crests are edges; weak ones are edges where they connect (8-neighbourhood)
-    # to an edge,
-    # found by dilating the edges by one pixel into the weak crests until nothing changes.
+    # to an edge, found by dilating the edges by one pixel into the weak crests until nothing
+    # changes.
     weak = crest & (mag >= low)
     edge = crest & (mag >= high)
     while True:

@@ -1,8 +1,11 @@
 """
 Sample-quality yardsticks: numbers to compare runs, samplers, CFG scales and checkpoints by.
 
-    python metrics.py --samples=out-faces/samples --reference=data/faces        # FD-DINOv2, precision, recall
-    python metrics.py --samples=out-emoji/samples --reference=data/emoji --clip=openai/clip-vit-base-patch32
+    # FD-DINOv2, precision, recall
+    python metrics.py --samples=out-faces/samples --reference=data/faces
+    # + the CLIP score of a text model's samples
+    python metrics.py --samples=out-emoji/samples --reference=data/emoji \\
+        --clip=openai/clip-vit-base-patch32
 
 - Frechet distance (FD) between two sets of features, each summarised as a Gaussian (mean,
   covariance):
@@ -124,7 +127,8 @@ def precision_recall(real, fake, k=3, device='cpu'):
     fake = torch.as_tensor(np.asarray(fake), dtype=torch.float64, device=device)
     if min(len(real), len(fake)) <= k:
         raise ValueError(
-            f"precision/recall with k={k} needs more than {k} points in each set, got {len(real)} and {len(fake)}"
+            f"precision/recall with k={k} needs more than {k} points in each set, "
+            f"got {len(real)} and {len(fake)}"
         )
     precision = _share_inside(fake, real, _knn_radii(real, k))
     recall = _share_inside(real, fake, _knn_radii(fake, k))
@@ -154,18 +158,13 @@ def load_image_encoder(name, dev):
 
 
 # What dgm-eval (layer6ai-labs/dgm-eval, dgm_eval/models/dinov2.py, default clean_resize=False)
-# feeds DINOv2:
-# Image.open(path).convert('RGB') (dataloaders.py), torchvision Resize((224, 224), BICUBIC) on that
-# PIL image,
-# which is PIL's own bicubic resize to a square (aspect not kept, no crop), ToTensor (/255), then
-# ImageNet
-# mean/std; the feature is the hub model's output, the CLS token after the final LayerNorm
-# (x_norm_clstoken).
-# We match all of it on transformers' port of the same weights (close to dgm-eval's figures, not bit
-# for bit:
-# the position-embedding interpolation and kernels differ in detail). dgm-eval's default is ViT-L/14
-# (facebook/dinov2-large); base is cheaper. Not the models' own HF image processor: short side 256,
-# crop 224.
+# feeds DINOv2: Image.open(path).convert('RGB') (dataloaders.py), torchvision Resize((224, 224),
+# BICUBIC) on that PIL image, which is PIL's own bicubic resize to a square (aspect not kept, no
+# crop), ToTensor (/255), then ImageNet mean/std; the feature is the hub model's output, the CLS
+# token after the final LayerNorm (x_norm_clstoken). We match all of it on transformers' port of the
+# same weights (close to dgm-eval's figures, not bit for bit: the position-embedding interpolation
+# and kernels differ in detail). dgm-eval's default is ViT-L/14 (facebook/dinov2-large); base is
+# cheaper. Not the models' own HF image processor: short side 256, crop 224.
 DINO_SIZE = 224
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -276,13 +275,13 @@ def read_samples(folder):
     files, prompts = (
         (info.get('files'), info.get('prompts')) if isinstance(info, dict) else (None, None)
     )
-    # noqa: E731
     strings = lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)
     if not strings(files) or not (
         prompts is None or strings(prompts) and len(prompts) == len(files)
     ):
         sys.exit(
-            f"error: {index} is unreadable or malformed: want {{'files': [names], 'prompts': [one per file]}}"
+            f"error: {index} is unreadable or malformed: "
+            f"want {{'files': [names], 'prompts': [one per file]}}"
         )
     return [os.path.join(folder, f) for f in files], prompts
 
@@ -312,7 +311,8 @@ def reference_images(folder):
         sys.exit(f"error: cannot read {path} ({str(e)[:80]}): re-run prepare.py")
     if x.shape[0] != n or x.ndim != 4 or x.shape[1] != 3 or x.dtype != np.uint8:
         sys.exit(
-            f"error: {path} is {x.dtype} {x.shape}, meta.json says uint8 [{n}, 3, H, W]: re-run prepare.py"
+            f"error: {path} is {x.dtype} {x.shape}, meta.json says uint8 [{n}, 3, H, W]: "
+            f"re-run prepare.py"
         )
     # 'facebook/dinov2-base' -> facebook_dinov2-base
     name = re.sub(r'[^A-Za-z0-9._-]+', '_', encoder).strip('_.')
@@ -398,7 +398,8 @@ def main():
         sys.exit(f"error: no images ({', '.join(IMAGE_EXTS)}) in {samples}")
     if clip and not (prompts and any(prompts)):
         sys.exit(
-            f"error: --clip needs prompts: {samples}/samples.json from sample.py --save_dir of a text model"
+            f"error: --clip needs prompts: "
+            f"{samples}/samples.json from sample.py --save_dir of a text model"
         )
     ref = reference_images(reference)
     model = load_image_encoder(encoder, dev)
@@ -408,13 +409,15 @@ def main():
     real = reference_features(model, ref, fake.shape[1], dev)
     if min(len(real), len(fake)) < 2:
         sys.exit(
-            f"error: a Frechet distance needs 2 images on each side, got {len(fake)} samples and {len(real)} reference"
+            f"error: a Frechet distance needs 2 images on each side, "
+            f"got {len(fake)} samples and {len(real)} reference"
         )
     # round-off: never print -0.00
     fd = max(frechet_distance(*gaussian_stats(real), *gaussian_stats(fake)), 0.0)
     name = 'FD-DINOv2' if 'dinov2' in encoder.lower() else f'FD ({encoder})'
     print(
-        f"{name} {fd:.2f} (N={len(fake)} samples vs {len(real)} reference; FD is biased upwards at small N)"
+        f"{name} {fd:.2f} (N={len(fake)} samples vs {len(real)} reference; "
+        f"FD is biased upwards at small N)"
     )
     if min(len(real), len(fake)) > k:
         precision, recall = precision_recall(real, fake, k, dev)
@@ -424,7 +427,8 @@ def main():
         print(f"precision/recall: --k={k} needs more than {k} images on each side")
     if clip:
         print(
-            f"CLIP score {scores.mean():.2f} (100 * max(cos, 0) as torchmetrics; {len(scores)} image-prompt pairs, {clip})"
+            f"CLIP score {scores.mean():.2f} (100 * max(cos, 0) as torchmetrics; "
+            f"{len(scores)} image-prompt pairs, {clip})"
             if scores is not None
             else "CLIP score: none of the readable samples has a prompt"
         )

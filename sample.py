@@ -1,46 +1,57 @@
 """
 Sample from a trained checkpoint with classifier-free guidance, write a PNG grid:
 
-    python sample.py --out_dir=out-shapes                    # grid of every class -> out-shapes/grid.png
-    python sample.py --out_dir=out-shapes --grade=True       # shapes only: read samples back, print accuracy, factor FD
-    python sample.py --out_dir=out-shapes --save_dir=samples --num_samples=5000   # PNGs + samples.json, for metrics.py
+    python sample.py --out_dir=out-shapes                # every class -> out-shapes/grid.png
+    python sample.py --out_dir=out-shapes --grade=True   # shapes: accuracy and factor FD, read back
+    python sample.py --out_dir=out-shapes --save_dir=samples --num_samples=5000  # for metrics.py
     python sample.py --out_dir=out-shapes --sampler=ddpm --steps=1000 --spacing=linspace
-    python sample.py --out_dir=out-emoji --prompt="red heart" --prompt="grinning face"   # text models
-    python sample.py --out_dir=out-emoji --prompts=prompts.txt                          # one prompt per line
-    python sample.py --out_dir=out-mask --hint=mask.png --control_scale=0.8   # a control branch: the grid's first row
-    python sample.py --out_dir=out-mask --hint=val                             # shows the hints (val: one per column)
-    python sample.py --out_dir=out-distill --ckpt_name=student1.pt   # a distilled student: its own steps and grid, 1 call each
+    python sample.py --out_dir=out-emoji --prompt="red heart" --prompt="grinning face"  # text
+    python sample.py --out_dir=out-emoji --prompts=prompts.txt      # text: one prompt per line
+    python sample.py --out_dir=out-mask --hint=mask.png --control_scale=0.8  # a control branch
+    python sample.py --out_dir=out-mask --hint=val        # the val hints, one per column, shown
+    python sample.py --out_dir=out-distill --ckpt_name=student1.pt   # a student: its own steps
 
-Samplers (in diffusion.py: sample_loop, on the alpha/sigma of diffusion.Diffusion): UniPC 1/2/3
-(Zhao et al. 2023; the default: order 3 on the 'flowtime' grid below 30 steps, 'logsnr' above, for
-every objective: diffusion.default_solver, chosen by bench_samplers.py), DPM-Solver++ 1/2/3 (Lu et
-al. 2022), DDIM (Song et al. 2021, eta >= 0), DDPM ancestral (Ho et al. 2020), Euler/Heun for flow
+Samplers (samplers.py: sample_loop, on the alpha/sigma of diffusion.Diffusion): UniPC 1/2/3 (Zhao
+et al. 2023; the default: order 3 on the 'flowtime' grid below 30 steps, 'logsnr' above, for every
+objective: samplers.default_solver, chosen by bench_samplers.py), DPM-Solver++ 1/2/3 (Lu et al.
+2022), DDIM (Song et al. 2021, eta >= 0), DDPM ancestral (Ho et al. 2020), Euler/Heun for flow
 models. CFG: Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022). Each is checked against
-diffusers' scheduler of the same name in tests/test_sampler.py.
+diffusers' scheduler of the same name in tests/test_sampler.py. Fit a 5-step solver to this
+checkpoint (samplers.tune_solver; saved in out_dir/grids.json, used from then on):
 
-    python sample.py --out_dir=out-shapes --steps=5 --tune=True   # fit a 5-step solver to this checkpoint (grids.json)
+    python sample.py --out_dir=out-shapes --steps=5 --tune=True
 """
 
-import functools
 import json
 import math
 import os
 import sys
-import textwrap
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import atomic_write, load_model
 import distill
+from checkpoint import atomic_write, load_model
 from configurator import check
 from data import Data, read_meta
-from diffusion import SAMPLERS, SPACINGS, default_solver, guided, sample_loop, tune_solver
+from diffusion import SPACINGS
+from images import (
+    class_labels,
+    control_grade,
+    encode_prompts,
+    read_hint,
+    sample_images,
+    save_grid,
+    shapes_reference,
+    val_captions,
+    with_hints,
+)
+
 from model import input_shape, setup_device
+from samplers import SAMPLERS, default_solver, guided, solver_name, tune_solver
 
 # -----------------------------------------------------------------------------
 # where the checkpoint is, and where the grid goes
@@ -51,14 +62,14 @@ ckpt_name = 'ckpt.pt'
 # 0 = auto: 20, or a distilled student's own (its checkpoint records its steps and grid)
 steps = 0
 # 'dpm++', 'unipc', 'ddim', 'ddpm', 'euler', 'heun' (the last two: flow models);
-# 'auto': the default (diffusion.default_solver, chosen by bench_samplers.py)
+# 'auto': the default (samplers.default_solver, chosen by bench_samplers.py)
 sampler = 'auto'
 # dpm++ and unipc order: 1, 2 or 3; 0 = the default's
 order = 0
 # step times: 'logsnr', 'karras', time-uniform 'linspace', 'leading', 'trailing', or
 # 'auto': the solver tuned to this checkpoint (out_dir/grids.json) if any, else the default's
 spacing = 'auto'
-# first fit the solver to this checkpoint (diffusion.tune_solver), save it to grids.json
+# first fit the solver to this checkpoint (samplers.tune_solver), save it to grids.json
 tune = False
 # noise samples the solver is fitted on (classes in turn)
 tune_batch = 48
@@ -79,13 +90,15 @@ prompt = ''
 # text models: a text file, one prompt per line
 prompts = ''
 # a control branch's hint: an image (every sample's), or 'val': the dataset's val hints, one
-# per grid column (save_dir: each val hint in turn); '' = none, the base model. Not for --grade
+# per grid column (save_dir: each val hint in turn); '' = none, the base model (not --grade's)
 hint = ''
 # the branch's strength: 0 = the base model, 1 = as trained
 control_scale = 1.0
-# shapes only: sample grade_per_class images per class and read them back
+# shapes only: sample grade_per_class images per class and read them back; a control model:
+# the first grade_hints val hints, each with its image's class, with the branch and as the base
 grade = False
 grade_per_class = 40
+grade_hints = 240
 # --grade's real images (the val split) and default prompts; '' = the model's dataset
 data_dir = ''
 # instead of the grid: num_samples PNGs + samples.json here (what metrics.py reads)
@@ -105,7 +118,7 @@ def check_config():
     read."""
     check(
         globals(),
-        positive=('per_class', 'grade_per_class', 'batch_size'),
+        positive=('per_class', 'grade_per_class', 'grade_hints', 'batch_size'),
         non_negative=('steps', 'eta', 'cfg_scale', 'seed'),
         fraction=('threshold',),
         choices=dict(
@@ -117,173 +130,16 @@ def check_config():
     )
     if tune and (spacing != 'auto' or sampler in ('ddpm', 'heun') or sampler == 'ddim' and eta > 0):
         sys.exit(
-            "error: --tune=True fits the solver for --spacing=auto and a deterministic sampler of one call a step "
-            "(not ddpm or heun; eta = 0)"
+            "error: --tune=True fits the solver for --spacing=auto and a deterministic sampler of "
+            "one call a step (not ddpm or heun; eta = 0)"
         )
     if threshold_max < 1:
         sys.exit(f"error: --threshold_max={threshold_max} must be >= 1")
     if num_samples < 0 or bool(save_dir) != (num_samples > 0):
         sys.exit(
-            f"error: --save_dir={save_dir!r} and --num_samples={num_samples} go together: a folder, a count > 0"
+            f"error: --save_dir={save_dir!r} and --num_samples={num_samples} go together: a "
+            "folder, a count > 0"
         )
-
-
-@torch.inference_mode()
-def sample_images(
-    model,
-    diffusion,
-    labels,
-    meta,
-    cfg_scale,
-    seed=0,
-    autocast=None,
-    batch_size=256,
-    text=None,
-    null_text=None,
-    hint=None,
-    control_scale=1.0,
-    **solver,
-):
-    """Generate one image per label; returns uint8 [N, 3, H, W]. Seeded: the same call gives the
-    same images. solver: steps, sampler, order, spacing, eta, threshold, threshold_max (see
-    sample_loop). A text model: text = (states, mask, pooled) per image, null_text = the empty
-    caption's (see guided). A control branch: hint [N, 1, H, W] in [0, 1], one per image, at
-    strength control_scale. A latent model's samples are decoded with the VAE that prepare.py
-    recorded in meta."""
-    # it would sample unconditioned, silently
-    if model.config.text_dim and (text is None or null_text is None):
-        raise SystemExit(
-            "error: this is a text model: give it prompts (text=, null_text=: see encode_prompts)"
-        )
-    vae = load_vae(meta, labels.device)
-    shape = input_shape(meta)
-    g = torch.Generator(labels.device).manual_seed(seed)
-    noise = torch.randn((len(labels),) + shape, generator=g, device=labels.device)
-    out = []
-    for i in range(0, len(labels), batch_size):
-        part = None if text is None else tuple(a[i : i + batch_size] for a in text)
-        h = None if hint is None else hint[i : i + batch_size]
-        model_fn = guided(
-            model,
-            diffusion,
-            labels[i : i + batch_size],
-            model.config.num_classes,
-            cfg_scale,
-            part,
-            null_text,
-            h,
-            control_scale,
-            scale_input=model.config.guidance,
-        )
-        with autocast or nullcontext():
-            x, _ = sample_loop(
-                model_fn, noise[i : i + batch_size], diffusion, generator=g, **solver
-            )
-        if not torch.isfinite(x).all():
-            raise SystemExit(
-                "error: sampling produced NaN/inf: the checkpoint's weights are broken (check the training loss)"
-            )
-        if vae is not None:
-            # tiled automatically above the VAE's tile size
-            x = vae.decode(vae.from_latent(x.float()))
-        out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
-    return torch.cat(out)
-
-
-@functools.lru_cache(maxsize=1)
-def _vae(name, subfolder, device):
-    from vae import AutoencoderKL
-
-    return AutoencoderKL.from_pretrained(name, subfolder or None).to(device).eval()
-
-
-def load_vae(meta, device):
-    """The VAE a latent dataset was encoded with (loaded once per process); None for pixel data."""
-    if meta.get('kind') != 'latents':
-        return None
-    return _vae(meta['vae'], meta.get('vae_subfolder', ''), str(device))
-
-
-def class_labels(meta, per_class):
-    """per_class labels of every class, class by class; an unconditional model gets 8 rows of null
-    labels."""
-    if not meta['num_classes']:
-        return torch.zeros(per_class * 8, dtype=torch.long)
-    return torch.arange(meta['num_classes']).repeat_interleave(per_class)
-
-
-def save_grid(images, captions, path, ncol=None):
-    """A PNG grid, each image (upscaled to at least 64 px for legibility) under its caption."""
-    n, _, h, w = images.shape
-    scale = max(1, -(-64 // w))
-    ncol = ncol or min(n, 8)
-    tw, th = w * scale, h * scale
-    font = ImageFont.load_default()
-    lines = [textwrap.wrap(c, width=max(4, tw // 6)) or [''] for c in captions]
-    cap_h = 11 * max(len(l) for l in lines) + 4 if any(captions) else 0
-    nrow = -(-n // ncol)
-    grid = Image.new('RGB', (ncol * (tw + 2) + 2, nrow * (th + cap_h + 2) + 2), 'white')
-    draw = ImageDraw.Draw(grid)
-    for i, img in enumerate(images):
-        x, y = 2 + (i % ncol) * (tw + 2), 2 + (i // ncol) * (th + cap_h + 2)
-        tile = Image.fromarray(img.permute(1, 2, 0).numpy().squeeze()).resize(
-            (tw, th), Image.NEAREST
-        )
-        grid.paste(tile, (x, y + cap_h))
-        # bottom-aligned: each caption sits right on its image
-        top = y + cap_h - 11 * len(lines[i]) - 2
-        draw.multiline_text((x + 1, top), '\n'.join(lines[i]), fill='black', font=font, spacing=1)
-    atomic_write(path, lambda f: grid.save(f, format='PNG'))
-
-
-def with_hints(images, names, hints, ncol):
-    """The grid with a first row of hints [k, 1, H, W] in [0, 1]: hint j above column j (one: the
-    rest blank)."""
-    tiles = (hints[:, :1] * 255).round().to(torch.uint8).cpu().expand(-1, images.shape[1], -1, -1)
-    blank = torch.full((ncol - len(tiles), *images.shape[1:]), 255, dtype=torch.uint8)
-    return torch.cat([tiles, blank, images]), ['hint'] * len(tiles) + [''] * len(blank) + list(
-        names
-    )
-
-
-def read_hint(path, size):
-    """--hint=img.png as prepare.py reads hints (resized, centre-cropped, grey) -> [1, 1, size,
-    size] in [0, 1]."""
-    from prepare import load_image
-
-    try:
-        grey = Image.fromarray(load_image(path, size).transpose(1, 2, 0)).convert('L')
-    except ValueError as e:
-        raise SystemExit(f"error: --hint={path}: {e}") from None
-    return torch.from_numpy(np.array(grey))[None, None].float() / 255
-
-
-def save_loss_curve(history, path):
-    """Train (grey) and val (blue) loss against step, log-scale loss, as a small PNG (PIL, no
-    matplotlib)."""
-    pts = [(s, math.log10(v), kind) for s, kind, v in history if v > 0 and math.isfinite(v)]
-    if len(pts) < 2:
-        return
-    W, H, m = 640, 360, 40
-    s0, s1 = min(p[0] for p in pts), max(p[0] for p in pts) or 1
-    l0, l1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    xy = lambda s, l: (
-        m + (W - 2 * m) * (s - s0) / max(s1 - s0, 1),
-        H - m - (H - 2 * m) * (l - l0) / max(l1 - l0, 1e-9),
-    )
-    img = Image.new('RGB', (W, H), 'white')
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m, W - m, H - m], outline='black')
-    for kind, colour in (('train', (150, 150, 150)), ('val', (30, 90, 220))):
-        line = [xy(s, l) for s, l, k in pts if k == kind]
-        if len(line) > 1:
-            d.line(line, fill=colour, width=2)
-    d.text(
-        (m, 8),
-        f"loss (log10 {l0:.2f}..{l1:.2f}) vs step {s0}..{s1}: train grey, val (ema) blue",
-        fill='black',
-    )
-    atomic_write(path, lambda f: img.save(f, format='PNG'))
 
 
 def save_samples(generate, asked, labels, meta, folder, info):
@@ -329,80 +185,6 @@ def save_samples(generate, asked, labels, meta, folder, info):
     return manifest
 
 
-def eval_samples(model, diffusion, meta, data_dir, val_data, k, reference, **kw):
-    """train.py's evaluation samples -> (images, captions, graded) for the eval grid. graded: with k
-    > 0 (shapes data) k samples per class read back -> (accuracy, factor FD dict, number graded)
-    against reference (see shapes_reference); else None. Class labels: max(8, k) samples per class
-    and the grid shows the first 8, so k <= 8 costs no sampling beyond the grid's. A control branch:
-    the first 8 val hints, hint j for column j (the j-th sample of each class or caption, mod 8,
-    graded ones too), shown as the grid's first row. kw: cfg_scale, seed, autocast, and the solver's
-    (sample_images)."""
-    dev, text = val_data.device, bool(model.config.text_dim)
-    hints = val_data.get_hint(np.arange(8) % len(val_data)) if model.config.hint_channels else None
-
-    def sample(labels, cond, column):
-        hint = None if hints is None else hints[torch.as_tensor(column, device=dev) % 8]
-        return sample_images(
-            model,
-            diffusion,
-            labels,
-            meta,
-            text=cond,
-            null_text=val_data.empty if text else None,
-            hint=hint,
-            **kw,
-        )
-
-    # the first 8 distinct val captions, 8 samples each (already encoded: no text encoder here)
-    if text:
-        caps = val_captions(data_dir)
-        idx, names = np.repeat(list(caps.values()), 8), [c for c in caps for _ in range(8)]
-        grid = sample(
-            torch.zeros(len(idx), dtype=torch.long, device=dev),
-            val_data.get_text(idx),
-            np.arange(len(idx)),
-        )
-        # graded on each class's caption ("a red circle"), taken from a val image of that class
-        if k:
-            first = [np.flatnonzero(val_data.y == c)[:1] for c in range(meta['num_classes'])]
-            idx = np.repeat(np.concatenate(first), k)
-            x = sample(
-                torch.zeros(len(idx), dtype=torch.long, device=dev),
-                val_data.get_text(idx),
-                np.arange(len(idx)),
-            )
-            y = val_data.y[idx]
-    else:
-        n = max(8, k)
-        labels = class_labels(meta, n)
-        # which sample of its class each one is
-        nth = torch.arange(len(labels)) % n
-        x, y = sample(labels.to(dev), None, nth), labels.numpy()
-        grid = x[nth < 8]
-        names = [
-            meta['class_names'][i] if meta['num_classes'] else '' for i in labels[nth < 8].tolist()
-        ]
-        x, y = x[nth < k], y[(nth < k).numpy()]
-    if hints is not None:
-        grid, names = with_hints(grid, names, hints, 8)
-    if not k:
-        return grid, names, None
-    from shapes import factor_fd, grade
-
-    return grid, names, (grade(x.numpy(), y)[0], factor_fd(x.numpy(), y, *reference), len(y))
-
-
-def shapes_reference(folder):
-    """The real images --grade compares samples with: (factors [N, 4], labels) of the val split of a
-    shapes dataset (read back by shapes.factor_matrix, exactly as the samples are, so the reader's
-    biases cancel)."""
-    from shapes import factor_matrix
-
-    # checked against meta.json: a bad split is one line
-    val = Data(folder, 'val', torch.device('cpu'))
-    return factor_matrix(val.x), val.y
-
-
 def read_prompts(argv, path, data_dir):
     """The prompts for a text model: every --prompt=... in argv (the flag repeats), then the lines
     of `path`; if there are none, the first 8 distinct captions of the dataset's val split."""
@@ -427,45 +209,9 @@ def read_prompts(argv, path, data_dir):
     return found
 
 
-def val_captions(data_dir, n=8):
-    """The first n distinct non-empty captions of a dataset's val split -> {caption: its first
-    index}."""
-    with open(os.path.join(data_dir, 'val_captions.json'), encoding='utf-8') as f:
-        first = {}
-        for i, c in enumerate(json.load(f)):
-            first.setdefault(c, i)
-    return dict(list((c, i) for c, i in first.items() if c)[:n])
-
-
-@functools.lru_cache(maxsize=1)
-def _text_encoder(name, device):
-    from prepare import load_text_encoder
-
-    return load_text_encoder(name, device)
-
-
-def encode_prompts(texts, meta, dev):
-    """Encode prompts with the text encoder that prepare.py recorded in meta (loaded once per
-    process) -> (cond, empty caption), each (states, mask, pooled)."""
-    from prepare import encode_texts
-
-    tokenizer, encoder = _text_encoder(meta['text_encoder'], str(dev))
-    # each prompt encoded once, however often it repeats
-    distinct = list(dict.fromkeys(texts))
-    states, mask, pooled = encode_texts(
-        distinct + [''], tokenizer, encoder, meta['text_max_len'], dev
-    )
-    # through fp16, as the training captions were stored: the model sees the values it was trained
-    # on
-    states, pooled = states.half().float(), pooled.half().float()
-    pos = {t: i for i, t in enumerate(distinct)}
-    idx = torch.tensor([pos[t] for t in texts], device=states.device)
-    return (states[idx], mask[idx], pooled[idx]), (states[-1:], mask[-1:], pooled[-1:])
-
-
 def solver_settings(diffusion, grids, student=None):
     """What sample_loop gets: each 'auto' (order 0) setting from the default
-    (diffusion.default_solver), and for spacing 'auto' the solver tuned to this checkpoint for this
+    (samplers.default_solver), and for spacing 'auto' the solver tuned to this checkpoint for this
     sampler, order, steps and cfg (its grid and matrix), if grids.json has one. A distilled student
     (its checkpoint's record: steps, times) gets DDIM on its own grid, what it learned to take, when
     sampler and spacing are 'auto' and steps is its own. -> (solver dict, grids.json key)."""
@@ -516,7 +262,7 @@ def read_grids(folder):
 
 
 def tune_and_save(model, diffusion, meta, cond, solver, key, grids, autocast):
-    """Fit the solver to this checkpoint (diffusion.tune_solver) on tune_batch noise samples with
+    """Fit the solver to this checkpoint (samplers.tune_solver) on tune_batch noise samples with
     the conditions cond = (labels, text, null_text), at this cfg; add its grid and matrix to
     out_dir/grids.json (atomically)."""
     labels, text, empty = cond
@@ -546,8 +292,9 @@ def tune_and_save(model, diffusion, meta, cond, solver, key, grids, autocast):
             iters=tune_iters,
         )
     print(
-        f"tuned {key}: RMS error vs a converged solve {info['start_error']:.4f} -> {info['error']:.4f} on "
-        f"{len(labels)} samples, {tune_iters} steps, {time.time() - t0:.0f} s; reference converged to {info['ref_change']:.1e}"
+        f"tuned {key}: RMS error vs a converged solve {info['start_error']:.4f} -> "
+        f"{info['error']:.4f} on {len(labels)} samples, {tune_iters} steps, {time.time() - t0:.0f} "
+        f"s; reference converged to {info['ref_change']:.1e}"
     )
     t = diffusion.sampling_schedule(steps, solver['spacing'])[0].tolist()
     grids[key] = dict(t=t, matrix=matrix.tolist(), checkpoint=ckpt_name, batch=len(labels), **info)
@@ -574,22 +321,26 @@ def main():
     lo, hi = (student or {}).get('cfg') or (cfg_scale, cfg_scale)
     if not lo <= cfg_scale <= hi:
         print(
-            f"warning: {out_dir}/{ckpt_name} learned CFG scales {lo:g} to {hi:g}: --cfg_scale={cfg_scale:g} is outside them"
+            f"warning: {out_dir}/{ckpt_name} learned CFG scales {lo:g} to {hi:g}: "
+            f"--cfg_scale={cfg_scale:g} is outside them"
         )
     grids = read_grids(out_dir)
     solver, key = solver_settings(diffusion, grids, student)
     if tune and key is None:
         raise SystemExit(
-            "error: --tune=True: a distilled student samples on its own grid; name --sampler or --spacing"
+            "error: --tune=True: a distilled student samples on its own grid; name --sampler or "
+            "--spacing"
         )
     is_text = bool(model.config.text_dim)
     if (prompts or any(a.startswith('--prompt=') for a in argv)) and not is_text:
         raise SystemExit(
-            f"error: {out_dir}/{ckpt_name} is not a text model (it was trained on class labels): drop --prompt"
+            f"error: {out_dir}/{ckpt_name} is not a text model (it was trained on class labels): "
+            "drop --prompt"
         )
     if hint and not model.config.hint_channels:
         raise SystemExit(
-            f"error: {out_dir}/{ckpt_name} has no control branch (it was trained without hints): drop --hint"
+            f"error: {out_dir}/{ckpt_name} has no control branch (it was trained without hints): "
+            "drop --hint"
         )
     data = data_dir or train_config.get('data_dir', '')
     # the grid's columns
@@ -626,10 +377,7 @@ def main():
         if solver['matrix']
         else 'tuned grid'
     )
-    name = solver['sampler'] + (
-        str(solver['order']) if solver['sampler'] in ('dpm++', 'unipc') else ''
-    )
-    how = f"{name} {grid}, {steps} steps, cfg {cfg_scale}"
+    how = f"{solver_name(solver['sampler'], solver['order'], grid)}, {steps} steps, cfg {cfg_scale}"
     kw = dict(
         cfg_scale=cfg_scale,
         autocast=autocast,
@@ -660,8 +408,10 @@ def main():
     is_shapes = meta.get('dataset') == 'shapes'
     if grade and not is_shapes:
         raise SystemExit("error: --grade=True needs a model trained on the built-in 'shapes' data")
+    control = grade and model.config.hint_channels
     # read first: a missing one fails before any sampling
-    reference = shapes_reference(data) if grade else None
+    reference = shapes_reference(data) if grade and not control else None
+    val = Data(data, 'val', dev, text=is_text) if control else None
 
     # single images for metrics.py, instead of the grid (a grid of thousands helps no one)
     if save_dir:
@@ -698,10 +448,23 @@ def main():
         path = os.path.join(out_dir, 'grid.png')
         save_grid(images, names, path, ncol=ncol)
         print(
-            f"wrote {path} ({n} images{', hints in the first row' if hints is not None else ''}, {how}, seed {seed})"
+            f"wrote {path} ({n} images{', hints in the first row' if hints is not None else ''}, "
+            f"{how}, seed {seed})"
         )
 
-    if grade:
+    # how closely the samples follow val hints, with the branch and as the base model
+    if control:
+        name, rows = control_grade(model, diffusion, meta, val, grade_hints, seed=seed, **kw)
+        print(
+            f"{name} and class accuracy on the first {min(grade_hints, len(val))} val hints | {how}"
+        )
+        for scale, score, acc in rows:
+            base = '' if scale else ' (the base model)'
+            print(
+                f"control_scale {scale:g}{base}: {name} {score:.3f}, "
+                f"class accuracy {100 * acc:.1f}%"
+            )
+    elif grade:
         from shapes import factor_fd, grade as grade_images, shape_caption
 
         labels = torch.arange(meta['num_classes']).repeat_interleave(grade_per_class)
@@ -714,13 +477,14 @@ def main():
         n_read, n_real = sum(fd['n'].values()), sum(fd['n_ref'].values())
         undefined = '' if math.isfinite(fd['overall']) else ' (a class has < 2 readable samples)'
         print(
-            f"conditional accuracy ({'text prompts' if is_text else 'class labels'}; shape and colour read back "
-            f"right): {100 * acc:.1f}% of {len(labels)} samples | {how}"
+            f"conditional accuracy ({'text prompts' if is_text else 'class labels'}; shape and "
+            f"colour read back right): {100 * acc:.1f}% of {len(labels)} samples | {how}"
         )
         print(
-            f"factor FD (size, x, y, background vs the real images of {data} val; mean over {len(fd['per_class'])} "
-            f"classes; 0 = the same distribution): {fd['overall']:.4f}{undefined} | {n_read} of {len(labels)} "
-            f"samples readable, {n_real} real"
+            f"factor FD (size, x, y, background vs the real images of {data} val; mean over "
+            f"{len(fd['per_class'])} classes; 0 = the same distribution): "
+            f"{fd['overall']:.4f}{undefined} | {n_read} of {len(labels)} samples readable, "
+            f"{n_real} real"
         )
         per = [
             f"{name} {100 * a:.0f}% {fd['per_class'][c]:.2g}"

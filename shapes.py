@@ -4,10 +4,12 @@ classes, caption "a red circle"), random size, position and grey-ish background.
 factors that made an image can be read back from it, so the correctness of *generated* samples is
 measured, not eyeballed.
 
-    draw_shape / shape_images   generate (prepare.py stores them as a dataset); shape_draws: their factors
+    draw_shape / shape_images   generate (prepare.py stores them as a dataset); shape_draws: their
+                                factors
     read_shape / grade          read a sample back: which shape and colour does it show? (accuracy)
-    read_factors / factor_fd    ... and its size, position and background: how far is the distribution of
-                                those from the real data's, class by class? (an FD on the true factors: no network)
+    read_factors / factor_fd    ... and its size, position and background: how far is the
+                                distribution of those from the real data's, class by class? (an FD
+                                on the true factors: no network)
 """
 
 import numpy as np

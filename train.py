@@ -1,21 +1,23 @@
 """
-Train a diffusion model on a dataset made by prepare.py. One process:
+Train a diffusion model on a dataset made by prepare.py, in one process or many (DDP, torchrun).
 
     python train.py config/shapes.py --batch_size=32
-
-Many GPUs (DDP), one node or several:
-
     torchrun --standalone --nproc_per_node=8 train.py config/faces.py
 
 Everything random in a step (data order, noise, t, label and hint dropout) is a function of (seed,
 step), so `--init_from=resume` continues exactly the run that stopped, and N processes see the same
 global batch as one process with N times the batch size. A control branch (model.py) for a dataset
-with hints (prepare.py --hint=...) is fine-tuned on a frozen base checkpoint in the same loop, and
-resumed like any run:
+with hints (prepare.py --hint=...) is fine-tuned on a frozen base checkpoint in the same loop;
+distillation (distill.py) is another objective of it, from a teacher checkpoint:
 
-    python train.py config/shapes.py --data_dir=data/shapes-mask --init_from=out-shapes/ckpt.pt --out_dir=out-mask
-Distillation (distill.py) runs in this loop too, from a teacher checkpoint: python train.py
-config/distill_shapes.py
+    python train.py config/shapes.py --data_dir=data/shapes-mask --out_dir=out-mask \
+        --init_from=out-shapes/ckpt.pt
+    python train.py config/distill_shapes.py
+
+Read top to bottom: the settings, the LR schedule, the EMA, the training step, the choice of
+objective (diffusion.Denoise or distill.Distill), then main(): the set-up, then the loop, which
+knows one thing: a step. The optimiser and its guarded update are in optim.py, evaluation and
+keep-best in evaluate.py, what a run starts from and saves in checkpoint.py.
 """
 
 import copy
@@ -25,21 +27,23 @@ import sys
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import evaluate
+from optim import Guard, make_optimizer
 from configurator import check, configure
-from data import Data, batch_indices, read_meta
+from data import Data, batch_indices, draw, read_meta
 import distill
-from diffusion import Diffusion
+from diffusion import Denoise, Diffusion
 from flops import flops_per_image, guess_peak_flops
-from model import build_model, freeze_base, input_shape, model_args_from, setup_device
+from model import input_shape, setup_device
 
 # -----------------------------------------------------------------------------
 # config: defaults here, overridden by config/*.py files and --key=value (see configurator.py)
+
 out_dir = 'out'
 data_dir = 'data/shapes'
 # 'scratch', 'resume' (from out_dir/ckpt.pt), or a base checkpoint (ckpt.pt, .safetensors) to
@@ -50,7 +54,7 @@ arch = 'dit'
 # DiT: see model.DIT_SIZES for the paper's sizes, e.g. B/2 = 12 layers, 12 heads, 768 wide, patch 2
 patch_size = 2
 n_layer = 12
-# (also the UNet's attention heads)
+# DiT heads; a UNet uses the most <= n_head that divide its lowest level's width
 n_head = 6
 n_embd = 384
 # DiT: each block's weights used for this many consecutive layers (1 = no sharing)
@@ -153,42 +157,20 @@ config = {}
 def check_config():
     """What each setting may be, in one place: a harmful value (a negative clip that climbs the
     loss, an EMA decay above 1 that writes NaNs) stops here with one line, before anything runs."""
+    positive = (
+        'batch_size gradient_accumulation_steps max_iters eval_batches log_interval sample_steps '
+        'max_bad_steps restart_iters num_timesteps patch_size n_layer n_head n_embd share_blocks '
+        'unet_channels unet_blocks'
+    )
+    non_negative = (
+        'lr min_lr warmup_iters lr_decay_iters grad_clip weight_decay ema_start eval_interval '
+        'patience min_snr_gamma cfg_scale peak_flops seed control_blocks'
+    )
+    compile_modes = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
     check(
         globals(),
-        positive=(
-            'batch_size',
-            'gradient_accumulation_steps',
-            'max_iters',
-            'eval_batches',
-            'log_interval',
-            'sample_steps',
-            'max_bad_steps',
-            'restart_iters',
-            'num_timesteps',
-            'patch_size',
-            'n_layer',
-            'n_head',
-            'n_embd',
-            'share_blocks',
-            'unet_channels',
-            'unet_blocks',
-        ),
-        non_negative=(
-            'lr',
-            'min_lr',
-            'warmup_iters',
-            'lr_decay_iters',
-            'grad_clip',
-            'weight_decay',
-            'ema_start',
-            'eval_interval',
-            'patience',
-            'min_snr_gamma',
-            'cfg_scale',
-            'peak_flops',
-            'seed',
-            'control_blocks',
-        ),
+        positive=positive.split(),
+        non_negative=non_negative.split(),
         fraction=('class_dropout', 'ema_decay', 'hint_dropout'),
         choices=dict(
             arch=('dit', 'unet'),
@@ -199,12 +181,7 @@ def check_config():
             lr_schedule=('cosine', 'restarts'),
             dtype=('auto', 'float32', 'bfloat16', 'float16'),
             keep_best=('val_loss', 'shapes_fd', 'shapes_accuracy'),
-            compile_mode=(
-                'default',
-                'reduce-overhead',
-                'max-autotune',
-                'max-autotune-no-cudagraphs',
-            ),
+            compile_mode=compile_modes,
         ),
     )
     if init_from not in ('scratch', 'resume') and not os.path.isfile(init_from):
@@ -224,7 +201,8 @@ def check_config():
         sys.exit(f"error: --eval_grade_per_class={eval_grade_per_class} must be 0 (off) or >= 2")
     if keep_best != 'val_loss' and not eval_grade_per_class:
         sys.exit(
-            f"error: --keep_best={keep_best!r} needs graded samples: set --eval_grade_per_class (e.g. 8)"
+            f"error: --keep_best={keep_best!r} needs graded samples: "
+            "set --eval_grade_per_class (e.g. 8)"
         )
     distill.check_rounds(
         distill_steps, distill_cfg, init_from, max_iters, distill_teacher_steps, distill_iters
@@ -245,49 +223,6 @@ def get_lr(it, iters=0):
     return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
-def make_optimizer(model, device_type):
-    """AdamW or Adafactor on the trainable parameters; weight decay only on matrices (not biases,
-    norms, embeddings)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and 'embed' not in name else no_decay).append(p)
-    groups = [
-        {'params': decay, 'weight_decay': weight_decay},
-        {'params': no_decay, 'weight_decay': 0.0},
-    ]
-    if optim == 'adamw':
-        # fused: one kernel for all parameters, and it can skip a step on the device (found_inf, see
-        # the loop)
-        return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=True)
-    # our LR schedule drives it, so its own relative-step schedule is off
-    if optim == 'adafactor':
-        from transformers.optimization import Adafactor
-
-        return Adafactor(
-            groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False
-        )
-    raise SystemExit(f"error: optim must be 'adamw' or 'adafactor', got {optim!r}")
-
-
-def batch_noise(diffusion, step, n, shape, device, gen_seed, latent=False):
-    """t, noise, label dropout, (latents) the VAE posterior sample and h-flip, and hint dropout for
-    a global batch, from a generator seeded by (seed, step): a pure function of the step, so
-    resuming needs no RNG state."""
-    g = torch.Generator(device).manual_seed(gen_seed * 1_000_003 + step)
-    t = diffusion.sample_t(n, g, device)
-    noise = torch.randn((n,) + shape, generator=g, device=device)
-    # for CFG: the null class / empty caption
-    drop = torch.rand(n, generator=g, device=device) < class_dropout
-    eps = torch.randn((n,) + shape, generator=g, device=device) if latent else None
-    flip = torch.rand(n, generator=g, device=device) < 0.5 if latent else None
-    # drawn after the draws above: they are as before it
-    empty = torch.rand(n, generator=g, device=device) < hint_dropout
-    # distillation: the student's step, the CFG scale
-    u = torch.rand(n, 2, generator=g, device=device, dtype=torch.float64)
-    return t, noise, drop, eps, flip, empty, u
-
-
 @torch.no_grad()
 def update_ema(ema, model, step):
     """fp32 EMA of the trained weights (a control run's frozen base stays as loaded); before
@@ -302,11 +237,71 @@ def update_ema(ema, model, step):
         torch._foreach_lerp_(ema_p, model_p, 1 - ema_decay)
 
 
+def micro_batches(rank, world):
+    """This process's slices of the global batch, one per micro-step: the same examples with the
+    same draws whatever the world size (N processes see what one sees with N times the batch)."""
+    firsts = [(micro * world + rank) * batch_size for micro in range(gradient_accumulation_steps)]
+    return [slice(first, first + batch_size) for first in firsts]
+
+
+def train_step(model, task, data, idx, draws, slices, guard, optimizer, scaler, autocast):
+    """One optimiser step on a global batch (idx, draws): the forward and backward of each of this
+    process's micro-batches (slices), gradients accumulated (DDP: all-reduced on the last), then
+    the guarded update. -> whether the optimiser stepped (optim.Guard.step)."""
+    step_loss = torch.zeros((), device=data.device)
+    for s in slices:
+        part = draws.part(s)
+        batch = data.batch(idx[s], part)
+        # DDP: all-reduce the gradients on the last micro-batch only
+        last = s == slices[-1]
+        sync = nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
+        with sync, autocast:
+            loss = task.loss(model, batch, part) / len(slices)
+        scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    return guard.step(model, optimizer, scaler, step_loss)
+
+
+def objective_for(diffusion, model, model_args, ckpt, num_classes, train_data, dev):
+    """The objective trained: the plain one, or distillation of the checkpoint (the teacher)."""
+    if not distill_steps:
+        return Denoise(diffusion, min_snr_gamma, max_iters)
+    null_text = train_data.empty if train_data.text else None
+    compiled = compile_mode if compile and dev.type == 'cuda' else None
+    return distill.Distill(
+        diffusion, model, model_args, ckpt, config, num_classes, null_text, compiled
+    )
+
+
+def write_trace(prof):
+    path = os.path.join(out_dir, 'trace.json')
+    prof.export_chrome_trace(path)
+    print(f"wrote profiler trace {path}")
+
+
+def start_profiler(dev):
+    """A torch.profiler trace of steps 2-4 (after a step of warm-up) into out_dir/trace.json."""
+    from torch.profiler import ProfilerActivity, schedule
+
+    activities = [ProfilerActivity.CPU]
+    if dev.type == 'cuda':
+        activities.append(ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(
+        activities=activities,
+        schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+        record_shapes=True,
+        on_trace_ready=write_trace,
+    )
+    prof.start()
+    return prof
+
+
 def main():
     check_config()
     # the settings as they are now, as checkpoints record them
     config.update(configure(globals(), []))
-    # ---- processes and devices
+
+    # processes and devices: one, or one of torchrun's (DDP)
     ddp = int(os.environ.get('RANK', -1)) != -1
     dev, ptdtype, autocast = setup_device(device, dtype)
     if ddp:
@@ -314,489 +309,139 @@ def main():
         if dev.type == 'cuda':
             dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
             torch.cuda.set_device(dev)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    rank = dist.get_rank() if ddp else 0
+    world = dist.get_world_size() if ddp else 1
     master = rank == 0
     torch.manual_seed(seed)
     if dev.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     global_batch = batch_size * gradient_accumulation_steps * world
 
-    # ---- data
+    # data; a text model ignores the class labels: its only class is the null one
     meta = read_meta(data_dir)
-    # a text model ignores the class labels
     text = use_text and 'text_dim' in meta
-    train_data = Data(data_dir, 'train', dev, text)
-    # val_fraction=0: no val split
-    val_data = Data(data_dir, 'val', dev, text) if meta['splits'].get('val') else train_data
     shape = input_shape(meta)
     num_classes = 0 if text else meta['num_classes']
-    if eval_grade_per_class and meta.get('dataset') != 'shapes':
-        raise SystemExit(
-            f"error: --eval_grade_per_class={eval_grade_per_class} reads samples back: only the "
-            f"built-in 'shapes' data can be ({data_dir} is not)"
-        )
-
-    # ---- model, EMA, optimiser: from scratch, resumed, or a control branch on a base checkpoint
-    # (frozen)
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    train_data = Data(data_dir, 'train', dev, text)
+    val_data = train_data
+    if meta['splits'].get('val'):
+        val_data = Data(data_dir, 'val', dev, text)
+    # the real val images' factors, read once, if samples are graded (rank 0 grades)
+    reference = evaluate.shapes_reference_of(meta, config, master)
     # one training run per out_dir: a second one would overwrite this one's checkpoints
     if master:
         os.makedirs(out_dir, exist_ok=True)
         checkpoint.lock_out_dir(out_dir)
         checkpoint.remove_stale_temporaries(out_dir)
-    resume, path = init_from == 'resume', ckpt_path if init_from == 'resume' else init_from
-    # tensors and plain values only
-    ckpt = checkpoint.load(path, dev, training=resume) if init_from != 'scratch' else None
-    model_args = plain = model_args_from(
-        globals(), shape, num_classes, meta['text_dim'] if text else 0
+
+    # the model, its EMA, the objective, the optimiser: from scratch, resumed, or on a checkpoint
+    text_dim = meta['text_dim'] if text else 0
+    ckpt, path, model_args = checkpoint.starting_point(
+        config, meta, shape, num_classes, text_dim, dev
     )
-    distilling = bool(distill_steps)
-    control = bool(
-        ckpt and not distilling and (not resume or ckpt['model_args'].get('hint_channels'))
-    )
-    # the teacher's network (resumed: the student's), taking the CFG scale as an input if
-    # conditional
-    if distilling:
-        model_args = (
-            ckpt['model_args']
-            if resume
-            else distill.student_args(
-                ckpt, path, num_classes or text, distill_steps[0], distill_teacher_steps
-            )
-        )
-    # the checkpoint's network with a branch for the dataset's hints
-    if control:
-        if not meta.get('hint'):
-            raise SystemExit(
-                f"error: a control branch on {path} needs hints: {data_dir} has none (prepare.py --hint=...)"
-            )
-        model_args = dict(
-            ckpt['model_args'],
-            hint_channels=meta['hint_shape'][0],
-            hint_size=meta['hint_shape'][-1],
-        )
-        if model_args['arch'] == 'dit':
-            model_args['control_blocks'] = control_blocks
-    # the same data and diffusion (resumed: the same network), or it would silently train something
-    # else
-    if ckpt:
-        now = dict(
-            {k: plain.get(k, 0) for k in ('input_size', 'in_channels', 'num_classes', 'text_dim')},
-            vae=meta.get('vae'),
-            **{k: globals()[k] for k in checkpoint.DIFFUSION_KEYS},
-            **(model_args if resume else {}),
-        )
-        checkpoint.check_same_model(path, ckpt, now)
+    # a control run's batches carry the hints
+    train_data.hints = val_data.hints = bool(model_args.get('hint_channels'))
     diffusion = Diffusion(objective, schedule, prediction, num_timesteps)
-    model = build_model(model_args).to(dev)
-    # only the branch trains (make_optimizer takes the trainable parameters)
-    if control:
-        freeze_base(model)
-    # the base's (teacher's) EMA weights, and what it lacks: a control branch
-    if (control or distilling) and not resume:
-        # or a scale input
-        checkpoint.load_base(
-            model, ckpt, path, 'control.' if control else 'g_embed.', lacks=control
-        )
-        # the branch starts as a copy of what it copies (ControlNet); a student's scale input at
-        # zero
-        if control:
-            model.init_control_from_base()
-    # NHWC: the layout cuDNN's tensor-core convolutions run in
-    if model_args['arch'] == 'unet' and dev.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
-    model.grad_checkpoint = grad_checkpoint
+    model = checkpoint.build(config, model_args, ckpt, path, dev)
     ema = copy.deepcopy(model).float().requires_grad_(False)
-    # the first round's: init_from's
-    teacher = copy.deepcopy(model).requires_grad_(False).eval() if distilling else None
-    # whether it takes the scale (else: two halves)
-    teacher_guided = bool(ckpt and ckpt['model_args'].get('guidance'))
-    optimizer = make_optimizer(model, dev.type)
+    task = objective_for(diffusion, model, model_args, ckpt, num_classes, train_data, dev)
+    optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)
-    step, best_val, bad_steps, stale, history = 0, float('inf'), 0, 0, []
-    # best.pt's keep_best score, lower is better: val loss, factor FD or -accuracy
-    best_score = float('inf')
-    if resume:
-        try:
-            model.load_state_dict(ckpt['model'])
-            ema.load_state_dict(ckpt['ema'])
-            optimizer.load_state_dict(ckpt['optimizer'])
-            scaler.load_state_dict(ckpt['scaler'])
-            if distilling:
-                teacher.load_state_dict(ckpt['teacher']['weights'])
-                teacher_guided = ckpt['teacher']['guided']
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise SystemExit(
-                f"error: {ckpt_path} has weights or optimizer state that do not fit this model "
-                f"({(str(e).splitlines() or [''])[0][:160]})"
-            ) from None
-        step, best_val, bad_steps, stale, history = (
-            ckpt[k] for k in ('step', 'best_val', 'bad_steps', 'stale', 'history')
-        )
-        # best.pt's score (a checkpoint from before keep_best kept best by val loss); another
-        # yardstick starts afresh
-        same = ckpt['config'].get('keep_best', 'val_loss') == keep_best
-        best_score, stale = (ckpt.get('best_score', best_val), stale) if same else (float('inf'), 0)
+    run = checkpoint.Run()
+    if init_from == 'resume':
+        checkpoint.restore(ckpt, path, model, ema, optimizer, scaler, task)
+        run = checkpoint.Run.resumed(ckpt, keep_best)
         if master:
-            print(f"resuming from {ckpt_path} at step {step}")
+            print(f"resuming from {path} at step {run.step}")
+    trained = checkpoint.Trained(model, ema, optimizer, scaler, task, run, model_args, meta, config)
     raw_model = model
-    # distilling: the teacher's forwards cost more than the student's: compiled with it
-    teacher_net = teacher
     if compile and dev.type == 'cuda':
-        model, teacher_net = (
-            torch.compile(model, mode=compile_mode),
-            teacher and torch.compile(teacher, mode=compile_mode),
-        )
+        model = torch.compile(model, mode=compile_mode)
     if ddp:
         model = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    # a control run: its branch's
-    n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    # forward + backward = 3x a forward; distilling, + the teacher's forwards (its steps; CFG's 2
-    # halves, or 1)
-    calls = lambda r: (
-        3 + distilling * subs[r] * (1 + (not (teacher_guided or r) and model_args['guidance']))
-    )
-    # a forward of the batch
+    # distillation: what sample.py needs to sample the student, kept in the checkpoint's config
+    config.update(task.config(run.step))
+
+    # what the log reports: MFU from a forward's FLOPs of the global batch and the peak
     flops_fwd = flops_per_image(raw_model, shape, meta.get('text_max_len', 0)) * global_batch
     peak = peak_flops or guess_peak_flops(dev)
     if master:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        cond = 'captions' if text else 'class labels'
         print(
-            f"{n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained) | {len(train_data)} train images {shape} "
-            f"| global batch {global_batch} | {dev} {ptdtype} | {world} process(es) | conditioned on "
-            f"{'captions' if text else 'class labels'}"
+            f"{n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained) | "
+            f"{len(train_data)} train images {shape} | global batch {global_batch} | {dev} "
+            f"{ptdtype} | {world} process(es) | conditioned on {cond}"
         )
-
-    # distillation: each round's student steps (not distilling: one round)
-    rounds = list(distill_steps) or [0]
-    # and its teacher's calls per student step
-    subs = distill.teacher_substeps(rounds, distill_teacher_steps)
-    # the step each round ends at
-    ends = distill.round_ends(rounds, max_iters, distill_iters)
-    # the round step s is in (resumed at the end: the last)
-    round_of = lambda s: sum(s >= e for e in ends[:-1])
-    # for sample.py
-    record = lambda r: distill.record(diffusion, rounds[r], distill_cfg, model_args['guidance'])
-    if distilling:
-        config['student'] = record(round_of(step))
-
-    # the training loss, or distillation's (distill.py)
-    def loss_of(net, x0, y, t, noise, caps, hint, u, gamma=0.0):
-        if not distilling:
-            return diffusion.loss(net, x0, y, t, noise, gamma, caps, hint)
-        return distill.distill_loss(
-            diffusion,
-            (net, model_args['guidance']),
-            (teacher_net, teacher_guided or r > 0),
-            x0,
-            y,
-            noise,
-            t,
-            u,
-            rounds[r],
-            distill_cfg,
-            num_classes,
-            caps,
-            train_data.empty if text else None,
-            subs[r],
-        )
-
-    @torch.no_grad()
-    def val_loss(net):
-        losses = []
-        for i in range(eval_batches):
-            idx = np.arange(i * batch_size, (i + 1) * batch_size) % len(val_data)
-            x0, y = val_data.get(idx)
-            # the same noise at every evaluation
-            t, noise, *_, u = batch_noise(diffusion, i, len(idx), shape, dev, seed + 1)
-            caps, hint = (
-                val_data.get_text(idx) if text else None,
-                val_data.get_hint(idx) if control else None,
-            )
-            with autocast:
-                # a text model has only the null class
-                y = y * 0 if text else y
-                losses.append(loss_of(net, x0, y, t, noise, caps, hint, u).item())
-        return sum(losses) / len(losses)
-
-    # what a checkpoint holds: tensors and plain values only (checkpoint.load refuses anything else)
-    def state():
-        return {
-            'model': raw_model.state_dict(),
-            'ema': ema.state_dict(),
-            'optimizer': optimizer.state_dict(),
-            'scaler': scaler.state_dict(),
-            'step': step,
-            'best_val': best_val,
-            'bad_steps': bad_steps,
-            'stale': stale,
-            'history': history,
-            'best_score': best_score,
-            'model_args': model_args,
-            'config': config,
-            'meta': meta,
-            **(
-                {'teacher': {'weights': teacher.state_dict(), 'guided': teacher_guided}}
-                if distilling
-                else {}
-            ),
-        }
-
-    def save(name='ckpt.pt'):
-        checkpoint.save(state(), os.path.join(out_dir, name))
-
-    # the real val images' factors, read once, if samples are graded (rank 0 grades)
-    reference = None
-    if eval_grade_per_class and master:
-        from sample import shapes_reference
-
-        reference = shapes_reference(data_dir)
-
-    # the EMA's eval grid, and its shapes grade if asked (sample.eval_samples)
-    def eval_samples():
-        # lazy: only the master samples
-        from sample import eval_samples
-
-        # a step student: DDIM on its grid
-        student = config.get('student') or {}
-        n = student.get('steps')
-        solver = dict(distill.solver(student), steps=n) if n else dict(steps=sample_steps)
-        return eval_samples(
-            ema,
-            diffusion,
-            meta,
-            data_dir,
-            val_data,
-            eval_grade_per_class,
-            reference,
-            cfg_scale=cfg_scale,
-            seed=seed,
-            autocast=autocast,
-            **solver,
-        )
-
-    # rank 0's number on every process (only rank 0 samples): all agree on keep-best, early stopping
-    def shared(value):
-        if not ddp:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=dev)
-        dist.broadcast(t, 0)
-        return t.item()
-
-    # wandb, if asked for and installed; otherwise the stdout lines are the log
-    log = lambda **kw: None
     if wandb_project and master:
-        try:
-            import wandb
+        evaluate.start_wandb(config)
+    prof = start_profiler(dev) if profile and master else None
 
-            wandb.init(project=wandb_project, config=config, resume='allow')
-            log = lambda **kw: wandb.log(kw, step=step)
-        except ImportError:
-            print(
-                "wandb_project is set but wandb is not installed (pip install wandb): logging to stdout only"
-            )
-
-    prof = None
-    if profile and master:
-        from torch.profiler import ProfilerActivity, schedule as prof_schedule
-
-        trace = os.path.join(out_dir, 'trace.json')
-        prof = torch.profiler.profile(
-            activities=[ProfilerActivity.CPU]
-            + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else []),
-            schedule=prof_schedule(wait=1, warmup=1, active=3, repeat=1),
-            record_shapes=True,
-            on_trace_ready=lambda p: (
-                p.export_chrome_trace(trace),
-                print(f"wrote profiler trace {trace}"),
-            ),
-        )
-        prof.start()
-
-    # ---- the loop
-    t_last, steps_since, loss_sum = time.time(), 0, torch.zeros((), device=dev)
-    # device-side counts
-    n_loss, bad_run, bad_max, bad_new = (
-        torch.zeros((), dtype=torch.long, device=dev) for _ in range(4)
-    )
-    while step < max_iters:
-        # the round (distillation: each has its own LR schedule and EMA start)
-        r = round_of(step)
-        local, length = step - ([0] + ends)[r], ends[r] - ([0] + ends)[r]
-        # a new round: its teacher and its student start as the last round's student
-        if distilling and local == 0 and r:
-            teacher.load_state_dict(ema.state_dict())
-            raw_model.load_state_dict(ema.state_dict())
-            # best.pt: this round's best student
-            best_score, stale = float('inf'), 0
-            config['student'] = record(r)
+    # the loop
+    guard = Guard(dev, ptdtype == torch.float16, config)
+    slices = micro_batches(rank, world)
+    latent = train_data.latent
+    dropout = dict(class_dropout=class_dropout, hint_dropout=hint_dropout)
+    t_last = time.time()
+    steps_since = 0
+    while run.step < max_iters:
+        # a new distillation round: the last round's student is the teacher and the student,
+        # and best.pt is this round's best
+        if task.begin(run.step, raw_model, ema):
+            run.restart_best()
+            config.update(task.config(run.step))
+        # the LR schedule and the EMA's start run over the round (a plain run: one round)
+        start, end = task.span(run.step)
+        lr_now = get_lr(run.step - start, end - start)
         for group in optimizer.param_groups:
-            group['lr'] = get_lr(local, length)
-        idx = batch_indices(step, len(train_data), global_batch, seed)
-        t, noise, drop, eps, flip, empty, u = batch_noise(
-            diffusion, step, global_batch, shape, dev, seed, train_data.latent
+            group['lr'] = lr_now
+        idx = batch_indices(run.step, len(train_data), global_batch, seed)
+        draws = draw(diffusion, run.step, global_batch, shape, dev, seed, latent, **dropout)
+        stepped = train_step(
+            model, task, train_data, idx, draws, slices, guard, optimizer, scaler, autocast
         )
-        step_loss = torch.zeros((), device=dev)
-        try:
-            for micro in range(gradient_accumulation_steps):
-                # this process's slice of the global batch (the same examples with the same noise
-                # whatever the world size)
-                s = slice(
-                    (micro * world + rank) * batch_size, (micro * world + rank + 1) * batch_size
-                )
-                # latents: mirrored or not (the hint with them)
-                f = flip[s] if flip is not None else None
-                x0, y = train_data.get(idx[s], eps[s] if eps is not None else None, f)
-                # the null class, for CFG (text: the only class)
-                y = y * 0 if text else torch.where(drop[s], num_classes, y)
-                # dropped: the empty caption
-                caps = train_data.get_text(idx[s], drop[s]) if text else None
-                # dropped: zeros
-                hint = (
-                    train_data.get_hint(idx[s], f) * ~empty[s].view(-1, 1, 1, 1)
-                    if control
-                    else None
-                )
-                last = micro == gradient_accumulation_steps - 1
-                with model.no_sync() if ddp and not last else nullcontext(), autocast:
-                    loss = (
-                        loss_of(model, x0, y, t[s], noise[s], caps, hint, u[s], min_snr_gamma)
-                        / gradient_accumulation_steps
-                    )
-                scaler.scale(loss).backward()
-                step_loss += loss.detach()
-        except torch.OutOfMemoryError:
-            raise SystemExit(
-                f"error: CUDA out of memory at batch_size={batch_size}: lower batch_size (raise "
-                f"gradient_accumulation_steps to keep the global batch), set grad_checkpoint=True, "
-                f"or use a smaller model"
-            ) from None
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
-        # A non-finite gradient (a corrupt example, an overflow) would poison the weights and Adam's
-        # moments for good: that
-        # update is skipped on the device (fused AdamW's found_inf, GradScaler's own mechanism,
-        # which fp16 uses), so no step
-        # waits for the host; the skips are counted on the device and read at log time (Adafactor:
-        # one host sync a step).
-        # fp16: GradScaler's overflow skips are its normal life
-        ok = torch.isfinite(grad_norm) | (ptdtype == torch.float16)
-        # (fp16: GradScaler sets it itself)
-        optimizer.found_inf = (~ok).float()
-        if optim == 'adamw' or ok.item():
-            scaler.step(optimizer)
-            scaler.update()
-            # a skipped step left the weights as they were: the EMA moves towards them
-            update_ema(ema, raw_model, local)
-        # non-finite gradients in a row, on the device
-        bad_run = (bad_run + 1) * ~ok
-        bad_max, bad_new = torch.maximum(bad_max, bad_run), bad_new + ~ok
-        loss_sum, n_loss = loss_sum + torch.where(ok, step_loss, 0.0), n_loss + ok
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+        # a skipped update left the weights as they were: the EMA moves towards them
+        if stepped:
+            update_ema(ema, raw_model, run.step - start)
+        run.step += 1
         steps_since += 1
         if prof is not None:
             prof.step()
 
-        # and each round's end
-        evaluating = (eval_interval and step % eval_interval == 0) or step in ends
-        # every process: all read the same (all-reduced) gradients' skips
-        if step % log_interval == 0 or evaluating:
-            skipped, longest = bad_new.item(), bad_max.item()
-            bad_steps += skipped
-            if skipped and master:
-                print(
-                    f"step {step} | {skipped} non-finite gradient(s) since the last log: update(s) skipped "
-                    f"({bad_steps} skipped so far)",
-                    flush=True,
-                )
-            if longest >= max_bad_steps:
-                raise SystemExit(
-                    f"error: {longest} non-finite gradients in a row by step {step}: lower lr, check the "
-                    f"data, or resume from the last checkpoint ({ckpt_path})"
-                )
-            bad_max.zero_(), bad_new.zero_()
-        if master and (step % log_interval == 0 or step == max_iters):
+        # evaluate every eval_interval steps and at each round's end
+        evaluating = (eval_interval and run.step % eval_interval == 0) or run.step in task.ends
+        if run.step % log_interval == 0 or evaluating:
+            guard.check(run, master)
+        if master and (run.step % log_interval == 0 or run.step == max_iters):
             dt = time.time() - t_last
             img_s = steps_since * global_batch / dt
+            mfu = ''
             # N GPUs: N peaks
-            mfu = (
-                f" | mfu {100 * flops_fwd * calls(r) * steps_since / dt / (peak * world):.1f}%"
-                if peak
-                else ''
-            )
-            train_loss = loss_sum.item() / max(n_loss.item(), 1)
-            history.append((step, 'train', train_loss))
-            log(train_loss=train_loss, lr=get_lr(local, length), img_s=img_s)
+            if peak:
+                flops = flops_fwd * task.calls() * steps_since / dt
+                mfu = f" | mfu {100 * flops / (peak * world):.1f}%"
+            train_loss = guard.mean_loss()
+            run.history.append((run.step, 'train', train_loss))
+            evaluate.log(run.step, train_loss=train_loss, lr=lr_now, img_s=img_s)
             print(
-                f"step {step} | loss {train_loss:.4f} | lr {get_lr(local, length):.2e} | {img_s:.0f} img/s{mfu}",
+                f"step {run.step} | loss {train_loss:.4f} | lr {lr_now:.2e} | "
+                f"{img_s:.0f} img/s{mfu}",
                 flush=True,
             )
-            loss_sum, n_loss, steps_since, t_last = loss_sum * 0, n_loss * 0, 0, time.time()
+            steps_since = 0
+            t_last = time.time()
         if evaluating:
-            # on every process (same EMA, same data), so all agree on early stopping
-            vl = val_loss(ema)
-            best_val = min(best_val, vl)
-            # graded: (accuracy, FD, n) or None
-            grid, names, graded = eval_samples() if master else (None, None, None)
-            if keep_best == 'val_loss':
-                score = vl
-            # an undefined FD (NaN: a class with < 2 readable samples) is never better
-            else:
-                score = shared(
-                    (graded[1]['overall'] if keep_best == 'shapes_fd' else -graded[0])
-                    if master
-                    else 0.0
-                )
-            improved = score < best_score
-            # accuracy is kept as -accuracy
-            best_score, stale = (score, 0) if improved else (best_score, stale + 1)
-            if master:
-                history.append((step, 'val', vl))
-                # beside the number best.pt goes by
-                mark = {keep_best: ' (best)' if improved else ''}
-                line = f"val loss (ema) {vl:.4f}{mark.get('val_loss', '')}"
-                if graded:
-                    acc, fd, n = graded
-                    log(val_loss=vl, shapes_accuracy=acc, shapes_fd=fd['overall'])
-                    line += (
-                        f" | shapes accuracy {100 * acc:.1f}%{mark.get('shapes_accuracy', '')}, factor FD "
-                        f"{fd['overall']:.4f}{mark.get('shapes_fd', '')} ({n} samples)"
-                    )
-                else:
-                    log(val_loss=vl)
-                # keep-best: the EMA weights with the best score so far; written first, so
-                if improved:
-                    # a kill between the two leaves best.pt new and ckpt.pt one evaluation older
-                    save('best.pt')
-                save()
-                # each round's student is kept (sample.py --ckpt_name=student2.pt)
-                if distilling and step in ends:
-                    save(f"student{rounds[r]}.pt" if rounds[r] else 'student_guided.pt')
-                    line += f" | {f'{rounds[r]}-step' if rounds[r] else 'guidance'} student"
-                print(f"step {step} | {line} | saved {out_dir}/ckpt.pt", flush=True)
-                from sample import save_grid, save_loss_curve
-
-                save_loss_curve(history, os.path.join(out_dir, 'loss.png'))
-                save_grid(grid, names, os.path.join(out_dir, f'samples_{step:06d}.png'))
+            stop = evaluate.evaluate(trained, val_data, shape, reference, autocast, master)
             # do not count evaluation in img/s
             t_last = time.time()
-            if patience and stale >= patience:
-                if master:
-                    best = (
-                        f"best {abs(best_score):.4f}: {out_dir}/best.pt"
-                        if math.isfinite(best_score)
-                        else "none scored"
-                    )
-                    print(
-                        f"early stop: no better {keep_best.replace('_', ' ')} in {patience} evaluations ({best})"
-                    )
+            if stop:
                 break
     if prof is not None:
         prof.stop()
     # the shareable file: EMA weights + settings as JSON metadata, no optimizer, no pickle
     if master:
-        checkpoint.export_safetensors(state(), os.path.join(out_dir, 'model.safetensors'))
+        checkpoint.export_safetensors(trained.state(), os.path.join(out_dir, 'model.safetensors'))
         print(f"exported the EMA weights to {out_dir}/model.safetensors")
     if ddp:
         dist.destroy_process_group()
@@ -805,4 +450,11 @@ def main():
 if __name__ == '__main__':
     # config files and --key=value overrides on the command line
     configure(globals())
-    main()
+    try:
+        main()
+    except torch.OutOfMemoryError:
+        raise SystemExit(
+            f"error: CUDA out of memory at batch_size={batch_size}: lower batch_size (raise "
+            "gradient_accumulation_steps to keep the global batch), set grad_checkpoint=True, "
+            "or use a smaller model"
+        ) from None

@@ -3,28 +3,30 @@ The Stable Diffusion VAE (AutoencoderKL, Rombach et al. 2022) in one file, loadi
 as they are: our state-dict keys are exactly diffusers' AutoencoderKL keys, and tests/test_vae.py
 checks encode/decode against diffusers itself (which is never imported here).
 
-    python vae.py --image=in.png                                  # sd-vae-ft-mse round trip, prints PSNR
+    # sd-vae-ft-mse round trip, prints PSNR
+    python vae.py --image=in.png
     python vae.py --image=in.png --vae=black-forest-labs/FLUX.1-schnell --subfolder=vae --out=rt.png
 
-    vae = AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-mse')   # or a local folder / .safetensors file
-    z = vae.to_latent(*vae.encode(x))            # x in [-1, 1]; z is what the diffusion model sees
+    # or a local folder / .safetensors file
+    vae = AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-mse')
+    # x in [-1, 1]; z is what the diffusion model sees
+    z = vae.to_latent(*vae.encode(x))
     x = vae.decode(vae.from_latent(z))
 
 Latent scaling, z = (latent - shift_factor) * scaling_factor, so that z has about unit variance
 (config.json carries both; a single-file checkpoint gets SD's unless told):
-  SD 1.x, sd-vae-ft-mse  0.18215                   SD3   1.5305, shift 0.0609  } 16 latent channels,
-  SDXL                   0.13025 (NaNs in fp16:    FLUX  0.3611, shift 0.1159  } no
-  (post_)quant_conv
-                         run it fp32 or bf16)
+  SD 1.x, sd-vae-ft-mse  0.18215
+  SDXL                   0.13025 (NaNs in fp16: run it fp32 or bf16)
+  SD3                    1.5305, shift 0.0609  } 16 latent channels, no (post_)quant_conv
+  FLUX                   0.3611, shift 0.1159  }
 Also loads the two older layouts: diffusers' old attention names (query/key/value/proj_attn) and
 original LDM/CompVis checkpoints (first_stage_model.encoder.down.0.block.0...), see
-load_state_dict_any.
+load_state_dict_any in vae_weights.py, which reads the weight files.
 """
 
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, fields
 
@@ -32,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from vae_weights import hub_file, infer_config, load_state_dict_any, local_file, read_weights
 
 # -----------------------------------------------------------------------------
 # input image for the round trip (required)
@@ -82,7 +86,8 @@ class VAEConfig:
             types = d.get(key, [want] * n)
             if len(types) != n or any(t != want for t in types):
                 raise SystemExit(
-                    f"error: {where}: {key} must be {n} x '{want}' (one per block_out_channels), got {types}"
+                    f"error: {where}: {key} must be {n} x '{want}' (one per block_out_channels), "
+                    f"got {types}"
                 )
         if d.get('act_fn', 'silu') != 'silu':
             raise SystemExit(
@@ -378,7 +383,8 @@ class AutoencoderKL(nn.Module):
                 c = VAEConfig.from_dict({**infer_config(sd), **(config or {})}, path)
             except (KeyError, ValueError) as e:
                 raise SystemExit(
-                    f"error: {path} has no AutoencoderKL weights ({type(e).__name__} {e}); is it a VAE checkpoint?"
+                    f"error: {path} has no AutoencoderKL weights ({type(e).__name__} {e}); "
+                    f"is it a VAE checkpoint?"
                 )
             return cls(c).load_weights(sd, path)
         if not os.path.isdir(path) and (
@@ -401,7 +407,8 @@ class AutoencoderKL(nn.Module):
                 else ''
             )
             raise SystemExit(
-                f"error: no config.json in {folder}{hint}; need a diffusers AutoencoderKL folder or hub id"
+                f"error: no config.json in {folder}{hint}; "
+                f"need a diffusers AutoencoderKL folder or hub id"
             )
         try:
             with open(cfg_path) as f:
@@ -425,153 +432,18 @@ class AutoencoderKL(nn.Module):
         shape = [k for k in own.keys() & sd.keys() if own[k].shape != sd[k].shape]
         if missing or extra or shape:
             raise SystemExit(
-                f"error: weights in {where} do not fit the config: {len(missing)} missing {missing[:3]}, "
+                f"error: weights in {where} do not fit the config: "
+                f"{len(missing)} missing {missing[:3]}, "
                 f"{len(extra)} unexpected {extra[:3]}, {len(shape)} of other shape {shape[:3]}; "
-                f"check block_out_channels/layers_per_block/latent_channels/use_quant_conv in config.json"
+                f"check block_out_channels/layers_per_block/latent_channels/use_quant_conv "
+                f"in config.json"
             )
         self.load_state_dict(sd, strict=True)
         return self.eval()
 
 
 # -----------------------------------------------------------------------------
-# files and checkpoint layouts
-
-
-def local_file(folder, name):
-    p = os.path.join(folder, name)
-    return p if os.path.isfile(p) else None
-
-
-def hub_file(repo, subfolder, name):
-    """Download (or find in the HF cache) one file of a hub repo; None if the repo has no such
-    file."""
-    # only needed for hub ids
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return hf_hub_download(repo, name, subfolder=subfolder or None)
-    # offline, bad id, gated repo...: one line, not a traceback
-    except Exception as e:
-        if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):
-            # the repo is there, the file is not (e.g. no .safetensors: try .bin)
-            return None
-        msg = (str(e).strip().splitlines() or [''])[0][:200]
-        raise SystemExit(
-            f"error: '{repo}' is not a local folder or file, and the Hugging Face hub gave "
-            f"{type(e).__name__} for {name}: {msg}"
-        )
-
-
-def read_weights(path):
-    try:
-        if path.endswith('.safetensors'):
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        # tensors only, no arbitrary pickled code
-        sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise SystemExit(
-            f"error: cannot read weights {path} ({type(e).__name__}); a .ckpt/.pt/.bin must hold only "
-            f"tensors (torch.load weights_only=True), else convert it to .safetensors"
-        )
-    # LDM .ckpt files nest it
-    return sd.get('state_dict', sd) if isinstance(sd, dict) else {}
-
-
-# (pattern, replacement) for LDM/CompVis keys, applied in order
-_LDM_RENAMES = [
-    (r'^(encoder|decoder)\.norm_out\.', r'\1.conv_norm_out.'),
-    (r'^encoder\.down\.(\d+)\.block\.', r'encoder.down_blocks.\1.resnets.'),
-    (r'^encoder\.down\.(\d+)\.downsample\.', r'encoder.down_blocks.\1.downsamplers.0.'),
-    (r'^(encoder|decoder)\.mid\.block_1\.', r'\1.mid_block.resnets.0.'),
-    (r'^(encoder|decoder)\.mid\.block_2\.', r'\1.mid_block.resnets.1.'),
-    (r'^(encoder|decoder)\.mid\.attn_1\.norm\.', r'\1.mid_block.attentions.0.group_norm.'),
-    (r'^(encoder|decoder)\.mid\.attn_1\.([qkv])\.', r'\1.mid_block.attentions.0.to_\2.'),
-    (r'^(encoder|decoder)\.mid\.attn_1\.proj_out\.', r'\1.mid_block.attentions.0.to_out.0.'),
-    (r'\.nin_shortcut\.', '.conv_shortcut.'),
-]
-
-
-def convert_ldm(sd):
-    """LDM/CompVis VAE keys -> diffusers keys. LDM numbers decoder levels by resolution (up.0 is the
-    full-resolution one, run last), diffusers by execution order (up_blocks.0 runs first), hence the
-    flip."""
-    n_up = 1 + max(
-        (int(m[1]) for k in sd if (m := re.match(r'decoder\.up\.(\d+)\.', k))), default=-1
-    )
-    flip = lambda m: (
-        f'decoder.up_blocks.{n_up - 1 - int(m[1])}.{"resnets" if m[2] == "block" else "upsamplers.0"}.'
-    )
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r'^decoder\.up\.(\d+)\.(block|upsample)\.', flip, k)
-        for pat, rep in _LDM_RENAMES:
-            k = re.sub(pat, rep, k)
-        out[k] = v
-    return out
-
-
-def convert_old_attention(sd):
-    """diffusers < 0.14 attention names -> today's; and 1x1-conv attention weights (LDM) ->
-    linear."""
-    old = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(
-            r'(\.attentions\.\d+\.)(query|key|value|proj_attn)\.',
-            lambda m: m[1] + old[m[2]] + '.',
-            k,
-        )
-        if re.search(r'\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$', k) and v.dim() > 2:
-            # [C, C, 1, 1] or [C, C, 1] -> [C, C]
-            v = v.flatten(1)
-        out[k] = v
-    return out
-
-
-def load_state_dict_any(sd):
-    """An AutoencoderKL state dict in any of: diffusers, diffusers with old attention names, or
-    LDM/CompVis (optionally inside a full SD checkpoint under first_stage_model. / vae.) -> a new
-    dict with diffusers keys."""
-    for prefix in ('first_stage_model.', 'vae.'):
-        # a whole-pipeline checkpoint: keep the VAE's part
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
-    # drop what is not the autoencoder (LDM training checkpoints carry loss.discriminator.*,
-    # loss.logvar, ...)
-    sd = {
-        k: v
-        for k, v in sd.items()
-        if k.startswith(('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.'))
-    }
-    if any(k.startswith(('encoder.down.', 'encoder.mid.')) for k in sd):
-        sd = convert_ldm(sd)
-    return convert_old_attention(sd)
-
-
-def infer_config(sd):
-    """Architecture keys of a diffusers-keyed state dict, read off its weight shapes
-    (norm_num_groups can't be: 32 assumed). KeyError if it is not an AutoencoderKL."""
-    n = 1 + max(int(k.split('.')[2]) for k in sd if k.startswith('encoder.down_blocks.'))
-    return dict(
-        in_channels=sd['encoder.conv_in.weight'].shape[1],
-        out_channels=sd['decoder.conv_out.weight'].shape[0],
-        block_out_channels=[
-            sd[f'encoder.down_blocks.{i}.resnets.0.conv1.weight'].shape[0] for i in range(n)
-        ],
-        layers_per_block=1
-        + max(int(k.split('.')[4]) for k in sd if k.startswith('encoder.down_blocks.0.resnets.')),
-        latent_channels=sd['decoder.conv_in.weight'].shape[1],
-        use_quant_conv='quant_conv.weight' in sd,
-        use_post_quant_conv='post_quant_conv.weight' in sd,
-        mid_block_add_attention='encoder.mid_block.attentions.0.to_q.weight' in sd,
-    )
-
-
-# -----------------------------------------------------------------------------
+# the round trip
 
 
 def psnr(a, b):

@@ -3,6 +3,7 @@ beside ours, graph breaks under torch.compile(fullgraph=True), and the parts of 
 need no GPU."""
 
 import os
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import one_line_exit, require
 
 import bench
+import bench_suite
 from data import Data, read_meta
 from model import build_model
 from flops import flops_per_image, guess_peak_flops
@@ -134,10 +136,8 @@ COMPILED = [
 @pytest.mark.parametrize('args, checkpointing', COMPILED)
 def test_forward_backward_compile_without_graph_breaks(args, checkpointing):
     # fullgraph=True: any graph break in the model is an error here, on a CPU, not on a rented GPU.
-    # Dynamo finds
-    # breaks whatever the backend; aot_eager also traces the backward (~3 s a model). Inductor's C++
-    # build is
-    # ~75 s a model cold on a 2-core CPU: NANODIFFUSION_SLOW=1 runs it too.
+    # Dynamo finds breaks whatever the backend; aot_eager also traces the backward (~3 s a model).
+    # Inductor's C++ build is ~75 s a model cold on a 2-core CPU: NANODIFFUSION_SLOW=1 runs it too.
     from diffusion import Diffusion
 
     torch._dynamo.reset()
@@ -172,7 +172,7 @@ def test_forward_backward_compile_without_graph_breaks(args, checkpointing):
 
 def test_suite_latents_are_a_dataset_train_py_trains_on(tmp_path, monkeypatch):
     folder = str(tmp_path / 'latents')
-    bench.write_latents(folder, n=16, shape=(4, 8, 8), classes=3)
+    bench_suite.write_latents(folder, n=16, shape=(4, 8, 8), classes=3)
     meta = read_meta(folder)
     assert meta['splits'] == {'train': 16, 'val': 0}
     x, y = Data(folder, 'train', torch.device('cpu')).get(np.arange(4))
@@ -180,8 +180,9 @@ def test_suite_latents_are_a_dataset_train_py_trains_on(tmp_path, monkeypatch):
     # train.py on it (no val split: it validates on train), read as the suite reads it: 3 log lines,
     # then stopped
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    rows = bench.measure(
-        f'train.py --data_dir={folder} --out_dir={tmp_path}/out --patch_size=4 --n_layer=1 --n_head=2 '
+    rows = bench_suite.measure(
+        f'train.py --data_dir={folder} --out_dir={tmp_path}/out --patch_size=4 --n_layer=1 '
+        '--n_head=2 '
         '--n_embd=32 --batch_size=4 --log_interval=1 --eval_interval=0 --device=cpu',
         lines=3,
     )
@@ -190,7 +191,7 @@ def test_suite_latents_are_a_dataset_train_py_trains_on(tmp_path, monkeypatch):
 
 def test_suite_reads_bench_tables_and_errors(monkeypatch):
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    rows = bench.measure(
+    rows = bench_suite.measure(
         'bench.py --resolution=8 --n_layer=1 --n_head=2 --n_embd=32 --num_classes=4 --batch_size=4 '
         '--warmup=1 --iters=1 --sample_steps=0 --device=cpu'
     )
@@ -198,7 +199,7 @@ def test_suite_reads_bench_tables_and_errors(monkeypatch):
     # the side-by-side row, when diffusers is here
     if 'installed' not in rows['diffusers DiT']:
         assert rows['ours / diffusers'].endswith('x train img/s'), rows
-    assert bench.measure('bench.py --batch_size=0') == {
+    assert bench_suite.measure('bench.py --batch_size=0') == {
         'error': 'error: --batch_size=0 must be > 0'
     }
 
@@ -206,7 +207,9 @@ def test_suite_reads_bench_tables_and_errors(monkeypatch):
 def test_suite_rewrites_only_its_section(tmp_path):
     path = str(tmp_path / 'BENCHMARKS.md')
     with open(path, 'w') as f:
-        f.write(f"# Benchmarks\n\nabove\n\n{bench.BEGIN}\nold table\n{bench.END}\n\nbelow\n")
+        f.write(
+            f"# Benchmarks\n\nabove\n\n{bench_suite.BEGIN}\nold table\n{bench_suite.END}\n\nbelow\n"
+        )
     results = [
         (
             'DiT-B/2',
@@ -221,21 +224,64 @@ def test_suite_rewrites_only_its_section(tmp_path):
     ]
     # rewritten in place, not appended
     for _ in range(2):
-        bench.publish(path, 'Measured on a test.', results)
+        bench_suite.publish(path, 'Measured on a test.', results)
     text = open(path).read()
-    assert text.startswith('# Benchmarks\n\nabove\n\n') and text.endswith(f'{bench.END}\n\nbelow\n')
+    assert text.startswith('# Benchmarks\n\nabove\n\n') and text.endswith(
+        f'{bench_suite.END}\n\nbelow\n'
+    )
     assert (
-        text.count(bench.BEGIN) == 1 and 'old table' not in text and 'Measured on a test.' in text
+        text.count(bench_suite.BEGIN) == 1
+        and 'old table' not in text
+        and 'Measured on a test.' in text
     )
     assert '| DiT-B/2 | 812.0 | 41.0% | — | — | — | — | `python bench.py --size=B/2` |' in text
     assert '| DiT-XL/2 | error: CUDA out of memory at batch_size=256 |' in text
     new = str(tmp_path / 'new.md')
     # no file yet: the section is all of it
-    bench.publish(new, 'h', results[:1])
-    assert open(new).read().startswith(bench.BEGIN + '\nh\n\n| run |')
+    bench_suite.publish(new, 'h', results[:1])
+    assert open(new).read().startswith(bench_suite.BEGIN + '\nh\n\n| run |')
 
 
 def test_suite_without_a_gpu_is_one_line(monkeypatch):
     monkeypatch.setattr(bench, 'suite', True)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     one_line_exit(bench.check_config, '--suite=True', 'no CUDA GPU', 'BENCHMARKS.md is unchanged')
+
+
+def test_bench_times_train_py_step(monkeypatch):
+    """bench.py has no training step of its own: it times train.train_step, with train.py's
+    optimiser (AdamW with its weight-decay groups) and guarded update (a non-finite gradient's
+    update is skipped)."""
+    import train
+    from diffusion import Diffusion
+
+    calls = []
+    real = train.train_step
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(train, 'train_step', counted)
+    for k, v in dict(batch_size=4, warmup=2, n_layer=1, n_head=2, n_embd=32, patch_size=4).items():
+        monkeypatch.setattr(bench, k, v)
+    monkeypatch.setattr(bench, 'resolution', 8)
+    shape, ncls, L, D = bench.data_spec()
+    model = build_model(bench.model_args(shape, ncls, D))
+    dev = torch.device('cpu')
+    data = bench.bench_data(dev, shape, ncls, L, D)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    net, step, mem = bench.ready(model, Diffusion(), data, shape, dev, torch.float32, nullcontext())
+    # the warm-up steps went through train.py's step, on AdamW's two groups (decay, no decay)
+    assert len(calls) == 2 and mem is None
+    optimizer = calls[0][7]
+    assert [g['weight_decay'] for g in optimizer.param_groups] == [train.weight_decay, 0.0]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # a NaN in the weights makes the gradient non-finite: the guard skips that update
+    first = next(model.parameters())
+    with torch.no_grad():
+        first.view(-1)[0] = float('nan')
+    after = [p.detach().clone() for p in model.parameters()]
+    step(5)
+    for a, p in zip(after, model.parameters()):
+        assert torch.equal(a.nan_to_num(), p.detach().nan_to_num())

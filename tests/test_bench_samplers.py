@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import bench_samplers as bs
-from diffusion import Diffusion, sample_loop
+from diffusion import Diffusion
+from samplers import sample_loop
 from conftest import require
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -105,9 +106,8 @@ def test_reference_converges_and_agrees_with_our_sampler():
 
 
 # (objective, configuration, tolerance), about 3x the error measured at 200 NFE: first-order
-# schedulers converge
-# slowly; the flow schedulers that pass integer timesteps call the model up to 1/1000 off their own
-# sigma
+# schedulers converge slowly; the flow schedulers that pass integer timesteps call the model up to
+# 1/1000 off their own sigma
 DRIVER_CASES = [
     ('vp-linear', 'DPM++ 2M (default)', 3e-4),
     ('vp-linear', 'UniPC bh2', 2e-3),
@@ -128,7 +128,9 @@ def test_diffusers_driver_reaches_the_gaussian_end_point(objective, row, tol):
     require('diffusers')
     diffusion = Diffusion(*bs.OBJECTIVES[objective])
     mix, x = gaussian(), noise()
-    cls_name, kwargs = next((c, kw) for r, c, kw in bs.diffusers_configs(objective) if r == row)
+    cls_name, kwargs = next(
+        (c, kw) for r, c, kw in bs.diffusers_configs(*bs.OBJECTIVES[objective]) if r == row
+    )
     out, t0 = bs.run_diffusers(
         bs.exact_net(diffusion, mix, None), x, diffusion, 200, cls_name, kwargs
     )
@@ -143,7 +145,7 @@ def test_diffusers_driver_is_our_sampler_on_the_same_grid():
     diffusion = Diffusion(*bs.OBJECTIVES['vp-linear'])
     mix, x, labels = bs.make_mixture(dims=8), noise(), torch.arange(64) % 4
     net = bs.exact_net(diffusion, mix, labels, 3.0)
-    _, cls_name, kwargs = bs.diffusers_configs('vp-linear')[0]
+    _, cls_name, kwargs = bs.diffusers_configs(*bs.OBJECTIVES['vp-linear'])[0]
     theirs, _ = bs.run_diffusers(net, x, diffusion, 10, cls_name, kwargs)
     ours, _ = sample_loop(net, x, diffusion, 10, 'dpm++', 2, 'linspace')
     assert bs.rms(theirs, ours) < 1e-6

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from conftest import one_line_exit
-from diffusion import Diffusion, guided, sample_loop
+from diffusion import Diffusion
+from samplers import guided, sample_loop
 from model import build_model, freeze_base
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 # tiny models: pixel ones with a pixel-size hint, and latent ones (4x8x8, a 64-pixel hint) with
-# captions;
-# the latent DiT shares blocks and copies 3 layers, so copy i comes from base block i // 2
+# captions; the latent DiT shares blocks and copies 3 layers, so copy i comes from base block i // 2
 CASES = {
     'dit': dict(
         arch='dit',
@@ -196,8 +196,8 @@ def test_control_scale(name):
         # the hint matters
         assert not torch.allclose(model(*inputs, hint=hint.flip(0)), one)
         # the strength multiplies the branch's additions: scale 2 = zero links twice as large at
-        # scale 1 (the
-        # output itself is not linear in it: the additions pass the base's later, nonlinear layers)
+        # scale 1 (the output itself is not linear in it: the additions pass the base's later,
+        # nonlinear layers)
         two = model(*inputs, hint=hint, control_scale=2.0)
         per_sample = model(*inputs, hint=hint, control_scale=torch.tensor([0.0, 1.0, 2.0]))
         for p in model.control.zero.parameters():

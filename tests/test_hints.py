@@ -14,25 +14,12 @@ from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# noqa: E402
 import hints
-
-# noqa: E402
 import prepare
-
-# noqa: E402
 import shapes
-
-# noqa: E402
 from configurator import configure
-
-# noqa: E402
 from conftest import one_line_exit
-
-# noqa: E402
 from data import Data
-
-# noqa: E402
 from vae import AutoencoderKL, VAEConfig
 
 pytestmark = pytest.mark.usefixtures('one_thread')

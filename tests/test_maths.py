@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import Diffusion, guided, sample_loop
+from diffusion import Diffusion
+from samplers import guided, sample_loop
 from conftest import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -309,8 +310,8 @@ def test_threshold_applies_to_every_x0(objective, sampler, spacing):
 @pytest.mark.parametrize('objective', ['flow', 'vp'])
 def test_karras_grid_is_edm_rho_7(objective):
     # EDM (Karras et al. 2022, eq. 5): sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) -
-    # smax^(1/rho)))^rho, rho = 7,
-    # sigma = sigma/alpha from min(start, 80) to 0.002 (flow) or the first training step (vp)
+    # smax^(1/rho)))^rho, rho = 7, sigma = sigma/alpha from min(start, 80) to 0.002 (flow) or the
+    # first training step (vp)
     steps, rho = 10, 7
     d = Diffusion(objective, 'linear', 'eps', T)
     if objective == 'flow':

@@ -256,8 +256,7 @@ def test_a_missing_encoder_is_one_line(tmp_path):
         assert str(e.value.code).startswith('error:') and '\n' not in e.value.code
 
 
-# ---- the CLI
-# ------------------------------------------------------------------------------------------------------
+# ---- the CLI -------------------------------------------------------------------------------------
 
 
 def run_metrics(*args):
@@ -363,8 +362,10 @@ def test_bad_inputs_are_one_line_errors(folders, dino_path, tmp_path):
         f'--samples={tmp_path}/broken --encoder={dino_path}': 'none of the 1 images',
     }
     driver = (
-        "import runpy, sys\nfor case in sys.argv[1:]:\n    sys.argv = ['metrics.py'] + case.split()\n"
-        "    try:\n        runpy.run_path('metrics.py', run_name='__main__')\n    except SystemExit as e:\n"
+        "import runpy, sys\nfor case in sys.argv[1:]:\n    sys.argv = ['metrics.py'] + "
+        "case.split()\n"
+        "    try:\n        runpy.run_path('metrics.py', run_name='__main__')\n    except "
+        "SystemExit as e:\n"
         "        print('EXIT', e.code)\n"
     )
     # a later --key= overrides an earlier one

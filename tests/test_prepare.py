@@ -13,13 +13,8 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# noqa: E402
 import prepare
-
-# noqa: E402
 import shapes
-
-# noqa: E402
 from conftest import one_error_line
 
 

@@ -15,16 +15,9 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# noqa: E402
 import sample
-
-# noqa: E402
 import shapes
-
-# noqa: E402
 import train
-
-# noqa: E402
 from conftest import one_error_line
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', TQDM_DISABLE='1')
@@ -217,20 +210,20 @@ def test_save_dir_writes_n_labelled_pngs_reproducibly(trained, tmp_path):
 
 
 FAKE_SAMPLER = """
-import os, numpy as np, torch, sample, shapes
+import os, numpy as np, torch, images, sample, shapes
 pool = {{}}
 for img, y in shapes.shape_images(240, 32, 5):  # 20 real images per class
     pool.setdefault(y, []).append(img)
 def sample_images(model, diffusion, labels, meta, cfg_scale, seed=0, **kw):
     # a stand-in for the model: real images; 'collapsed' = one image per class. The count of calls
-    # is kept in a file,
-    # so a resumed run continues the sequence: call n is collapsed unless n in {good}
+    # is kept in a file, so a resumed run continues the sequence: call n is collapsed unless n in
+    # {good}
     path = os.path.join({out!r}, 'calls')
     n = int(open(path).read()) + 1 if os.path.exists(path) else 1
     open(path, 'w').write(str(n))
     pick = lambda i, y: pool[y][i % 20 if n in {good} else 0]
     return torch.from_numpy(np.stack([pick(i, y) for i, y in enumerate(labels.tolist())]))
-sample.sample_images = sample_images
+sample.sample_images = images.sample_images = sample_images
 """
 
 

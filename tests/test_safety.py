@@ -17,28 +17,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# noqa: E402
 import bench
-
-# noqa: E402
 import checkpoint
-
-# noqa: E402
 import prepare
-
-# noqa: E402
 import sample
-
-# noqa: E402
 import train
-
-# noqa: E402
 from conftest import one_error_line, one_line_exit
-
-# noqa: E402
 from data import Data
-
-# noqa: E402
 from model import setup_device
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', TQDM_DISABLE='1')

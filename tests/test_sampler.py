@@ -5,8 +5,9 @@ is exact and any difference between two samplers is a difference in the samplers
 import pytest
 import torch
 
-from diffusion import Diffusion, sample_loop, solver_matrix, threshold_x0, tune_solver, unipc
-from bench_samplers import gaussian_x0
+from diffusion import Diffusion
+from samplers import sample_loop, sample_unipc, solver_matrix, threshold_x0, tune_solver
+from bench_gaussian import gaussian_x0
 from conftest import one_line_exit, require
 
 # skips without diffusers; fails instead in CI (conftest.py)
@@ -233,7 +234,7 @@ def test_default_sampler_error_falls_with_nfe_and_beats_diffusers_default():
     ODE end point. DPM-Solver++ 2M on log-SNR-uniform steps (the default before UniPC) is at most a
     third of the error of diffusers' DPMSolverMultistepScheduler with its default config at 10 and
     20 NFE."""
-    from bench_samplers import solver_errors
+    from bench_gaussian import solver_errors
 
     rows = {(m, name.split(' (')[0]): errs for m, name, errs in solver_errors(nfes=(10, 20, 50))}
     for model in ('vp', 'flow'):
@@ -311,11 +312,9 @@ def test_unipc_matches_diffusers_vp(schedule, prediction, order, variant, steps,
 )
 def test_unipc_matches_diffusers_flow(order, spacing):
     # diffusers' own flow grid is linspace(1, 1/1000) and starts at 1 - 1e-6; ours is passed in
-    # (sigmas=) and then
-    # set exactly, in float64, starting at pure noise t = 1 (lambda = -inf). There diffusers' bh1
-    # and order 3 are
-    # NaN (-inf * 0; a solve with an infinite r), so it is bh2 at order <= 2 here; order 3 is
-    # checked below
+    # (sigmas=) and then set exactly, in float64, starting at pure noise t = 1 (lambda = -inf).
+    # There diffusers' bh1 and order 3 are NaN (-inf * 0; a solve with an infinite r), so it is bh2
+    # at order <= 2 here; order 3 is checked below
     diffusion = Diffusion('flow')
     steps = 10
     ts, _, _ = diffusion.sampling_schedule(steps, spacing)
@@ -332,8 +331,8 @@ def test_unipc_matches_diffusers_flow(order, spacing):
 
 
 def unipc_on(diffusion, ts, model, x, order, variant, lam0=None):
-    """Our unipc() on the times ts directly (sample_loop's grids start at pure noise; diffusers'
-    flow grid does not); lam0: replace the start's lambda."""
+    """Our sample_unipc() on the times ts directly (sample_loop's grids start at pure noise;
+    diffusers' flow grid does not); lam0: replace the start's lambda."""
     alphas, sigmas = (
         torch.cat([v, end])
         for v, end in zip(diffusion.alpha_sigma(ts), (torch.ones(1), torch.zeros(1)))
@@ -341,7 +340,7 @@ def unipc_on(diffusion, ts, model, x, order, variant, lam0=None):
     A, S, lam = alphas.tolist(), sigmas.tolist(), (alphas.log() - sigmas.log()).tolist()
     lam[0] = lam[0] if lam0 is None else lam0
     x0_at = lambda x, i: diffusion.to_x0(model(x, ts[i].item()), x, A[i], S[i])
-    return unipc(x0_at, x, lam, A, S, len(ts), order, variant)
+    return sample_unipc(x0_at, x, lam, A, S, order, variant)
 
 
 @pytest.mark.parametrize('variant', ['bh1', 'bh2'])
@@ -366,10 +365,9 @@ def test_unipc_flow_order_3_on_diffusers_own_grid(variant):
 
 def test_unipc_pure_noise_start_is_the_limit():
     # at lambda = -inf (flow's t = 1) unipc drops the start from its polynomial fits; that must be
-    # the limit of a
-    # start at ever lower lambda (bh2: bh1's B(h) = h has no finite limit there, see unipc_update).
-    # Its effect
-    # decays like 1/|lambda_0|: -13.8 (diffusers' 1 - 1e-6) is still 3e-4 away, -1e6 must be ~1e-8
+    # the limit of a start at ever lower lambda (bh2: bh1's B(h) = h has no finite limit there, see
+    # unipc_update). Its effect decays like 1/|lambda_0|: -13.8 (diffusers' 1 - 1e-6) is still 3e-4
+    # away, -1e6 must be ~1e-8
     diffusion = Diffusion('flow')
     ts, _, _ = diffusion.sampling_schedule(10, 'logsnr')
     x = noise(torch.float64)
@@ -533,8 +531,8 @@ def test_tune_solver_beats_its_start_on_held_out_noise(objective):
     # not just fitted to x
     assert error(held_out, C) <= 0.5 * error(held_out)
     print(
-        f"{objective}: fit {info['start_error']:.3e} -> {info['error']:.3e}, held out {error(held_out):.3e} -> "
-        f"{error(held_out, C):.3e}, ref change {info['ref_change']:.1e}"
+        f"{objective}: fit {info['start_error']:.3e} -> {info['error']:.3e}, held out "
+        f"{error(held_out):.3e} -> {error(held_out, C):.3e}, ref change {info['ref_change']:.1e}"
     )
 
 
@@ -557,7 +555,7 @@ def test_flowtime_grid_is_uniform_in_flow_time(objective, schedule):
 
 
 def test_unnamed_solver_settings_are_the_objectives_default():
-    from diffusion import default_solver
+    from samplers import default_solver
 
     d = Diffusion('vp', 'linear', 'eps')
     x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

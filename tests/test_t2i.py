@@ -14,16 +14,13 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# noqa: E402
-from diffusion import Diffusion, guided
+from diffusion import Diffusion
+from samplers import guided
 
-# noqa: E402
 from sample import read_prompts
 
-# noqa: E402
 from test_text import make_bert
 
-# noqa: E402
 from data import Data
 
 ENV = dict(os.environ, TQDM_DISABLE='1')
@@ -245,10 +242,6 @@ def test_bench_times_the_text_model(data):
     ]
     p = run(args + ['--n_head=4'])
     assert 'text 8x32' in p.stdout and 'train img/s' in p.stdout and 'sample img/s' in p.stdout
-    # 32 channels do not split into 6 heads: one line, no traceback
-    p = run(args + ['--n_head=6'], check=False)
-    assert (
-        p.returncode != 0
-        and p.stderr.strip()
-        == "error: the UNet's lowest level has 32 channels: n_head=6 must divide it"
-    )
+    # 32 channels do not split into 6 heads: the UNet takes the most that do (4), as train.py's
+    p = run(args + ['--n_head=6'])
+    assert 'train img/s' in p.stdout

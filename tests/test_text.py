@@ -14,7 +14,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# noqa: E402
+import encode
 import prepare
 
 ENV = dict(os.environ, TQDM_DISABLE='1')
@@ -181,9 +181,9 @@ def test_matches_direct_call(prepared, encoder):
 
 
 def test_padding_does_not_matter(encoder):
-    tok, model = prepare.load_text_encoder(encoder, 'cpu')
-    s16, m16, p16 = prepare.encode_texts(["a red circle", ""], tok, model, 16, 'cpu')
-    s32, m32, p32 = prepare.encode_texts(["a red circle", ""], tok, model, 32, 'cpu')
+    tok, model = encode.load_text_encoder(encoder, 'cpu')
+    s16, m16, p16 = encode.encode_texts(["a red circle", ""], tok, model, 16, 'cpu')
+    s32, m32, p32 = encode.encode_texts(["a red circle", ""], tok, model, 32, 'cpu')
     assert s16.dtype == torch.float32 and s16.shape == (2, 16, 32) and s32.shape == (2, 32, 32)
     assert m16.dtype == torch.bool and p16.shape == (2, 32)
     assert torch.equal(m32[:, :16], m16) and not m32[:, 16:].any()
@@ -197,9 +197,9 @@ def test_masked_mean_pooling_without_pooler(encoder):
 
     if 'clip' in encoder:
         pytest.skip("CLIP always pools")
-    tok, _ = prepare.load_text_encoder(encoder, 'cpu')
+    tok, _ = encode.load_text_encoder(encoder, 'cpu')
     model = AutoModel.from_pretrained(encoder, add_pooling_layer=False).eval()
-    s, m, p = prepare.encode_texts(["a red circle", "a blue square"], tok, model, 16, 'cpu')
+    s, m, p = encode.encode_texts(["a red circle", "a blue square"], tok, model, 16, 'cpu')
     for i in range(2):
         assert torch.allclose(p[i], s[i][m[i]].mean(0), atol=1e-6)
 
@@ -220,7 +220,7 @@ def test_errors(tmp_path):
     assert not os.path.exists(tmp_path / 'o') and not os.path.exists(tmp_path / 'o.tmp')
     # no such encoder: one line, not a traceback
     with pytest.raises(SystemExit) as e:
-        prepare.load_text_encoder(str(tmp_path / 'nope'), 'cpu')
+        encode.load_text_encoder(str(tmp_path / 'nope'), 'cpu')
     assert str(e.value).startswith('error:') and '\n' not in str(e.value)
 
 

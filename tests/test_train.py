@@ -106,7 +106,8 @@ def run_with(patch, args):
 KILL_MID_WRITE = """
 import io, os, signal, checkpoint
 real, writes = checkpoint.atomic_write, []
-def atomic_write(path, write):  # the {n}th write of {name}: half of it reaches the disk, then SIGKILL
+# the {n}th write of {name}: half of it reaches the disk, then SIGKILL
+def atomic_write(path, write):
     if path.endswith('{name}'):
         writes.append(path)
         if len(writes) == {n}:
@@ -375,18 +376,17 @@ def test_ema_follows_the_decay_formula_in_the_loop(data, tmp_path):
     )
 
 
-def test_label_dropout_rate_and_use(data, tmp_path, monkeypatch):
+def test_label_dropout_rate_and_use(data, tmp_path):
     """Label dropout happens at the configured rate, and the loop feeds the null class where it
     does: with class_dropout=1 the real classes' embeddings never get a gradient (Adam leaves them
     bit-identical, no weight decay on embeddings); with class_dropout=0 the null class's embedding
     never does."""
-    import train as train_mod
+    from data import draw
     from diffusion import Diffusion
 
-    monkeypatch.setattr(train_mod, 'class_dropout', 0.1)
     drops = torch.cat(
         [
-            train_mod.batch_noise(Diffusion(), s, 64, (3, 8, 8), torch.device('cpu'), 1)[2]
+            draw(Diffusion(), s, 64, (3, 8, 8), torch.device('cpu'), 1, class_dropout=0.1).drop
             for s in range(200)
         ]
     )

@@ -17,7 +17,6 @@ from conftest import require
 
 # skips without diffusers; fails instead in CI (conftest.py)
 diffusers = require('diffusers')
-# noqa: E402
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,8 +265,8 @@ def test_tiled_matches_diffusers():
 
 def test_tiled_close_to_untiled_away_from_seams():
     # GroupNorm statistics are per tile, so tiled != untiled anywhere; on a periodic texture (every
-    # tile has the
-    # whole image's statistics) what is left is the tiles' missing context, which shows at the seams
+    # tile has the whole image's statistics) what is left is the tiles' missing context, which shows
+    # at the seams
     cfg = config()
     ours = AutoencoderKL(cfg).load_weights(reference(**cfg).state_dict())
     # encode: latent tiles start every 24, blended over 8; decode: 48 and 16 pixels
