@@ -62,7 +62,9 @@ def quality_table(ckpt_dir, cfg_scale, per_class, nfes, tune_max_steps, tune_ite
     # the fit's noise: not the cells'
     g = torch.Generator(dev).manual_seed(seed + 1_000_003)
     tune_labels = torch.arange(meta['num_classes'], device=dev).repeat(4)
-    x_tune = torch.randn((len(tune_labels),) + tuple(input_shape(meta)), generator=g, device=dev)
+    shape = (len(tune_labels),) + tuple(input_shape(meta))
+    # and the noise it is checked on
+    x_tune, x_val = (torch.randn(shape, generator=g, device=dev) for _ in range(2))
     model_fn = guided(
         model.requires_grad_(False), diffusion, tune_labels, meta['num_classes'], cfg_scale
     )
@@ -72,9 +74,8 @@ def quality_table(ckpt_dir, cfg_scale, per_class, nfes, tune_max_steps, tune_ite
             cells.append('-')
             continue
         t0, d = time.time(), default_solver(diffusion.objective, n)
-        matrix, _ = tune_solver(
-            model_fn, x_tune, diffusion, n, d['sampler'], d['order'], d['spacing'], iters=tune_iters
-        )
+        solver = (d['sampler'], d['order'], d['spacing'])
+        matrix, _ = tune_solver(model_fn, x_tune, x_val, diffusion, n, *solver, iters=tune_iters)
         cells.append(cell(n, spacing=d['spacing'], matrix=matrix))
         # kept if cut short
         print(f"  (tuned the {n}-step solver in {time.time() - t0:.0f} s: {cells[-1]})", flush=True)

@@ -219,8 +219,10 @@ def run_tuned(net, x, diffusion, nfe, tune):
     if nfe > tune_max_nfe:
         return None
     d = default_solver(diffusion.objective, nfe)
+    model, x_fit, ref, x_val, ref_val = tune()
+    solver = (d['sampler'], d['order'], d['spacing'])
     matrix, _ = tune_solver(
-        *tune()[:2], diffusion, nfe, d['sampler'], d['order'], d['spacing'], tune()[2], tune_iters
+        model, x_fit, x_val, diffusion, nfe, *solver, ref, ref_val, iters=tune_iters
     )
     return sample_loop(net, x, diffusion, nfe, spacing=d['spacing'], matrix=matrix)[0]
 
@@ -286,20 +288,17 @@ def bench(name, w, mix, x, labels):
     ]
 
     @functools.lru_cache(maxsize=1)
-    # the fit's noise (not the benchmark's), its labels' exact model, and its exact end points
+    # the fit's labels' exact model, its noise and the noise it is checked on (neither the
+    # benchmark's), and their exact end points
     def tune():
-        x_tune = torch.randn(
-            tune_samples,
-            x.shape[1],
-            generator=torch.Generator().manual_seed(seed + 2),
-            dtype=x.dtype,
+        g = torch.Generator().manual_seed(seed + 2)
+        x_fit, x_val = (
+            torch.randn(tune_samples, x.shape[1], generator=g, dtype=x.dtype) for _ in range(2)
         )
         labels_tune = torch.arange(tune_samples) % classes
-        return (
-            exact_net(diffusion, mix, labels_tune, w),
-            x_tune,
-            reference(x_tune, alpha, sigma, mix, labels_tune, w, ref_steps),
-        )
+        ref = reference(x_fit, alpha, sigma, mix, labels_tune, w, ref_steps)
+        ref_val = reference(x_val, alpha, sigma, mix, labels_tune, w, ref_steps)
+        return exact_net(diffusion, mix, labels_tune, w), x_fit, ref, x_val, ref_val
 
     runs.insert(
         1,

@@ -14,7 +14,8 @@ Sample-quality yardsticks: numbers to compare runs, samplers, CFG scales and che
 - FD-DINOv2: FD on DINOv2 features, which track human judgement better than Inception's (Stein et
   al. 2023, "Exposing flaws of generative model evaluation metrics"; their code is dgm-eval).
 - Improved precision and recall (Kynkaenniemi et al. 2019): fidelity and diversity, separately.
-- CLIP score (Hessel et al. 2021) for text models: how well each image matches its prompt.
+- CLIP score for text models: how well each image matches its prompt, 100 * cos(image, prompt)
+  embeddings, clamped at 0 in one of two named ways (--clip_clamp, named in the output line).
 A prepare.py split's reference features are cached beside it (metrics_{split}_{encoder}.npz).
 """
 
@@ -44,6 +45,10 @@ split = 'val'
 encoder = 'facebook/dinov2-base'
 # CLIP hub id or folder for the CLIP score of text models; '' = off
 clip = ''
+# where the CLIP score is clamped at 0: 'pair' = the mean of 100 * max(cos, 0), each pair clamped
+# (Hessel et al. 2021's CLIP-S, on the 100 scale: their w = 2.5, so CLIP-S = this / 40); 'mean' =
+# max(the mean of 100 * cos, 0), torchmetrics' CLIPScore. They differ when some cosines are < 0
+clip_clamp = 'pair'
 # precision/recall: a point's ball reaches its k-th nearest neighbour
 k = 3
 batch_size = 64
@@ -54,7 +59,7 @@ device = 'auto'
 def check_config():
     """What each setting may be, in one place: a bad value is one line before any model is
     loaded."""
-    check(globals(), positive=('k', 'batch_size'))
+    check(globals(), positive=('k', 'batch_size'), choices={'clip_clamp': CLIP_CLAMPS})
     for key in ('samples', 'reference', 'encoder'):
         if not globals()[key]:
             sys.exit(f"error: --{key}=... is required")
@@ -201,10 +206,9 @@ def load_clip(name, dev):
 
 
 @torch.no_grad()
-def clip_scores(model, processor, images, prompts, dev):
-    """Per pair: 100 * max(cos(image embedding, text embedding), 0), torchmetrics' CLIPScore
-    convention (it averages these). Hessel et al. 2021's CLIP-S scales by 2.5 instead of 100: same
-    ranking, a different number."""
+def clip_cosines(model, processor, images, prompts, dev):
+    """cos(image embedding, prompt embedding) per pair, float32 [N], as torchmetrics computes it:
+    each projected embedding divided by its L2 norm, then the sum of their product."""
     # longer prompts are truncated, as torchmetrics does
     n_pos = model.config.text_config.max_position_embeddings
     text = processor.tokenizer(
@@ -218,16 +222,62 @@ def clip_scores(model, processor, images, prompts, dev):
     # transformers 5 returns an output whose pooler_output is the projected embedding; 4.x the
     # tensor itself
     img, txt = (e if torch.is_tensor(e) else e.pooler_output for e in (img, txt))
-    cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
-    return (100 * cos.clamp(min=0)).cpu().numpy()
+    img, txt = (e.float() / e.float().norm(p=2, dim=-1, keepdim=True) for e in (img, txt))
+    return (img * txt).sum(-1).cpu().numpy()
+
+
+# --clip_clamp -> how the output line names it
+CLIP_CLAMPS = {
+    'pair': "mean of 100 * max(cos, 0), each pair clamped: Hessel et al. 2021, w=100 not 2.5",
+    'mean': "max(mean of 100 * cos, 0), the mean clamped, as torchmetrics' CLIPScore",
+}
+
+
+def clip_score(cos, clamp):
+    """The CLIP score of pairs with cosines cos [N], in float64, clamped at 0 per pair or once on
+    the mean. Checked against each source:
+    'pair', Hessel et al. 2021 (jmhessel/clipscore, clipscore.py get_clip_score):
+    per = w * np.clip(cos, 0, None), the score np.mean(per); w = 2.5 there, 100 here.
+    'mean', torchmetrics (Lightning-AI/torchmetrics, functional/multimodal/clip_score.py):
+    _clip_score_update returns score = 100 * (source_features * target_features).sum(axis=-1),
+    unclamped; CLIPScore.update adds score.sum(0) and compute returns
+    torch.max(self.score / self.n_samples, zeros). Its docstring writes max(100 * cos, 0) as if
+    per pair, but its code clamps the mean: we follow the code."""
+    scores = 100 * np.asarray(cos, np.float64)
+    if clamp == 'pair':
+        return float(np.maximum(scores, 0).mean())
+    if clamp == 'mean':
+        return float(max(scores.mean(), 0.0))
+    raise ValueError(f"clip_clamp must be one of {', '.join(CLIP_CLAMPS)}, got {clamp!r}")
 
 
 def list_images(folder):
-    """Image files under folder, recursively, in a fixed (sorted) order."""
-    found = []
+    """Image files under folder, recursively, in a fixed (sorted) order. Symlinks are followed, but
+    each real folder is walked once and each real file listed once: a link to the folder itself, to
+    a folder above it (a loop, which os.walk would follow ~40 levels deep) or to one already walked
+    is skipped, and the skips are named in one line."""
+    top = os.path.realpath(folder)
+    found, walked, listed, loops = [], set(), set(), []
     for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        # walked already, or above the top (it holds the top, so it would lead back into it)
+        if real in walked or (root != folder and os.path.commonpath([real, top]) == real):
+            dirs[:] = []
+            loops.append(f"{root} -> {real}")
+            continue
+        walked.add(real)
         dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+        for f in sorted(files):
+            path = os.path.join(root, f)
+            if f.lower().endswith(IMAGE_EXTS) and os.path.realpath(path) not in listed:
+                listed.add(os.path.realpath(path))
+                found.append(path)
+    if loops:
+        print(
+            f"skipped {len(loops)} symlinked folder(s) that loop or were walked already: "
+            + ', '.join(loops[:3])
+            + (', ...' if len(loops) > 3 else '')
+        )
     return found
 
 
@@ -347,18 +397,18 @@ def read_cache(path, n, dim):
 
 
 def sample_features(model, paths, prompts, clip_pair, dev):
-    """-> (DINOv2 features [N, D] of the readable samples, their CLIP scores against their own
+    """-> (DINOv2 features [N, D] of the readable samples, their CLIP cosines against their own
     prompts or None)."""
-    feats, scores = [], []
+    feats, cosines = [], []
     for batch in chunked(iter_images(paths, 'sample'), batch_size):
         feats.append(dinov2_features(model, [im for _, im in batch], dev))
         # '' = a class model's sample
         pairs = [(im, prompts[i]) for i, im in batch if clip_pair and prompts[i]]
         if pairs:
-            scores.append(clip_scores(*clip_pair, *zip(*pairs), dev))
+            cosines.append(clip_cosines(*clip_pair, *zip(*pairs), dev))
     if not feats:
         sys.exit(f"error: none of the {len(paths)} images in {samples} could be read")
-    return np.concatenate(feats), (np.concatenate(scores) if scores else None)
+    return np.concatenate(feats), (np.concatenate(cosines) if cosines else None)
 
 
 def reference_features(model, ref, dim, dev):
@@ -405,7 +455,7 @@ def main():
     model = load_image_encoder(encoder, dev)
     clip_pair = load_clip(clip, dev) if clip else None
 
-    fake, scores = sample_features(model, paths, prompts, clip_pair, dev)
+    fake, cosines = sample_features(model, paths, prompts, clip_pair, dev)
     real = reference_features(model, ref, fake.shape[1], dev)
     if min(len(real), len(fake)) < 2:
         sys.exit(
@@ -425,12 +475,12 @@ def main():
     # the features are computed by now: report what can be, and say what cannot
     else:
         print(f"precision/recall: --k={k} needs more than {k} images on each side")
-    if clip:
+    if clip and cosines is None:
+        print("CLIP score: none of the readable samples has a prompt")
+    elif clip:
         print(
-            f"CLIP score {scores.mean():.2f} (100 * max(cos, 0) as torchmetrics; "
-            f"{len(scores)} image-prompt pairs, {clip})"
-            if scores is not None
-            else "CLIP score: none of the readable samples has a prompt"
+            f"CLIP score {clip_score(cosines, clip_clamp):.2f} (clip_clamp='{clip_clamp}': "
+            f"{CLIP_CLAMPS[clip_clamp]}; {len(cosines)} image-prompt pairs, {clip})"
         )
 
 

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -51,7 +50,8 @@ from images import (
 )
 
 from model import input_shape, setup_device
-from samplers import SAMPLERS, default_solver, guided, solver_name, tune_solver
+from fitted import fit_for, read_grids, tune_and_save, weights_digest
+from samplers import SAMPLERS, default_solver, solver_name
 
 # -----------------------------------------------------------------------------
 # where the checkpoint is, and where the grid goes
@@ -209,10 +209,11 @@ def read_prompts(argv, path, data_dir):
     return found
 
 
-def solver_settings(diffusion, grids, student=None):
+def solver_settings(diffusion, grids, digest, student=None):
     """What sample_loop gets: each 'auto' (order 0) setting from the default
-    (samplers.default_solver), and for spacing 'auto' the solver tuned to this checkpoint for this
-    sampler, order, steps and cfg (its grid and matrix), if grids.json has one. A distilled student
+    (samplers.default_solver), and for spacing 'auto' the solver fitted to these weights (digest)
+    for this sampler, order, steps and cfg (its grid and matrix), if grids.json has one that won
+    on held-out noise (fitted.fit_for). A distilled student
     (its checkpoint's record: steps, times) gets DDIM on its own grid, what it learned to take, when
     sampler and spacing are 'auto' and steps is its own. -> (solver dict, grids.json key)."""
     if student and student['steps'] == steps and sampler == 'auto' and spacing == 'auto':
@@ -232,75 +233,12 @@ def solver_settings(diffusion, grids, student=None):
         threshold_max=threshold_max,
     )
     key = f"{s['sampler']}{s['order']} {steps} steps cfg {cfg_scale:g}"
-    tuned = grids.get(key, {}) if spacing == 'auto' else {}
+    tuned = (fit_for(grids, key, digest, out_dir) if spacing == 'auto' else None) or {}
     s['spacing'], s['matrix'] = (
         tuned.get('t', spacing if spacing != 'auto' else d['spacing']),
         tuned.get('matrix'),
     )
     return s, key
-
-
-def read_grids(folder):
-    """folder/grids.json, the solvers tuned to the checkpoint there ({key: {'t': [times], 'matrix':
-    [[...]], ...}}); {} if none."""
-    path = os.path.join(folder, 'grids.json')
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding='utf-8') as f:
-            grids = json.load(f)
-        if not all(
-            isinstance(g['t'], list) and len(g.get('matrix') or g['t']) == len(g['t'])
-            for g in grids.values()
-        ):
-            raise ValueError('a grid without its times, or a solver matrix of another length')
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise SystemExit(
-            f"error: {path} is not a grids file ({e}): delete it, or re-run with --tune=True"
-        ) from None
-    return grids
-
-
-def tune_and_save(model, diffusion, meta, cond, solver, key, grids, autocast):
-    """Fit the solver to this checkpoint (samplers.tune_solver) on tune_batch noise samples with
-    the conditions cond = (labels, text, null_text), at this cfg; add its grid and matrix to
-    out_dir/grids.json (atomically)."""
-    labels, text, empty = cond
-    # not the noise the samples are drawn from
-    g = torch.Generator(labels.device).manual_seed(seed + 1_000_003)
-    x = torch.randn((len(labels),) + input_shape(meta), generator=g, device=labels.device)
-    model_fn = guided(
-        model.requires_grad_(False),
-        diffusion,
-        labels,
-        model.config.num_classes,
-        cfg_scale,
-        text,
-        empty,
-        scale_input=model.config.guidance,
-    )
-    t0 = time.time()
-    with autocast:
-        matrix, info = tune_solver(
-            model_fn,
-            x,
-            diffusion,
-            steps,
-            solver['sampler'],
-            solver['order'],
-            solver['spacing'],
-            iters=tune_iters,
-        )
-    print(
-        f"tuned {key}: RMS error vs a converged solve {info['start_error']:.4f} -> "
-        f"{info['error']:.4f} on {len(labels)} samples, {tune_iters} steps, {time.time() - t0:.0f} "
-        f"s; reference converged to {info['ref_change']:.1e}"
-    )
-    t = diffusion.sampling_schedule(steps, solver['spacing'])[0].tolist()
-    grids[key] = dict(t=t, matrix=matrix.tolist(), checkpoint=ckpt_name, batch=len(labels), **info)
-    text_out = json.dumps(grids, indent=1)
-    atomic_write(os.path.join(out_dir, 'grids.json'), lambda f: f.write(text_out.encode('utf-8')))
-    return dict(spacing=t, matrix=grids[key]['matrix'])
 
 
 def main():
@@ -325,7 +263,9 @@ def main():
             f"--cfg_scale={cfg_scale:g} is outside them"
         )
     grids = read_grids(out_dir)
-    solver, key = solver_settings(diffusion, grids, student)
+    # what identifies these weights, for a fit's (only where there is one to make or use)
+    digest = weights_digest(model) if grids or tune else None
+    solver, key = solver_settings(diffusion, grids, digest, student)
     if tune and key is None:
         raise SystemExit(
             "error: --tune=True: a distilled student samples on its own grid; name --sampler or "
@@ -365,18 +305,14 @@ def main():
         labels = torch.tensor(
             [0] * tune_batch if is_text or not meta['num_classes'] else asked, device=dev
         )
+        args = dict(globals(), steps=steps, autocast=autocast)
+        shape = input_shape(meta)
         solver.update(
-            tune_and_save(model, diffusion, meta, (labels,) + cond, solver, key, grids, autocast)
+            tune_and_save(model, diffusion, labels, *cond, shape, solver, key, grids, args)
         )
-    grid = (
-        solver['spacing']
-        if isinstance(solver['spacing'], str)
-        else "the student's grid"
-        if not key
-        else 'tuned solver'
-        if solver['matrix']
-        else 'tuned grid'
-    )
+    grid = solver['spacing']
+    if not isinstance(grid, str):
+        grid = 'tuned solver' if key else "the student's grid"
     how = f"{solver_name(solver['sampler'], solver['order'], grid)}, {steps} steps, cfg {cfg_scale}"
     kw = dict(
         cfg_scale=cfg_scale,

@@ -324,12 +324,14 @@ def solver_matrix(diffusion, steps, sampler='unipc', order=3, spacing='flowtime'
 def tune_solver(
     model_fn,
     x,
+    x_val,
     diffusion,
     steps,
     sampler='unipc',
     order=3,
     spacing='flowtime',
     ref=None,
+    ref_val=None,
     iters=400,
     lr=1e-3,
     ref_steps=100,
@@ -338,33 +340,41 @@ def tune_solver(
     start noise and the data predictions so far; sample_loop(matrix=...)) fitted by gradient descent
     through the model so that the end points from the noise x land on ref, the same ODE solved
     finely (default: UniPC-3, 2*ref_steps log-SNR steps). After "Bespoke Non-Stationary Solvers"
-    (Shaul et al. 2024); the times stay the grid's ("Align Your Steps"-style time search alone was
-    tried first: 0.46-0.92x diffusers' error at 5 NFE, README). It starts from the solver it is
-    given, exactly, and keeps its best matrix on x, so it is never worse there. Adam, lr with cosine
-    decay, iters steps: ~3 * iters * steps model calls on x. Returns (matrix, info)."""
+    (Shaul et al. 2024); the times stay the grid's. It starts from the solver it is given, exactly,
+    and every iterate is scored on x_val, other noise under the same conditions (ref_val: its
+    converged solve): the matrix kept is the one with the lowest error there, and it is used only
+    where it beats the solver it started from there ('used'); else the start is returned, so a fit
+    that learnt x's noise and not the model is never kept. Adam, lr with cosine decay, iters steps:
+    ~4 * iters * steps model calls on a batch of x's size. Returns (matrix, info)."""
     rms = lambda a, b: (a.double() - b.double()).pow(2).mean().sqrt()
     with torch.no_grad():
         ref_change = 0.0
         if ref is None:
             ref = sample_loop(model_fn, x, diffusion, 2 * ref_steps, 'unipc', 3, 'logsnr')[0]
-            ref_change = rms(
-                sample_loop(model_fn, x, diffusion, ref_steps, 'unipc', 3, 'logsnr')[0], ref
-            ).item()
+            half = sample_loop(model_fn, x, diffusion, ref_steps, 'unipc', 3, 'logsnr')[0]
+            ref_change = rms(half, ref).item()
+        if ref_val is None:
+            ref_val = sample_loop(model_fn, x_val, diffusion, 2 * ref_steps, 'unipc', 3, 'logsnr')[
+                0
+            ]
     start = solver_matrix(diffusion, steps, sampler, order, spacing)
     # row i: x_0 and m_0..m_i
     mask = torch.ones_like(start).tril(1)
     C = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([C], lr=lr)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
-    errors, best = [], start
+    errors, val_errors, best, kept = [], [], start, 0
     for i in range(iters + 1):
         with torch.enable_grad():
-            loss = rms(
-                sample_loop(model_fn, x, diffusion, steps, spacing=spacing, matrix=C * mask)[0], ref
-            )
+            out = sample_loop(model_fn, x, diffusion, steps, spacing=spacing, matrix=C * mask)[0]
+            loss = rms(out, ref)
         errors.append(loss.item())
-        if errors[-1] <= min(errors):
-            best = (C * mask).detach().clone()
+        with torch.no_grad():
+            out = sample_loop(model_fn, x_val, diffusion, steps, spacing=spacing, matrix=C * mask)
+            val_errors.append(rms(out[0], ref_val).item())
+        # the best on the held-out noise so far (a NaN never is)
+        if i and val_errors[-1] < val_errors[kept]:
+            best, kept = (C * mask).detach().clone(), i
         if i == iters or not math.isfinite(errors[-1]):
             break
         (C.grad,) = torch.autograd.grad(loss, C)
@@ -372,12 +382,14 @@ def tune_solver(
         torch.nn.utils.clip_grad_norm_([C], 1.0)
         opt.step()
         decay.step()
-    if ref_change > 0.1 * min(errors):
+    if ref_change > 0.1 * errors[kept]:
         print(
             f"warning: tune_solver's reference moved {ref_change:.2e} from {ref_steps} to "
-            f"{2 * ref_steps} steps, not << the tuned error {min(errors):.2e}: raise ref_steps"
+            f"{2 * ref_steps} steps, not << the tuned error {errors[kept]:.2e}: raise ref_steps"
         )
-    return best, dict(start_error=errors[0], error=min(errors), ref_change=ref_change, iters=iters)
+    info = dict(start_error=errors[0], error=errors[kept], val_start_error=val_errors[0])
+    info.update(val_error=val_errors[kept], used=kept > 0, ref_change=ref_change, iters=iters)
+    return best, dict(info, val_errors=val_errors)
 
 
 def guided(

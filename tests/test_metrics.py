@@ -225,13 +225,13 @@ def test_dinov2_features_are_the_final_normed_cls_token(dino_path):
     assert np.allclose(f, pooled.numpy(), atol=1e-6)
 
 
-def test_clip_scores_follow_torchmetrics_convention(clip_path):
+def test_clip_cosines_are_the_embeddings_cosines(clip_path):
     dev = torch.device('cpu')
     model, processor = metrics.load_clip(clip_path, dev)
     images, prompts = pictures(12, seed=2), [' '.join(WORDS[i % 7 : i % 7 + 2]) for i in range(12)]
-    s = metrics.clip_scores(model, processor, images, prompts, dev)
-    assert s.shape == (12,) and np.array_equal(
-        s, metrics.clip_scores(model, processor, images, prompts, dev)
+    cos = metrics.clip_cosines(model, processor, images, prompts, dev)
+    assert cos.shape == (12,) and np.array_equal(
+        cos, metrics.clip_cosines(model, processor, images, prompts, dev)
     )
     with torch.no_grad():
         text = processor.tokenizer(prompts, padding=True, return_tensors='pt')
@@ -240,10 +240,56 @@ def test_clip_scores_follow_torchmetrics_convention(clip_path):
             model.get_image_features(pixel_values=pixels).pooler_output,
             model.get_text_features(**text).pooler_output,
         )
-    cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1).numpy()
-    # both sides of the clamp are exercised
+    want = torch.nn.functional.cosine_similarity(img, txt, dim=-1).numpy()
+    assert np.allclose(cos, want, atol=1e-6)
+    # both sides of the clamp are exercised, so the two conventions differ here
     assert (cos > 0).any() and (cos < 0).any()
-    assert np.allclose(s, 100 * np.maximum(cos, 0), atol=1e-4) and (s <= 100).all()
+    pair, mean = metrics.clip_score(cos, 'pair'), metrics.clip_score(cos, 'mean')
+    assert pair > mean and 0 <= pair <= 100
+
+
+def test_clip_score_conventions_are_their_formulas():
+    """On hand-made cosines, some negative: each convention equals its source's formula exactly.
+    The values are binary fractions, so 100 * cos and the means are exact in float64."""
+    for cos, pair, mean in (
+        ([0.5, -0.25, 0.25, -0.125], 18.75, 9.375),
+        # the mean below 0: torchmetrics clamps it to 0, the paper's per-pair clamp does not
+        ([-0.5, 0.25, -0.25, 0.0], 6.25, 0.0),
+        ([0.75, 0.5], 62.5, 62.5),
+        ([-0.5, -0.25], 0.0, 0.0),
+    ):
+        c = np.array(cos)
+        # Hessel et al. 2021 (jmhessel/clipscore): w * np.clip(cos, 0, None), then np.mean; w = 100
+        paper = np.mean(100 * np.clip(c, 0, None))
+        # torchmetrics: score = 100 * cos per pair; compute: torch.max(sum / n, zeros)
+        score = 100 * torch.tensor(c)
+        tm = torch.max(score.sum(0) / len(c), torch.zeros_like(score.sum(0))).item()
+        assert metrics.clip_score(c, 'pair') == paper == pair
+        assert metrics.clip_score(c, 'mean') == tm == mean
+    with pytest.raises(ValueError, match='clip_clamp'):
+        metrics.clip_score(np.zeros(2), 'both')
+
+
+def test_a_symlink_loop_lists_each_image_once(tmp_path, capsys):
+    top = tmp_path / 'samples'
+    (top / 'sub').mkdir(parents=True)
+    for name in ('a.png', 'b.jpg', 'sub/c.png'):
+        Image.new('RGB', (4, 4)).save(top / name)
+    (top / 'notes.txt').write_text('not an image')
+    # a link to the folder's parent, one to the folder itself, one to a file already listed
+    os.symlink(tmp_path, top / 'sub' / 'up')
+    os.symlink(top, top / 'self')
+    os.symlink(top / 'a.png', top / 'sub' / 'a-again.png')
+    found = metrics.list_images(str(top))
+    assert found == [str(top / 'a.png'), str(top / 'b.jpg'), str(top / 'sub' / 'c.png')]
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith('skipped 2 symlinked folder(s) that loop')
+    assert f"{top / 'self'} -> {top.resolve()}" in out[0]
+    assert f"{top / 'sub' / 'up'} -> {tmp_path.resolve()}" in out[0]
+    # no loop: nothing printed
+    (tmp_path / 'plain').mkdir()
+    Image.new('RGB', (4, 4)).save(tmp_path / 'plain' / 'd.png')
+    assert len(metrics.list_images(str(tmp_path / 'plain'))) == 1 and not capsys.readouterr().out
 
 
 def test_a_missing_encoder_is_one_line(tmp_path):
@@ -315,11 +361,13 @@ def test_cli_prints_the_figures_and_caches_the_reference(folders, dino_path, cli
     )
     assert 'precision ' in first and 'recall ' in first and '(k=3;' in first
     assert 'CLIP score ' in first and '30 image-prompt pairs' in first
+    assert "(clip_clamp='pair': mean of 100 * max(cos, 0)" in first
     stamp = os.stat(cache).st_mtime_ns
     assert np.load(cache)['features'].shape == (24, 32)
 
     # the reference features come from the cache, unchanged
-    second = run_metrics(*args)
+    second = run_metrics(*args, f'--clip={clip_path}', '--clip_clamp=mean')
+    assert "(clip_clamp='mean': max(mean of 100 * cos, 0)" in second
     assert f'features read from {cache}' in second and os.stat(cache).st_mtime_ns == stamp
     fd_line = [line for line in first.splitlines() if line.startswith('FD-DINOv2')]
     assert fd_line == [line for line in second.splitlines() if line.startswith('FD-DINOv2')]
@@ -358,6 +406,7 @@ def test_bad_inputs_are_one_line_errors(folders, dino_path, tmp_path):
         '--encoder=nobody/no-such-model': "cannot load image encoder 'nobody/no-such-model'",
         '--split=test': "has no split 'test'",
         '--k=0': '--k=0 must be > 0',
+        '--clip_clamp=both': "--clip_clamp='both' is not one of 'pair', 'mean'",
         f'--samples={tmp_path}/broken --clip={tmp_path}': '--clip needs prompts',
         f'--samples={tmp_path}/broken --encoder={dino_path}': 'none of the 1 images',
     }

@@ -356,9 +356,10 @@ def test_tune_refuses_what_it_cannot_fit(monkeypatch, key, value):
 
 
 def test_tune_writes_a_solver_that_later_runs_use(trained, tmp_path):
-    """--tune=True fits the solver to the checkpoint and stores it beside it; a later run with the
-    same sampler, steps and cfg samples with it (spacing 'auto'), another step count does not; a bad
-    file is one line."""
+    """--tune=True fits the solver to the checkpoint on one noise batch, checks it on another, and
+    stores it beside it with both errors and the digest of the weights; a later run with the same
+    sampler, steps and cfg samples with it (spacing 'auto') if it won on the checked noise, another
+    step count does not; a bad file is one line."""
     import shutil
 
     out = tmp_path / 'o'
@@ -366,18 +367,61 @@ def test_tune_writes_a_solver_that_later_runs_use(trained, tmp_path):
     args = ['sample.py', f'--out_dir={out}', '--steps=3', '--per_class=1', '--device=cpu']
     p = run(args + ['--tune=True', '--tune_batch=4', '--tune_iters=5'])
     ((key, g),) = json.loads((out / 'grids.json').read_text()).items()
-    assert (
-        key.endswith(' 3 steps cfg 4') and len(g['t']) == 3 and g['batch'] == 4 and g['iters'] == 5
-    )
-    assert (
-        len(g['matrix']) == 3
-        and all(len(row) == 4 for row in g['matrix'])
-        and g['error'] <= g['start_error']
-    )
-    assert f"tuned {key}" in p.stdout and 'tuned solver, 3 steps' in p.stdout
-    assert 'tuned solver, 3 steps' in run(args).stdout
+    assert key.endswith(' 3 steps cfg 4') and len(g['t']) == 3 and g['batch'] == 4
+    assert g['iters'] == 5 and len(g['weights']) == 16 and g['checkpoint'] == 'ckpt.pt'
+    assert g['val_error'] <= g['val_start_error'] and g['used'] == (g['matrix'] is not None)
+    assert f"tuned {key}" in p.stdout and 'held-out noise' in p.stdout
+    if g['used']:
+        assert len(g['matrix']) == 3 and all(len(row) == 4 for row in g['matrix'])
+    used = 'tuned solver, 3 steps' in run(args).stdout
+    assert used == g['used'] == ('tuned solver, 3 steps' in p.stdout)
     assert 'tuned' not in run(args[:2] + ['--steps=4'] + args[3:]).stdout
     (out / 'grids.json').write_text(
         '{"unipc3 3 steps cfg 4": {"t": [1, 0.6, 0.3], "matrix": [[1, 0]]}}'
     )
     one_error_line(run(args, check=False), 'grids.json', '--tune=True')
+
+
+def test_a_fit_is_used_for_its_own_weights_only(trained, tmp_path):
+    """A fit in grids.json names the weights it was fitted to: the same ckpt.pt uses it; the same
+    file trained further, best.pt with other weights, or a fit that lost on its held-out noise gets
+    the untuned solver and one line saying why and how to refit."""
+    import shutil
+
+    from checkpoint import load_model
+    from fitted import weights_digest
+    from samplers import solver_matrix
+
+    out = tmp_path / 'o'
+    shutil.copytree(trained, out)
+    model, diffusion, _, _ = load_model(str(out / 'ckpt.pt'), torch.device('cpu'))
+    key = 'unipc3 3 steps cfg 4'
+    t, _, _ = diffusion.sampling_schedule(3, 'flowtime')
+    # a fit that is the untuned solver's own matrix: the same samples either way
+    fit = dict(t=t.tolist(), matrix=solver_matrix(diffusion, 3).tolist(), used=True)
+    fit['weights'] = weights_digest(model)
+    (out / 'grids.json').write_text(json.dumps({key: fit}))
+    args = ['sample.py', f'--out_dir={out}', '--steps=3', '--per_class=1', '--device=cpu']
+    p = run(args)
+    assert 'tuned solver, 3 steps' in p.stdout and 'other weights' not in p.stdout
+    # best.pt, with other weights; then ckpt.pt itself, trained further
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    name = next(iter(ckpt['ema']))
+    ckpt['ema'][name] = ckpt['ema'][name] + 1e-3
+    torch.save(ckpt, out / 'best.pt')
+    for extra in (['--ckpt_name=best.pt'], []):
+        if not extra:
+            shutil.copy(out / 'best.pt', out / 'ckpt.pt')
+        p = run(args + extra)
+        assert 'tuned solver, 3 steps' not in p.stdout and 'unipc3 flowtime, 3 steps' in p.stdout
+        assert f"grids.json's {key} fit is for other weights" in p.stdout
+        assert 'refit with --tune=True' in p.stdout
+    # a fit that did not win on its held-out noise is recorded, not used
+    fit.update(
+        matrix=None,
+        used=False,
+        weights=weights_digest(load_model(str(out / 'ckpt.pt'), torch.device('cpu'))[0]),
+    )
+    (out / 'grids.json').write_text(json.dumps({key: fit}))
+    p = run(args)
+    assert 'did not beat the untuned solver' in p.stdout and 'tuned solver, 3' not in p.stdout

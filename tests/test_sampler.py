@@ -507,16 +507,17 @@ def test_solver_matrix_refusals_are_one_line():
 @pytest.mark.usefixtures('one_thread')
 @pytest.mark.parametrize('objective', ['vp', 'flow'])
 def test_tune_solver_beats_its_start_on_held_out_noise(objective):
-    """Fitted on 256 noise samples against a converged solve, the 5-step solver starts exactly as
-    the default (UniPC-3, flowtime), never ends worse on them, and at least halves the error on 256
-    other samples."""
+    """Fitted on 256 noise samples against a converged solve and checked on 256 others, the 5-step
+    solver starts exactly as the default (UniPC-3, flowtime), is kept (it wins on the checked
+    noise), and at least halves the error on 256 samples it saw neither in fitting nor checking."""
     diffusion = Diffusion(objective, 'linear', 'eps')
     model, steps = mixture_net(diffusion), 5
-    x, held_out = (
+    x, x_val, held_out = (
         torch.randn(256, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-        for s in (0, 1)
+        for s in (0, 1, 2)
     )
-    C, info = tune_solver(model, x, diffusion, steps, iters=150)
+    C, info = tune_solver(model, x, x_val, diffusion, steps, iters=150)
+    assert info['used'] and info['val_error'] < info['val_start_error']
     # the reference is converged
     assert info['ref_change'] < 0.02 * info['start_error']
 
@@ -534,6 +535,44 @@ def test_tune_solver_beats_its_start_on_held_out_noise(objective):
         f"{objective}: fit {info['start_error']:.3e} -> {info['error']:.3e}, held out "
         f"{error(held_out):.3e} -> {error(held_out, C):.3e}, ref change {info['ref_change']:.1e}"
     )
+
+
+@pytest.mark.usefixtures('one_thread')
+@pytest.mark.parametrize('objective', ['vp', 'flow'])
+def test_tune_solver_keeps_its_best_on_held_out_noise_not_its_last(objective):
+    """Fitted on 4 samples, the solver overfits them: its error on the checked noise falls, then
+    rises again by the last step. What it returns is the iterate best on the checked noise, not
+    the last one, nor the best on the noise it was fitted to."""
+    diffusion = Diffusion(objective, 'linear', 'eps')
+    model = mixture_net(diffusion)
+    x, x_val = (
+        torch.randn(4, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        for s in (0, 1)
+    )
+    C, info = tune_solver(model, x, x_val, diffusion, 5, iters=60, lr=3e-2)
+    val = info['val_errors']
+    # the case this test is for: the last iterate is clearly worse than an earlier one
+    assert val[-1] > 1.1 * min(val) and info['used']
+    ref = sample_loop(model, x_val, diffusion, 200, 'unipc', 3, 'logsnr')[0]
+    out = sample_loop(model, x_val, diffusion, 5, spacing='flowtime', matrix=C)[0]
+    got = (out - ref).pow(2).mean().sqrt().item()
+    assert got == pytest.approx(min(val), rel=1e-6) and info['val_error'] == min(val)
+
+
+@pytest.mark.usefixtures('one_thread')
+@pytest.mark.parametrize('objective', ['vp', 'flow'])
+def test_tune_solver_falls_back_where_fitting_does_not_win(objective):
+    """A fit that never beats the untuned solver on the checked noise (here: a step size that
+    throws every iterate off) is not used: the untuned solver's matrix comes back, exactly."""
+    diffusion = Diffusion(objective, 'linear', 'eps')
+    x, x_val = (
+        torch.randn(64, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        for s in (0, 1)
+    )
+    C, info = tune_solver(mixture_net(diffusion), x, x_val, diffusion, 5, iters=10, lr=1.0)
+    assert min(info['val_errors'][1:]) > info['val_errors'][0]
+    assert not info['used'] and torch.equal(C, solver_matrix(diffusion, 5))
+    assert info['val_error'] == info['val_start_error']
 
 
 @pytest.mark.parametrize(
