@@ -273,6 +273,28 @@ def objective_for(diffusion, model, model_args, ckpt, num_classes, train_data, d
     )
 
 
+def duration(seconds):
+    """'1h12m', '5m03s' or '42s'."""
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def log_progress(run, guard, lr_now, steps, images, dt, flops, peak):
+    """The line every log_interval steps: how far the run is, the mean loss of the updates since
+    the last line, the LR, img/s, MFU (where the peak is known), and the time left at this rate
+    (evaluations not counted); to stdout, and to W&B when it is on."""
+    train_loss = guard.mean_loss()
+    run.history.append((run.step, 'train', train_loss))
+    img_s = images / dt
+    evaluate.log(run.step, train_loss=train_loss, lr=lr_now, img_s=img_s)
+    mfu = f" | mfu {100 * flops / dt / peak:.1f}%" if peak else ''
+    eta = duration((max_iters - run.step) * dt / steps)
+    done = f"{run.step}/{max_iters} ({100 * run.step / max_iters:.0f}%)"
+    line = f"step {done} | loss {train_loss:.4f} | lr {lr_now:.2e} | {img_s:.0f} img/s{mfu}"
+    print(f"{line} | eta {eta}", flush=True)
+
+
 def write_trace(prof):
     path = os.path.join(out_dir, 'trace.json')
     prof.export_chrome_trace(path)
@@ -415,20 +437,10 @@ def main():
             guard.check(run, master)
         if master and (run.step % log_interval == 0 or run.step == max_iters):
             dt = time.time() - t_last
-            img_s = steps_since * global_batch / dt
-            mfu = ''
+            flops = flops_fwd * task.calls() * steps_since
             # N GPUs: N peaks
-            if peak:
-                flops = flops_fwd * task.calls() * steps_since / dt
-                mfu = f" | mfu {100 * flops / (peak * world):.1f}%"
-            train_loss = guard.mean_loss()
-            run.history.append((run.step, 'train', train_loss))
-            evaluate.log(run.step, train_loss=train_loss, lr=lr_now, img_s=img_s)
-            print(
-                f"step {run.step} | loss {train_loss:.4f} | lr {lr_now:.2e} | "
-                f"{img_s:.0f} img/s{mfu}",
-                flush=True,
-            )
+            images = steps_since * global_batch
+            log_progress(run, guard, lr_now, steps_since, images, dt, flops, peak * world)
             steps_since = 0
             t_last = time.time()
         if evaluating:

@@ -508,3 +508,18 @@ def test_a_short_run_on_shapes_grades_well_above_chance(tmp_path):
     )
     acc = float(p.stdout.split('conditional accuracy')[1].split('%')[0].split()[-1])
     assert acc >= 30.0, p.stdout
+
+
+def test_the_log_says_how_far_and_how_long(data, tmp_path):
+    """Each log line: the step of the total and its share, the loss, LR, img/s and the time left at
+    the rate since the last line; duration's format."""
+    import re
+
+    import train as train_mod
+
+    p = train(data, tmp_path / 'o', '--max_iters=4', '--log_interval=2', '--eval_interval=0')
+    lines = [line for line in p.stdout.splitlines() if re.match(r'step \d+/', line)]
+    pattern = r'step (\d)/4 \((\d+)%\) \| loss [\d.]+ \| lr [\d.e+-]+ \| \d+ img/s \| eta (\S+)$'
+    got = [re.match(pattern, line).groups() for line in lines]
+    assert [g[:2] for g in got] == [('2', '50'), ('4', '100')] and got[1][2] == '0s', lines
+    assert [train_mod.duration(s) for s in (42.4, 303, 4320)] == ['42s', '5m03s', '1h12m']
