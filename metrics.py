@@ -465,6 +465,14 @@ def main():
     # round-off: never print -0.00
     fd = max(frechet_distance(*gaussian_stats(real), *gaussian_stats(fake)), 0.0)
     name = 'FD-DINOv2' if 'dinov2' in encoder.lower() else f'FD ({encoder})'
+    # fewer images than feature dimensions: a singular covariance, and an FD that says little
+    sizes = (('samples', len(fake)), ('reference', len(real)))
+    small = [f"{what} ({n})" for what, n in sizes if n < fake.shape[1]]
+    if small:
+        print(
+            f"warning: {' and '.join(small)} fewer than the {fake.shape[1]} feature dimensions: "
+            "this FD is unreliable; use more samples, or --split=train as the reference"
+        )
     print(
         f"{name} {fd:.2f} (N={len(fake)} samples vs {len(real)} reference; "
         f"FD is biased upwards at small N)"

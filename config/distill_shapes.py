@@ -1,11 +1,10 @@
 # Distil the demo model (config/shapes.py, out-shapes/ckpt.pt) into students of 2 and 1 steps that
-# take the CFG
-# scale as an input: one network call per step. Rounds of 1,400 and 600 steps; each student is kept
-# (out-distill/student2.pt).
-# python train.py config/distill_shapes.py && python sample.py --out_dir=out-distill
-# --ckpt_name=student1.pt --grade=True
-# A 4-step student too (README): --distill_steps="(4, 2, 1)" --distill_teacher_steps=16
-# --max_iters=1200 --batch_size=32 --lr=5e-4
+# take the CFG scale as an input: one network call per step. Rounds of 1,400 and 600 steps; each
+# student is kept (out-distill/student2.pt, student1.pt):
+#   python train.py config/distill_shapes.py
+#   python sample.py --out_dir=out-distill --ckpt_name=student1.pt --grade=True
+# A 4-step student too (RESULTS.md): add --distill_steps="(4, 2, 1)" --distill_teacher_steps=16
+#   --max_iters=1200 --batch_size=32 --lr=5e-4
 out_dir = 'out-distill'
 data_dir = 'data/shapes'
 # the teacher: its EMA weights, with CFG

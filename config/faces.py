@@ -1,11 +1,13 @@
-# The GPU recipe: 256 px faces (AFHQ / CelebA-HQ / FFHQ style folders) as 32x32x4 sd-vae-ft-mse
-# latents, DiT-B/2.
-# python prepare.py --dataset=path/to/faces --resolution=256 --vae=stabilityai/sd-vae-ft-mse
-# --out_dir=data/faces
-#   python train.py config/faces.py                                   # one GPU
-# torchrun --standalone --nproc_per_node=8 train.py config/faces.py # eight (same global batch:
-# batch_size=32)
+# The GPU recipe (not yet run): 256 px faces as 32x32x4 sd-vae-ft-mse latents, DiT-B/2.
+# The data: any folder of face images, e.g. AFHQ (github.com/clovaai/stargan-v2's download.sh:
+# afhq/train/{cat,dog,wild}, 3 classes), CelebA-HQ or FFHQ (one folder: unconditional); class
+# sub-folders become labels.
+#   python prepare.py --dataset=path/to/faces --resolution=256 \
+#       --vae=stabilityai/sd-vae-ft-mse --out_dir=data/faces
+#   python train.py config/faces.py
 #   python sample.py --out_dir=out-faces
+# Eight GPUs: the global batch is batch_size x GPUs, so the same 256 needs --batch_size=32:
+#   torchrun --standalone --nproc_per_node=8 train.py config/faces.py --batch_size=32
 out_dir = 'out-faces'
 data_dir = 'data/faces'
 arch = 'dit'

@@ -1,7 +1,7 @@
 # The built-in demo: a class-conditional model of 32 px coloured shapes, trained on a 2-core CPU in
-# ~6 minutes.
-# python prepare.py && python train.py config/shapes.py && python sample.py --out_dir=out-shapes
-# --grade=True
+# about 6 minutes:
+#   python prepare.py && python train.py config/shapes.py
+#   python sample.py --out_dir=out-shapes --grade=True
 out_dir = 'out-shapes'
 data_dir = 'data/shapes'
 # a small conv UNet (32-64-64 channels, attention at 8x8): convolutions learn shapes from far fewer

@@ -94,7 +94,7 @@ NOT_RUN = {
     'python metrics.py --samples=out-shapes/samples --reference=data/shapes': (
         "downloads facebook/dinov2-base from the hub"
     ),
-    'torchrun --standalone --nproc_per_node=8 train.py config/faces.py': (
+    'torchrun --standalone --nproc_per_node=8 train.py config/faces.py --batch_size=32': (
         "8 GPUs (NCCL) and the faces data"
     ),
     'python bench.py --suite=True': "the GPU suite: DiT-B/2 and XL/2 at batch 256 on CUDA",

@@ -360,6 +360,11 @@ def test_cli_prints_the_figures_and_caches_the_reference(folders, dino_path, cli
         and 'N=30 samples vs 24 reference; FD is biased upwards at small N' in first
     )
     assert 'precision ' in first and 'recall ' in first and '(k=3;' in first
+    # 30 and 24 images, 32 feature dimensions
+    assert (
+        'warning: samples (30) and reference (24) fewer than the 32 feature dimensions' in first
+        and '--split=train' in first
+    )
     assert 'CLIP score ' in first and '30 image-prompt pairs' in first
     assert "(clip_clamp='pair': mean of 100 * max(cos, 0)" in first
     stamp = os.stat(cache).st_mtime_ns
