@@ -84,6 +84,9 @@ threshold_max = 1.0
 cfg_scale = 4.0
 # grid: images per class or prompt (unconditional models: per_class * 8 images)
 per_class = 8
+# the classes to draw (grid, save_dir, grade), by name or index, comma-separated, e.g.
+# --classes="red circle,blue square" or --classes=0,5; '' = every class
+classes = ''
 # text models: --prompt="a red circle", repeatable (default: the dataset's val captions);
 # read from the command line by read_prompts: every --prompt=... counts
 prompt = ''
@@ -111,6 +114,23 @@ seed = 0
 device = 'auto'
 dtype = 'auto'
 # -----------------------------------------------------------------------------
+
+
+def chosen_classes(meta):
+    """The class indices --classes names (names or indices), in its order; every class if none."""
+    n, names = meta['num_classes'], meta.get('class_names') or []
+    if not classes:
+        return list(range(n))
+    if not n:
+        sys.exit(f"error: --classes={classes!r}: {out_dir}/{ckpt_name} has no classes")
+    chosen = []
+    for item in (part.strip() for part in classes.split(',')):
+        c = int(item) if item.isdigit() else names.index(item) if item in names else -1
+        if not 0 <= c < n:
+            known = ', '.join(names[:6]) + (', ...' if n > 6 else '')
+            sys.exit(f"error: --classes: {item!r} is not a class: 0..{n - 1}, or a name ({known})")
+        chosen.append(c)
+    return chosen
 
 
 def check_config():
@@ -277,6 +297,11 @@ def main():
             f"error: {out_dir}/{ckpt_name} is not a text model (it was trained on class labels): "
             "drop --prompt"
         )
+    if classes and is_text:
+        raise SystemExit(
+            f"error: {out_dir}/{ckpt_name} is a text model: ask with --prompt, not --classes"
+        )
+    chosen = chosen_classes(meta)
     if hint and not model.config.hint_channels:
         raise SystemExit(
             f"error: {out_dir}/{ckpt_name} has no control branch (it was trained without hints): "
@@ -363,9 +388,7 @@ def main():
             labels = [caption_class.get(p, -1) for p in asked]
         # the classes in turn (balanced); an unconditional model: the null label, -1 in samples.json
         else:
-            asked = [
-                i % meta['num_classes'] if meta['num_classes'] else 0 for i in range(num_samples)
-            ]
+            asked = [chosen[i % len(chosen)] if chosen else 0 for i in range(num_samples)]
             labels = asked if meta['num_classes'] else [-1] * num_samples
         info = dict(checkpoint=os.path.join(out_dir, ckpt_name), sampler=how, seed=seed)
         path = save_samples(generate, asked, labels, meta, save_dir, info)
@@ -375,7 +398,8 @@ def main():
             names = [p for p in read_prompts(argv, prompts, data) for _ in range(per_class)]
             images = generate(names, seed, 0)
         else:
-            labels = class_labels(meta, per_class).tolist()
+            labels = [c for c in chosen for _ in range(per_class)]
+            labels = labels or class_labels(meta, per_class).tolist()
             images = generate(labels, seed, 0)
             names = [meta['class_names'][i] if meta['num_classes'] else '' for i in labels]
         n = len(images)
@@ -403,7 +427,7 @@ def main():
     elif grade:
         from shapes import factor_fd, grade as grade_images, shape_caption
 
-        labels = torch.arange(meta['num_classes']).repeat_interleave(grade_per_class)
+        labels = torch.tensor(chosen).repeat_interleave(grade_per_class)
         # a text model is graded on the prompts "a red circle", ... (the shapes captions)
         images = generate(
             [shape_caption(i) for i in labels.tolist()] if is_text else labels.tolist(), seed + 1
@@ -423,8 +447,8 @@ def main():
             f"{n_real} real"
         )
         per = [
-            f"{name} {100 * a:.0f}% {fd['per_class'][c]:.2g}"
-            for c, (name, a) in enumerate(zip(meta['class_names'], per_class_acc))
+            f"{meta['class_names'][c]} {100 * per_class_acc[c]:.0f}% {fd['per_class'][c]:.2g}"
+            for c in chosen
         ]
         print('per class (accuracy, factor FD): ' + ', '.join(per))
 

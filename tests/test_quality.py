@@ -425,3 +425,23 @@ def test_a_fit_is_used_for_its_own_weights_only(trained, tmp_path):
     (out / 'grids.json').write_text(json.dumps({key: fit}))
     p = run(args)
     assert 'did not beat the untuned solver' in p.stdout and 'tuned solver, 3' not in p.stdout
+
+
+def test_classes_pick_what_is_drawn_and_graded(trained, tmp_path):
+    """--classes (names or indices) picks the grid's rows, the save_dir folder's classes and the
+    grader's; a name the model does not have is one line."""
+    from shapes import CLASS_NAMES
+
+    pick = f'--classes={CLASS_NAMES[5]},2'
+    args = ['sample.py', f'--out_dir={trained}', '--steps=2', '--device=cpu', pick]
+    p = run(args + ['--per_class=3'])
+    assert '(6 images,' in p.stdout
+    folder = tmp_path / 's'
+    run(args + [f'--save_dir={folder}', '--num_samples=4'])
+    index = json.loads((folder / 'samples.json').read_text())
+    assert index['labels'] == [5, 2, 5, 2]
+    p = run(args + ['--grade=True', '--grade_per_class=2'])
+    per = p.stdout.split('per class (accuracy, factor FD): ')[1]
+    assert per.startswith(CLASS_NAMES[5] + ' ') and CLASS_NAMES[2] in per
+    assert 'of 4 samples' in p.stdout and CLASS_NAMES[0] + ' ' not in per
+    one_error_line(run(args[:-1] + ['--classes=purple moon'], check=False), 'purple moon', '0..11')
