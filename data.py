@@ -62,7 +62,16 @@ class Draws:
 
 
 def draw(
-    diffusion, step, n, shape, device, seed, latent=False, class_dropout=0.0, hint_dropout=0.0
+    diffusion,
+    step,
+    n,
+    shape,
+    device,
+    seed,
+    latent=False,
+    class_dropout=0.0,
+    hint_dropout=0.0,
+    flip_pixels=False,
 ):
     """Every random number of a step's global batch of n, from a generator seeded by (seed, step): a
     pure function of the step, so resuming needs no RNG state, and N processes slice the same draws
@@ -74,9 +83,10 @@ def draw(
     noise = torch.randn((n,) + shape, generator=g, device=device)
     # label dropout, for CFG: the null class (a text model: the empty caption)
     drop = torch.rand(n, generator=g, device=device) < class_dropout
-    # latents: the VAE posterior's sample (mean + std * eps), and whether it is mirrored
+    # latents: the VAE posterior's sample (mean + std * eps); whether the image is mirrored
+    # (latents always; pixels with flip_pixels, in the same place: off, every run is as it was)
     eps = torch.randn((n,) + shape, generator=g, device=device) if latent else None
-    flip = torch.rand(n, generator=g, device=device) < 0.5 if latent else None
+    flip = torch.rand(n, generator=g, device=device) < 0.5 if latent or flip_pixels else None
     # a control branch's hint dropout: an all-zero hint, so the branch's strength can be scaled
     empty = torch.rand(n, generator=g, device=device) < hint_dropout
     # distillation: each example's student step and CFG scale, in [0, 1)
@@ -217,12 +227,15 @@ class Data:
 
     def get(self, idx, eps=None, flip=None):
         """(x0, y) on the device. Latents: eps [B, C, h, w] and flip [B] bool pick the sample; None
-        = mean, unflipped."""
+        = mean, unflipped. Pixels: flip [B] bool mirrors them (None: none)."""
         x = self.fetch(self.x, idx, self.x_dev if self.resident else None)
         y = self.fetch(self.y, idx, self.y_dev if self.resident else None)
         if not self.latent:
-            # uint8 pixels -> [-1, 1], on the device
-            return x.float() / 127.5 - 1, y
+            # uint8 pixels -> [-1, 1], on the device; mirrored where flip says
+            x = x.float() / 127.5 - 1
+            if flip is not None:
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            return x, y
         x = x.float()
         pair = x[:, 0] if flip is None else torch.where(flip.view(-1, 1, 1, 1, 1), x[:, 1], x[:, 0])
         # [B, C, h, w] each

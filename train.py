@@ -91,6 +91,9 @@ num_timesteps = 1000
 use_text = True
 # chance a label (caption) is replaced by the null class (empty caption): makes CFG possible
 class_dropout = 0.1
+# pixel data: mirror each training image (and its hint) left-right with chance 1/2; latent data
+# always is (prepare.py stores each image's mirror's encoding too)
+random_flip = False
 # Min-SNR-gamma loss weighting (e.g. 5.0); 0 = plain MSE
 min_snr_gamma = 0.0
 # 'adamw' or 'adafactor' (transformers' Adafactor: factored second moments, less memory)
@@ -404,7 +407,7 @@ def main():
     guard = Guard(dev, ptdtype == torch.float16, config)
     slices = micro_batches(rank, world)
     latent = train_data.latent
-    dropout = dict(class_dropout=class_dropout, hint_dropout=hint_dropout)
+    rates = dict(class_dropout=class_dropout, hint_dropout=hint_dropout, flip_pixels=random_flip)
     t_last = time.time()
     steps_since = 0
     while run.step < max_iters:
@@ -419,7 +422,7 @@ def main():
         for group in optimizer.param_groups:
             group['lr'] = lr_now
         idx = batch_indices(run.step, len(train_data), global_batch, seed)
-        draws = draw(diffusion, run.step, global_batch, shape, dev, seed, latent, **dropout)
+        draws = draw(diffusion, run.step, global_batch, shape, dev, seed, latent, **rates)
         stepped = train_step(
             model, task, train_data, idx, draws, slices, guard, optimizer, scaler, autocast
         )

@@ -523,3 +523,22 @@ def test_the_log_says_how_far_and_how_long(data, tmp_path):
     got = [re.match(pattern, line).groups() for line in lines]
     assert [g[:2] for g in got] == [('2', '50'), ('4', '100')] and got[1][2] == '0s', lines
     assert [train_mod.duration(s) for s in (42.4, 303, 4320)] == ['42s', '5m03s', '1h12m']
+
+
+def test_random_flip_mirrors_pixels_where_drawn(data):
+    """random_flip draws a flip per example for pixel data (in the place of the latents' flip, so
+    with it off the draws are as they were) and the batch holds exactly those images mirrored."""
+    from data import Data, draw
+    from diffusion import Diffusion
+
+    d, cpu, shape = Diffusion(), torch.device('cpu'), (3, 16, 16)
+    plain = draw(d, 3, 16, shape, cpu, 1)
+    flipped = draw(d, 3, 16, shape, cpu, 1, flip_pixels=True)
+    assert plain.flip is None and flipped.flip is not None and 0 < flipped.flip.sum() < 16
+    assert torch.equal(plain.t, flipped.t) and torch.equal(plain.noise, flipped.noise)
+    train_data = Data(data, 'train', cpu)
+    idx = np.arange(16)
+    x0 = train_data.batch(idx, plain).x0
+    got = train_data.batch(idx, flipped).x0
+    for i, f in enumerate(flipped.flip.tolist()):
+        assert torch.equal(got[i], x0[i].flip(-1) if f else x0[i])
