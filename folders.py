@@ -1,10 +1,12 @@
 """
 Reading the images a dataset is made of, for prepare.py: an image folder's files (decoded,
-resized, centre-cropped), their class folders, captions (NAME.txt) and hint maps (NAME.hint.png),
-and the Twemoji PNGs, captioned by their Unicode names.
+resized, centre-cropped), their class folders, captions (NAME.txt, or a metadata.jsonl line) and
+hint maps (NAME.hint.png), and the Twemoji PNGs, captioned by their Unicode names.
 """
 
+import functools
 import importlib.util
+import json
 import os
 import sys
 import unicodedata
@@ -108,10 +110,13 @@ def scan_folder(root):
 
 
 def read_caption(path):
-    """Caption from NAME.txt beside NAME.ext, '' if there is none; ValueError if not UTF-8."""
+    """Caption from NAME.txt beside NAME.ext, else from its line in metadata.jsonl in the same
+    folder (the image-folder layout of Hugging Face datasets: {"file_name": ..., "text": ...} a
+    line), '' if neither has one; ValueError if unreadable."""
     txt = os.path.splitext(path)[0] + '.txt'
     if not os.path.isfile(txt):
-        return ''
+        folder, name = os.path.split(path)
+        return jsonl_captions(os.path.join(folder, 'metadata.jsonl')).get(name, '')
     try:
         with open(txt, 'rb') as f:
             return f.read().decode('utf-8-sig').strip()
@@ -119,6 +124,37 @@ def read_caption(path):
         raise ValueError(f"caption {os.path.basename(txt)} is not valid UTF-8")
     except OSError as e:
         raise ValueError(f"cannot read caption {os.path.basename(txt)} ({e.strerror})")
+
+
+def jsonl_captions(path):
+    """{file_name: text (or caption)} of a metadata.jsonl, {} if there is none; read once per
+    version of the file. ValueError naming the file and line if a line is not such an object."""
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        return {}
+    return _jsonl_captions(path, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _jsonl_captions(path, stamp):
+    captions = {}
+    with open(path, 'rb') as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode('utf-8-sig'))
+                text = row.get('text', row.get('caption'))
+                if not isinstance(row['file_name'], str) or not isinstance(text, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ValueError(
+                    f"{os.path.basename(path)} line {i} is not a JSON object with a file_name and "
+                    "a text (or caption)"
+                ) from None
+            captions[row['file_name']] = text.strip()
+    return captions
 
 
 def read_hint(path, resolution):

@@ -533,3 +533,25 @@ def test_kill_leaves_complete_dataset(tmp_path):
     p = run('--num_train=24', '--num_val=12', f'--out_dir={out}')
     assert p.returncode == 0, p.stderr
     assert sorted(os.listdir(tmp_path)) == ['ds']
+
+
+def test_captions_from_metadata_jsonl(tmp_path):
+    """A folder's metadata.jsonl ({"file_name", "text"} a line, as Hugging Face image folders have
+    it) captions its images; NAME.txt beside an image wins; an image with neither is uncaptioned;
+    a malformed line skips the folder's images with the file and line named."""
+    src, out = tmp_path / 'flat', tmp_path / 'out'
+    for i in range(4):
+        solid(src / f'img{i}.png', (20, 20), (i * 60, 0, 0))
+    lines = [{'file_name': 'img0.png', 'text': ' a red square '}, {'file_name': 'img1.png'}]
+    lines[1]['caption'] = 'a dark square'
+    lines.append({'file_name': 'img2.png', 'text': 'overridden'})
+    (src / 'metadata.jsonl').write_text('\n'.join(json.dumps(row) for row in lines) + '\n')
+    (src / 'img2.txt').write_text('from the txt')
+    p = run(f'--dataset={src}', f'--out_dir={out}', '--resolution=16', '--val_fraction=0')
+    assert p.returncode == 0, p.stderr
+    x, y, caps = load(out, 'train')
+    want = {'a red square', 'a dark square', 'from the txt', ''}
+    assert sorted(caps) == sorted(want) and meta_of(out)['has_captions']
+    (src / 'metadata.jsonl').write_text('{"file_name": "img0.png"}\nnot json\n')
+    p = run(f'--dataset={src}', f'--out_dir={tmp_path / "bad"}', '--resolution=16')
+    assert 'metadata.jsonl line 1' in p.stdout + p.stderr
