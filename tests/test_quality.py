@@ -19,25 +19,7 @@ import sample
 import shapes
 import train
 from conftest import one_error_line
-
-ENV = dict(os.environ, OMP_NUM_THREADS='1', TQDM_DISABLE='1')
-TINY = [
-    '--patch_size=4',
-    '--n_layer=2',
-    '--n_head=2',
-    '--n_embd=32',
-    '--batch_size=8',
-    '--lr=1e-3',
-    '--warmup_iters=2',
-    '--lr_decay_iters=40',
-    '--ema_start=3',
-    '--ema_decay=0.9',
-    '--eval_batches=1',
-    '--log_interval=1',
-    '--sample_steps=2',
-    '--compile=False',
-    '--device=cpu',
-]
+from test_train import ENV, TINY
 
 
 def run(args, check=True):
