@@ -34,6 +34,16 @@ UNET = dict(
     n_head=2,
     num_classes=3,
 )
+DIT = dict(
+    arch='dit',
+    input_size=8,
+    in_channels=3,
+    patch_size=2,
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    num_classes=3,
+)
 
 
 def teacher_fn(x, t):
@@ -101,20 +111,7 @@ def test_cfg_scale_input_starts_as_the_conditional_model(arch):
     """A student's CFG-scale input (guidance=True) has a zero last layer: with the teacher's weights
     it is the teacher's conditional model at every scale; once that layer moves, the scale changes
     the output."""
-    args = (
-        UNET
-        if arch == 'unet'
-        else dict(
-            arch='dit',
-            input_size=8,
-            in_channels=3,
-            patch_size=2,
-            n_layer=2,
-            n_head=2,
-            n_embd=32,
-            num_classes=3,
-        )
-    )
+    args = UNET if arch == 'unet' else DIT
     torch.manual_seed(0)
     base = build_model(args).eval()
     with torch.no_grad():
@@ -498,21 +495,7 @@ def test_rounds_weigh_the_x0_error_by_truncated_snr():
 def test_a_student_compiles_without_graph_breaks(arch):
     """fullgraph=True through the CFG-scale input, forward and backward (aot_eager: the graph, not
     the kernels)."""
-    args = (
-        dict(UNET, guidance=True)
-        if arch == 'unet'
-        else dict(
-            arch='dit',
-            input_size=8,
-            in_channels=3,
-            patch_size=2,
-            n_layer=2,
-            n_head=2,
-            n_embd=32,
-            num_classes=3,
-            guidance=True,
-        )
-    )
+    args = dict(UNET if arch == 'unet' else DIT, guidance=True)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(args)
