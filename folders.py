@@ -20,14 +20,16 @@ from data import IMAGE_EXTS
 
 
 def load_image(path, resolution):
-    """Decode an image file into uint8 [3,res,res]: RGB, shorter side resized, centre-cropped.
-    Raises ValueError with a short reason if the file is unusable."""
-    try:
-        empty = os.path.getsize(path) == 0
-    except OSError as e:
-        raise ValueError(f"cannot read ({e.strerror})")
-    if empty:
-        raise ValueError("empty file")
+    """Decode an image file (a path, or an open binary file: serve.py's uploads) into uint8
+    [3,res,res]: RGB, shorter side resized, centre-cropped. Raises ValueError with a short reason
+    if the file is unusable."""
+    if isinstance(path, (str, os.PathLike)):
+        try:
+            empty = os.path.getsize(path) == 0
+        except OSError as e:
+            raise ValueError(f"cannot read ({e.strerror})")
+        if empty:
+            raise ValueError("empty file")
     try:
         with Image.open(path) as img:
             # JPEGs can decode at a reduced scale (still >= 2x target): fast on photos

@@ -39,6 +39,7 @@ def sample_images(
     null_text=None,
     hint=None,
     control_scale=1.0,
+    noise=None,
     **solver,
 ):
     """Generate one image per label; returns uint8 [N, 3, H, W]. Seeded: the same call gives the
@@ -46,7 +47,8 @@ def sample_images(
     sample_loop). A text model: text = (states, mask, pooled) per image, null_text = the empty
     caption's (see guided). A control branch: hint [N, 1, H, W] in [0, 1], one per image, at
     strength control_scale. A latent model's samples are decoded with the VAE that prepare.py
-    recorded in meta."""
+    recorded in meta. noise: the starting noise [N, *shape] (serve.py: each request's own seed);
+    None: drawn from seed."""
     # it would sample unconditioned, silently
     if model.config.text_dim and (text is None or null_text is None):
         raise SystemExit(
@@ -55,7 +57,8 @@ def sample_images(
     vae = load_vae(meta, labels.device)
     shape = input_shape(meta)
     g = torch.Generator(labels.device).manual_seed(seed)
-    noise = torch.randn((len(labels),) + shape, generator=g, device=labels.device)
+    if noise is None:
+        noise = torch.randn((len(labels),) + shape, generator=g, device=labels.device)
     out = []
     for i in range(0, len(labels), batch_size):
         part = None if text is None else tuple(a[i : i + batch_size] for a in text)
@@ -144,16 +147,21 @@ def with_hints(images, names, hints, ncol):
     )
 
 
-def read_hint(path, size):
-    """--hint=img.png as prepare.py reads hints (resized, centre-cropped, grey) -> [1, 1, size,
-    size] in [0, 1]."""
+def hint_of(file, size):
+    """An image file (a path or an open binary file) as prepare.py reads hints (resized,
+    centre-cropped, grey) -> [1, 1, size, size] in [0, 1]. ValueError: why it is unusable."""
     from folders import load_image
 
+    grey = Image.fromarray(load_image(file, size).transpose(1, 2, 0)).convert('L')
+    return torch.from_numpy(np.array(grey))[None, None].float() / 255
+
+
+def read_hint(path, size):
+    """--hint=img.png: hint_of, a bad file one line."""
     try:
-        grey = Image.fromarray(load_image(path, size).transpose(1, 2, 0)).convert('L')
+        return hint_of(path, size)
     except ValueError as e:
         raise SystemExit(f"error: --hint={path}: {e}") from None
-    return torch.from_numpy(np.array(grey))[None, None].float() / 255
 
 
 @functools.lru_cache(maxsize=1)

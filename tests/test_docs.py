@@ -70,6 +70,8 @@ TINY = {
         '--tune_samples=8',
         '--tune_iters=1',
         '--tune_max_nfe=5',
+        '--mixture_samples=8',
+        '--mixture_nfes=(5,)',
         '--quality_per_class=2',
         '--quality_nfes=(2,)',
         '--tune_max_steps=0',
@@ -98,6 +100,10 @@ NOT_RUN = {
         "8 GPUs (NCCL) and the faces data"
     ),
     'python bench.py --suite=True': "the GPU suite: DiT-B/2 and XL/2 at batch 256 on CUDA",
+    'python serve.py --out_dir=out-shapes': (
+        "a server that runs until stopped: tests/test_serve.py starts it on tiny models and sends "
+        "the README's curl line"
+    ),
 }
 
 # Runs `python script.py ...` as python would, but forked from a process that imported torch once:
