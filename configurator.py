@@ -43,10 +43,12 @@ def _check(key, value, defaults, where):
     return value
 
 
-def configure(g, argv=None, ignore_unknown_in_files=False):
+def configure(g, argv=None, ignore_unknown_in_files=False, given=None):
     """Apply config files and --key=value overrides to the globals dict `g`; return the config dict.
     ignore_unknown_in_files: skip keys a config file sets that `g` does not have (bench.py reads
-    train configs for their model keys only); --key=value overrides are always checked."""
+    train configs for their model keys only); --key=value overrides are always checked. given: a
+    set that gets every key the files and overrides set (a resumed run keeps its saved value of
+    the others)."""
     argv = sys.argv[1:] if argv is None else argv
     # settings: lower-case module globals of plain types (UPPER_CASE names are constants, not
     # settings)
@@ -83,6 +85,8 @@ def configure(g, argv=None, ignore_unknown_in_files=False):
                     continue
                 if k in defaults or not ignore_unknown_in_files:
                     g[k] = _check(k, v, defaults, arg)
+                    if given is not None:
+                        given.add(k)
         else:
             key, eq, text = arg[2:].partition('=')
             if not eq:
@@ -96,7 +100,57 @@ def configure(g, argv=None, ignore_unknown_in_files=False):
                 # a string key takes the text as written: --out_dir=2024 stays '2024'
                 value = text
             g[key] = _check(key, value, defaults, f"--{key}")
+            if given is not None:
+                given.add(key)
     return {k: g[k] for k in defaults}
+
+
+# what a resumed run may change and still be the same run: where and how often it reports, not what
+# it computes
+REPORTING = (
+    'log_interval',
+    'eval_interval',
+    'eval_batches',
+    'eval_grade_per_class',
+    'sample_steps',
+    'wandb_project',
+    'wandb_run_id',
+    'profile',
+    'peak_flops',
+)
+
+
+def resume(g, given, saved, path, step, get_lr):
+    """A resumed run's settings: its own (saved: its checkpoint's config), under those the command
+    line gives again (given: configure's). A given one that differs is named in one line; one that
+    would change what the run computes is refused unless g['force'], since the resumed run would no
+    longer be the same run bit for bit. A longer max_iters says what it does to the LR at step
+    (get_lr: train.py's, on g). -> {key: (saved value, new value)}."""
+    changed = {}
+    for key, old in saved.items():
+        if key not in g or key in ('init_from', 'out_dir', 'force'):
+            continue
+        if key not in given:
+            g[key] = old
+        elif g[key] != old:
+            changed[key] = (old, g[key])
+    what = ', '.join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    breaking = [k for k in changed if k not in REPORTING + ('max_iters',)]
+    if breaking and not g['force']:
+        sys.exit(
+            f"error: resuming {path} with other settings than the run's ({what}): it would not "
+            f"continue the same run bit for bit; drop --{breaking[0]}, or add --force=True"
+        )
+    if changed:
+        print(f"resuming {path} with changed settings: {what}")
+    if breaking:
+        print("warning: --force=True: from here on this is not the same run bit for bit")
+    if 'max_iters' in changed:
+        old_max = changed['max_iters'][0]
+        before, after = get_lr(step, iters=old_max), get_lr(step)
+        keep = '' if g['lr_decay_iters'] else f" (--lr_decay_iters={old_max} keeps the old one)"
+        print(f"max_iters changed: the LR at step {step} goes {before:.2e} -> {after:.2e}{keep}")
+    return changed
 
 
 def setting_comments(path):

@@ -140,7 +140,11 @@ def start_wandb(cfg):
             "stdout only"
         )
         return
-    wandb_run = wandb.init(project=cfg['wandb_project'], config=cfg, resume='allow')
+    # the run's id is kept in its checkpoints' config: a resumed run logs to the same W&B run
+    wandb_run = wandb.init(
+        project=cfg['wandb_project'], id=cfg['wandb_run_id'] or None, config=cfg, resume='allow'
+    )
+    cfg['wandb_run_id'] = wandb_run.id
 
 
 def log(step, **metrics):

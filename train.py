@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import evaluate
 from optim import Guard, make_optimizer
-from configurator import check, configure
+from configurator import check, configure, resume
 from data import Data, batch_indices, draw, read_meta
 import distill
 from diffusion import Denoise, Diffusion
@@ -128,6 +128,8 @@ eval_interval = 1000
 eval_batches = 8
 # log to Weights & Biases if set and wandb is installed (it is not a requirement)
 wandb_project = ''
+# set by the run that starts logging (recorded in its checkpoints): a resumed run continues it
+wandb_run_id = ''
 # early stopping: stop after this many evaluations without a better keep_best score; 0 = off
 patience = 0
 # the eval grid's sampler: DPM-Solver++(2M), this many steps, CFG cfg_scale
@@ -151,6 +153,8 @@ profile = False
 # for MFU; 0 = guess from the GPU name (no MFU on CPU)
 peak_flops = 0.0
 seed = 1337
+# resume with settings that differ from the run's own (configurator.resume names them)
+force = False
 # all of the above as main() runs with them (recorded in checkpoints); importing train.py has no
 # side effects
 config = {}
@@ -463,8 +467,13 @@ def main():
 
 
 if __name__ == '__main__':
-    # config files and --key=value overrides on the command line
-    configure(globals())
+    # config files and --key=value overrides on the command line; resumed, over the run's own
+    given = set()
+    configure(globals(), given=given)
+    if init_from == 'resume':
+        path = os.path.join(out_dir, 'ckpt.pt')
+        ckpt = checkpoint.load(path, training=True)
+        resume(globals(), given, ckpt['config'], path, ckpt['step'], get_lr)
     try:
         main()
     except torch.OutOfMemoryError:

@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_error_line
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1', TQDM_DISABLE='1')
 TINY = [
@@ -194,6 +196,9 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data, tmp_pa
 def test_resume_refuses_a_different_model(data, tmp_path):
     train(data, tmp_path, '--max_iters=1')
     p = train(data, tmp_path, '--max_iters=2', '--init_from=resume', '--n_layer=3', check=False)
+    one_error_line(p, 'n_layer 2 -> 3', '--force=True')
+    # forced, the weights still cannot go into another network
+    p = train(data, tmp_path, '--init_from=resume', '--n_layer=3', '--force=True', check=False)
     assert p.returncode != 0
     assert 'n_layer=2 in checkpoint vs 3 now' in p.stderr and 'Traceback' not in p.stderr
 
