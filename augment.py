@@ -8,9 +8,10 @@ by 30 degrees, knowing it is) and, sampled with the vector at zero, draws the cl
 Without the vector (train.py --augment_cond=False: the control) the augmentation leaks: the model
 draws rotated, hue-shifted images.
 
-train.py's `augment` setting names the transforms, each with (probability, strength):
+train.py's `augment` setting names the transforms, each with its probability and, optionally, its
+strength (TRANSFORMS says what it means and its default):
 
-    --augment="{'rotate': (0.5, 1.0), 'hue': (0.5, 1.0)}"
+    --augment=rotate:0.5,hue:0.5:1.0
 
 The random numbers are drawn with the step's other draws (data.draw: a function of seed and step,
 so resume stays exact) and everything is applied batched on the device: one grid_sample for every
@@ -58,21 +59,25 @@ for _name, (_, _, _n) in TRANSFORMS.items():
     _at += _n
 
 
-def check_spec(spec, latent):
-    """train.py's augment setting, checked: {name: (probability, strength)} -> the same, floats.
-    A bad entry is one line naming it."""
-    out = {}
-    for name, value in spec.items():
+def parse(text, latent):
+    """train.py's augment setting, 'name:probability[:strength],...' (strength: TRANSFORMS'
+    default when left out), checked -> {name: (probability, strength)}. A bad entry is one line
+    naming it."""
+    spec = {}
+    for item in filter(None, (part.strip() for part in text.split(','))):
+        name, *numbers = item.split(':')
         if name not in TRANSFORMS:
             raise SystemExit(
                 f"error: --augment: unknown transform {name!r}: use {', '.join(TRANSFORMS)}"
             )
-        if not (isinstance(value, (tuple, list)) and len(value) == 2):
-            raise SystemExit(f"error: --augment: {name!r} needs (probability, strength)")
-        p, s = (float(v) for v in value)
-        if not (0 <= p <= 1 and 0 <= s and math.isfinite(s)):
+        try:
+            p, s = (float(v) for v in numbers + [TRANSFORMS[name][1]] * (2 - len(numbers)))
+        except ValueError:
+            p = s = float('nan')
+        if len(numbers) not in (1, 2) or not (0 <= p <= 1 and 0 <= s < math.inf):
             raise SystemExit(
-                f"error: --augment: {name!r} = {value}: probability in [0, 1], strength >= 0"
+                f"error: --augment: {item!r} must be {name}:probability[:strength], probability "
+                "in [0, 1], strength >= 0"
             )
         if latent and name not in LATENT_OK:
             raise SystemExit(
@@ -81,8 +86,8 @@ def check_spec(spec, latent):
             )
         if name == 'gridmask' and not s < 1:
             raise SystemExit("error: --augment: 'gridmask' strength must be < 1 (all masked)")
-        out[name] = (p, s)
-    return out
+        spec[name] = (p, s)
+    return spec
 
 
 def draw(g, n, shape, spec, device):

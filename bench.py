@@ -55,6 +55,8 @@ n_layer = 12
 n_head = 6
 n_embd = 384
 share_blocks = 1
+# the official DiT checkpoints' network: its output's second half a learned variance
+learn_sigma = False
 unet_channels = 64
 unet_mult = (1, 2, 2)
 unet_blocks = 1
@@ -211,7 +213,8 @@ def model_args(shape, ncls, text_width):
         name, patch = size.split('/')
         depth, heads, width = DIT_SIZES[name]
         cfg.update(arch='dit', patch_size=int(patch), n_layer=depth, n_head=heads, n_embd=width)
-    return model_args_from(cfg, shape, ncls, text_width)
+    args = model_args_from(cfg, shape, ncls, text_width)
+    return dict(args, learn_sigma=True) if learn_sigma and args['arch'] == 'dit' else args
 
 
 class RandomData:
@@ -340,7 +343,7 @@ def peer_model(args):
         num_attention_heads=args['n_head'],
         attention_head_dim=args['n_embd'] // args['n_head'],
         in_channels=args['in_channels'],
-        out_channels=args['in_channels'],
+        out_channels=args['in_channels'] * (2 if args.get('learn_sigma') else 1),
         num_layers=args['n_layer'],
         sample_size=args['input_size'],
         patch_size=args['patch_size'],

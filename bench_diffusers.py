@@ -8,7 +8,7 @@ benchmark prints our rows alone without it.
 
 def diffusers_configs(objective, schedule, prediction):
     """(row name, scheduler class, its kwargs): the configurations a pipeline would use for this
-    objective (a row of bench_samplers.OBJECTIVES)."""
+    objective (a row of bench_mixtures.OBJECTIVES)."""
     # what it switches to anyway, with a warning, when order does not divide NFE
     single = dict(lower_order_final=True)
     if objective == 'flow':

@@ -7,6 +7,12 @@ start.
 
     python bench_samplers.py                         # the tables (80 s on 2 busy CPU cores)
     python bench_samplers.py --diffusers_at_sigma=True --cfg_scale=5.0
+    python bench_samplers.py --mixtures=6 --tune_iters=200   # held out: 6 other mixtures
+
+The tables are on one mixture, the one the default was chosen on; --mixtures=N scores the default
+solver untuned and fitted to each model (samplers.tune_solver), and the best diffusers
+configuration, on N others and on noise that no fit saw: the median and worst cell
+(bench_mixtures.py).
 
 Why a mixture: on Gaussian data (--gaussian=True, kept as a unit check: bench_gaussian.py) the ODE
 is linear, errors cancel and the ranking of the samplers flips with the data's std. Here the
@@ -28,6 +34,18 @@ import torch
 
 from bench_diffusers import diffusers_configs, run_diffusers
 from bench_gaussian import print_solver_table
+from bench_mixtures import (
+    OBJECTIVES,
+    component,
+    exact_net,
+    held_out,
+    make_mixture,
+    print_held_out,
+    reference,
+    rms,
+    start,
+    warp_table,
+)
 from bench_quality import quality_table
 from configurator import check
 from diffusion import Diffusion
@@ -62,115 +80,23 @@ quality_per_class = 20
 quality_nfes = (3, 5, 10, 20)
 # quality: the tuned solver's row up to this NFE
 tune_max_steps = 10
+# instead: the held-out table over this many other mixtures (bench_mixtures.py): the default solver
+# untuned, fitted and the best diffusers configuration, each scored on noise no fit saw
+mixtures = 0
+# held-out: each of its three noise batches (fit, check, score), and its NFEs
+mixture_samples = 512
+mixture_nfes = (5, 10, 20)
+# with mixtures: instead, one warp of the default's grid per objective and NFE chosen on as many
+# other mixtures, scored on these (a transferable default after "Align Your Steps"; not kept)
+warp = False
 device = 'auto'
 # -----------------------------------------------------------------------------
 
-OBJECTIVES = {
-    'vp-linear': ('vp', 'linear', 'eps'),
-    'vp-cosine': ('vp', 'cosine', 'v'),
-    'flow': ('flow', 'cosine', 'v'),
-}
 # the tuned solver's row: fitted on this many other noise samples, at NFE <= tune_max_nfe
 tune_samples = 2048
 tune_max_nfe = 10
 # its gradient steps (samplers.tune_solver)
 tune_iters = 400
-
-
-class Mixture:
-    """sum_k w_k N(mu_k, s_k^2 I) in float64; labels[k] is component k's class."""
-
-    def __init__(self, mu, std, weights, labels):
-        self.mu, self.std, self.logw, self.labels = mu, std, weights.log(), labels
-
-
-def make_mixture(
-    dims=dims, components=components, classes=classes, std_min=std_min, std_max=std_max, seed=seed
-):
-    g = torch.Generator().manual_seed(seed)
-    # inside [-1, 1], as pixels
-    mu = 0.7 * (2 * torch.rand(components, dims, generator=g, dtype=torch.float64) - 1)
-    std = torch.logspace(math.log10(std_min), math.log10(std_max), components, dtype=torch.float64)
-    weights = torch.rand(components, generator=g, dtype=torch.float64) + 0.5
-    return Mixture(mu, std, weights / weights.sum(), torch.arange(components) % classes)
-
-
-def mixture_x0(x_t, alpha, sigma, mix, labels=None):
-    """E[x0 | x_t] for x_t = alpha x0 + sigma eps, x0 from the mixture (or, given labels [N], from
-    each sample's class): the responsibilities r_k from x_t's marginal N(alpha mu_k, v_k I), v_k =
-    alpha^2 s_k^2 + sigma^2, times each component's Gaussian posterior mean mu_k + alpha s_k^2 / v_k
-    (x_t - alpha mu_k)."""
-    # [K]
-    var = alpha**2 * mix.std**2 + sigma**2
-    # |x_t - alpha mu_k|^2 expanded into matrix products: no [N, K, D] tensor, ~10x faster
-    dist = (
-        x_t.pow(2).sum(1, keepdim=True)
-        - 2 * alpha * x_t @ mix.mu.T
-        + alpha**2 * mix.mu.pow(2).sum(1)
-    )
-    # [N, K]
-    logp = mix.logw - 0.5 * x_t.shape[1] * var.log() - 0.5 * dist / var
-    # the class-conditional posterior: the other classes' components have zero weight
-    if labels is not None:
-        logp = logp.masked_fill(mix.labels != labels[:, None], -math.inf)
-    # log-sum-exp inside: no underflow when one component dominates
-    r = logp.softmax(dim=1)
-    # each responsibility times its component's gain
-    rg = r * (alpha * mix.std**2 / var)
-    return r @ mix.mu + rg.sum(1, keepdim=True) * x_t - alpha * rg @ mix.mu
-
-
-def guided_x0(x_t, alpha, sigma, mix, labels, w):
-    """CFG: uncond + w (cond - uncond). Every output type (eps, v, x0, velocity) is affine in x0
-    with the same x_t, so guiding the x0 prediction is guiding the network output, as
-    samplers.guided does."""
-    cond = mixture_x0(x_t, alpha, sigma, mix, labels)
-    if w == 1:
-        return cond
-    uncond = mixture_x0(x_t, alpha, sigma, mix)
-    return uncond + w * (cond - uncond)
-
-
-def exact_net(diffusion, mix, labels, w=1.0):
-    """The optimal network as model_fn(x, t) at objective time t, with the output it is trained to
-    predict."""
-
-    def fn(x, t):
-        alpha, sigma = (
-            v.item() for v in diffusion.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
-        )
-        x0 = guided_x0(x, alpha, sigma, mix, labels, w)
-        if diffusion.objective == 'flow':
-            # the velocity eps - x0
-            return (x - x0) / sigma
-        eps = (x - alpha * x0) / sigma
-        return {'eps': eps, 'v': alpha * eps - sigma * x0, 'x0': x0}[diffusion.prediction]
-
-    return fn
-
-
-def reference(x, alpha, sigma, mix, labels, w=1.0, steps=ref_steps, s_end=1e-5):
-    """The probability-flow ODE's end point from x at noise level (alpha, sigma): classic RK4,
-    uniform in lambda = log(alpha / sigma). In z = x / sigma the ODE is dz/dlambda = e^lambda D(z
-    e^-lambda, s = e^-lambda), D the guided x0 prediction at noise level s for input y = x / alpha.
-    That right side stays bounded from pure noise (lambda -> -inf, where flow starts) to s_end,
-    where D(y) is the answer to O((s_end / std_min)^2). It shares no code with sample_loop."""
-    D = lambda z, lam: guided_x0(z * math.exp(-lam), 1.0, math.exp(-lam), mix, labels, w)
-    f = lambda z, lam: math.exp(lam) * D(z, lam)
-    lam0 = math.log(alpha / sigma) if alpha > 0 else -math.inf
-    # below -12 the integrand is the data mean times e^lambda: one exact step, to O(e^-24)
-    lo = max(lam0, -12.0)
-    z = x / sigma
-    z = z + (math.exp(lo) - math.exp(lam0)) * D(z, lo)
-    h = (math.log(1 / s_end) - lo) / steps
-    for i in range(steps):
-        lam = lo + i * h
-        k1 = f(z, lam)
-        k2 = f(z + h / 2 * k1, lam + h / 2)
-        k3 = f(z + h / 2 * k2, lam + h / 2)
-        k4 = f(z + h * k3, lam + h)
-        z = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return D(z, lo + steps * h)
 
 
 # -----------------------------------------------------------------------------
@@ -239,33 +165,12 @@ def run_ours(net, x, diffusion, nfe, sampler, order, spacing):
 # The tables
 
 
-def rms(a, b):
-    return (a - b).pow(2).mean().sqrt().item()
-
-
-def start(diffusion):
-    """(alpha, sigma) at our samplers' first time, pure noise: vp the last training step, flow t =
-    1."""
-    t = 1.0 if diffusion.objective == 'flow' else diffusion.T - 1.0
-    return [v.item() for v in diffusion.alpha_sigma(torch.tensor(t, dtype=torch.float64))]
-
-
 def spread(out, ref, mix):
     """Over the samples that land in the reference's component: their RMS distance from its mean in
     units of its std, over the reference's. < 1: pulled towards the component mean (blurred detail);
     > 1: noisier than data."""
-
-    # the most likely one, at noise level 0
-    def component(z):
-        log_lik = (
-            mix.logw
-            - z.shape[1] * mix.std.log()
-            - 0.5 * (z[:, None] - mix.mu).pow(2).sum(-1) / mix.std**2
-        )
-        return log_lik.argmax(1)
-
-    k = component(ref)
-    same = component(out) == k
+    k = component(ref, mix)
+    same = component(out, mix) == k
     dist = lambda z: (
         ((z[same] - mix.mu[k[same]]) / mix.std[k[same], None]).pow(2).mean().sqrt().item()
     )
@@ -420,6 +325,15 @@ def main():
     threads = torch.get_num_threads()
     # [1024, 32] tensors: more threads only contend
     torch.set_num_threads(1)
+    if mixtures and warp:
+        return warp_table(mixtures, mixture_samples, mixture_nfes, ref_steps, seed)
+    if mixtures:
+        results, gap = held_out(
+            mixtures, mixture_samples, mixture_nfes, ref_steps, tune_iters, seed, diffusers_at_sigma
+        )
+        print_held_out(results, gap, ref_steps, mixture_samples)
+        print(f"\n({time.time() - t0:.0f} s)")
+        return results
     mix = make_mixture(dims, components, classes, std_min, std_max, seed)
     x = torch.randn(
         num_samples, dims, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64

@@ -27,6 +27,13 @@ SUITE = [
     ('DiT-XL/2', 'bench.py --size=XL/2 --peer=False' + B256),
     ('DiT-XL/2, grad checkpointing', 'bench.py --size=XL/2 --grad_checkpoint=True' + B256),
     ('UNet demo', 'bench.py config/shapes.py --sample_steps=0'),
+    # sampling the official DiT-XL/2 256 network (random weights): UniPC-3, 20 steps, CFG 4
+    (
+        'DiT-XL/2 official (learned variance), sampling',
+        'bench.py --size=XL/2 --learn_sigma=True --objective=vp --schedule=linear --prediction=eps'
+        ' --peer=False --resolution=32 --channels=4 --num_classes=1000 --batch_size=8 --warmup=1'
+        ' --iters=2 --sample_steps=20 --sample_batch=64',
+    ),
     # train.py's own img/s and MFU: DiT-B/2 on random latents in prepare.py's format (write_latents)
     (
         'train.py, DiT-B/2',
@@ -42,6 +49,7 @@ COLUMNS = [
     'diffusers train img/s',
     'diffusers MFU',
     'ours / diffusers',
+    'sample img/s (20 steps, cfg)',
 ]
 BEGIN, END = '<!-- bench.py --suite writes from here -->', '<!-- to here -->'
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -11,6 +11,8 @@ as.
 - Sharing: model.safetensors = the EMA weights + model args, diffusion settings and dataset meta as
   JSON metadata (the format the ecosystem shares weights in); sample.py reads it like a ckpt.pt.
       python checkpoint.py out-shapes/ckpt.pt     # -> out-shapes/model.safetensors
+  A class-conditional VP DiT also as a diffusers folder (a DiTPipeline's; dit_weights.py):
+      python checkpoint.py out-vp/ckpt.pt --to=diffusers out-vp/diffusers
 - A training run holds an exclusive lock on its out_dir, so two runs cannot overwrite each other.
 """
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 import distill
+import dit_weights
 from diffusion import Diffusion
 from model import build_model, freeze_base, model_args_from
 
@@ -206,7 +209,10 @@ def _fail(path, why):
 
 def load(path, device='cpu', training=False):
     """A checkpoint as a dict: a train.py ckpt.pt/best.pt, or a model.safetensors export (EMA
-    weights only). training=True: everything a resume needs must be there too."""
+    weights only), or a public DiT (dit_weights: an official .pt, a diffusers folder or hub id).
+    training=True: everything a resume needs must be there too."""
+    if dit_weights.is_diffusers(path):
+        return dit_weights.read_diffusers(path, device)
     if not os.path.isfile(path):
         _fail(path, "does not exist: train first, or pass --out_dir=<the training out_dir>")
     if path.endswith('.safetensors'):
@@ -232,6 +238,9 @@ def load(path, device='cpu', training=False):
         _fail(path, f"is not a readable checkpoint: truncated or corrupt ({msg[0].strip()[:100]})")
     if not isinstance(ckpt, dict):
         _fail(path, f"is not a train.py checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    # an official facebookresearch/DiT checkpoint (or one line)
+    if all(isinstance(v, torch.Tensor) for v in ckpt.values()) and not training:
+        return dit_weights.read_official(path, ckpt)
     if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         _fail(
             path,
@@ -376,6 +385,9 @@ def starting_point(cfg, meta, shape, num_classes, text_dim, dev):
             first, conditional = cfg['distill_steps'][0], bool(num_classes or text_dim)
             teacher_steps = cfg['distill_teacher_steps']
             model_args = distill.student_args(ckpt, path, conditional, first, teacher_steps)
+    # fine-tuning a public DiT (dit_weights), or resuming that: its network, as its file has it
+    elif dit_weights.is_public(ckpt['model_args']) and not meta.get('hint'):
+        model_args = ckpt['model_args']
     elif not resume or ckpt['model_args'].get('hint_channels'):
         if not meta.get('hint'):
             _fail(
@@ -406,7 +418,8 @@ def build(cfg, model_args, ckpt, path, dev):
     control = bool(model_args.get('hint_channels'))
     if control:
         freeze_base(model)
-    if ckpt and cfg['init_from'] != 'resume' and (control or cfg['distill_steps']):
+    public = dit_weights.is_public(model_args)
+    if ckpt and cfg['init_from'] != 'resume' and (control or cfg['distill_steps'] or public):
         new = 'control.' if control else 'g_embed.'
         load_base(model, ckpt, path, new, lacks=control)
         if control:
@@ -419,13 +432,19 @@ def build(cfg, model_args, ckpt, path, dev):
 
 
 if __name__ == '__main__':
-    if len(sys.argv) not in (2, 3) or sys.argv[1].startswith('-'):
-        sys.exit("usage: python checkpoint.py path/to/ckpt.pt [path/to/model.safetensors]")
-    src = sys.argv[1]
-    dst = (
-        sys.argv[2]
-        if len(sys.argv) == 3
-        else os.path.join(os.path.dirname(src), 'model.safetensors')
-    )
-    export_safetensors(load(src), dst)
-    print(f"wrote {dst} (the EMA weights of {src})")
+    # --to=diffusers: a diffusers DiT folder (dit_weights.export_diffusers) instead
+    args = [a for a in sys.argv[1:] if a != '--to=diffusers']
+    to_diffusers = len(args) < len(sys.argv) - 1
+    if len(args) not in (1, 2) or args[0].startswith('-'):
+        sys.exit(
+            "usage: python checkpoint.py path/to/ckpt.pt [path/to/model.safetensors]\n"
+            "       python checkpoint.py path/to/ckpt.pt --to=diffusers path/to/folder"
+        )
+    src = args[0]
+    default = 'diffusers' if to_diffusers else 'model.safetensors'
+    dst = args[1] if len(args) == 2 else os.path.join(os.path.dirname(src), default)
+    if to_diffusers:
+        print('\n'.join(dit_weights.export_diffusers(load(src), dst, src)))
+    else:
+        export_safetensors(load(src), dst)
+        print(f"wrote {dst} (the EMA weights of {src})")

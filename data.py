@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+import augment
+
 # what prepare.py and metrics.py read as images
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
@@ -54,6 +56,8 @@ class Draws:
     flip: torch.Tensor | None
     empty: torch.Tensor
     u: torch.Tensor
+    aug: torch.Tensor | None = None
+    aug_noise: torch.Tensor | None = None
 
     def part(self, s):
         """The draws of the examples in slice s (a process's micro-batch)."""
@@ -72,6 +76,7 @@ def draw(
     class_dropout=0.0,
     hint_dropout=0.0,
     flip_pixels=False,
+    augment_spec=None,
 ):
     """Every random number of a step's global batch of n, from a generator seeded by (seed, step): a
     pure function of the step, so resuming needs no RNG state, and N processes slice the same draws
@@ -91,7 +96,12 @@ def draw(
     empty = torch.rand(n, generator=g, device=device) < hint_dropout
     # distillation: each example's student step and CFG scale, in [0, 1)
     u = torch.rand(n, 2, generator=g, device=device, dtype=torch.float64)
-    return Draws(t, noise, drop, eps, flip, empty, u)
+    # augmentation (augment.py; augment_spec: augment.parse's): each example's transforms, as the
+    # network is told them, and the noise the 'noise' transform adds
+    aug, aug_noise = (
+        augment.draw(g, n, shape, augment_spec, device) if augment_spec else (None,) * 2
+    )
+    return Draws(t, noise, drop, eps, flip, empty, u, aug, aug_noise)
 
 
 @dataclass
@@ -103,6 +113,8 @@ class Batch:
     y: torch.Tensor
     text: tuple | None
     hint: torch.Tensor | None
+    # what augmentation was applied (augment.py's labels), where the network is told; else None
+    aug: torch.Tensor | None = None
 
 
 class Data:
@@ -116,9 +128,11 @@ class Data:
     def __init__(self, data_dir, split, device, text=False, resident=None):
         meta = read_meta(data_dir)
         # what batch() assembles: the null class a dropped label becomes; whether it carries the
-        # hints (train.py sets it for a control run)
+        # hints (train.py sets it for a control run); the augmentation (augment.parse's spec) and
+        # whether the batch tells the network what was applied (train.py sets both)
         self.null_class = meta['num_classes']
         self.hints = False
+        self.augment, self.augment_cond = {}, True
         self.latent = meta['kind'] == 'latents'
         n, L, D = meta['splits'].get(split), meta.get('text_max_len'), meta.get('text_dim')
         x_shape = (
@@ -220,7 +234,12 @@ class Data:
         hint = None
         if self.hints:
             hint = self.get_hint(idx, draws.flip) * ~draws.empty.view(-1, 1, 1, 1)
-        return Batch(x0, y, text, hint)
+        if draws.aug is None:
+            return Batch(x0, y, text, hint)
+        x0 = augment.apply(x0, draws.aug, draws.aug_noise, self.augment)
+        # a hint map moves with its image (the geometric transforms only)
+        hint = None if hint is None else augment.warp(hint, draws.aug)
+        return Batch(x0, y, text, hint, draws.aug if self.augment_cond else None)
 
     def __len__(self):
         return len(self.y)

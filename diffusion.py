@@ -65,17 +65,19 @@ class Diffusion:
             )
         return torch.randint(0, self.T, (n,), generator=generator, device=device).double()
 
-    def loss(self, model, x0, y, t, noise, min_snr_gamma=0.0, text=None, hint=None):
+    def loss(self, model, x0, y, t, noise, min_snr_gamma=0.0, text=None, hint=None, aug=None):
         """Mean squared error of the network's prediction; t and noise are drawn by the caller.
         min_snr_gamma > 0: Min-SNR-gamma weighting (Hang et al. 2023), see min_snr_weight.
         text: the captions' (states, mask, pooled) for a text-conditional model, else None.
         hint: the control branch's hint maps, else None (a model without a branch is not even passed
-        the argument)."""
+        the argument). aug: the augmentation labels (augment.py) for a model told them, or None."""
         alpha, sigma = (s.float().view(-1, 1, 1, 1) for s in self.alpha_sigma(t))
         x_t = alpha * x0 + sigma * noise
-        out = model(
-            x_t, self.model_time(t).float(), y, text, **({} if hint is None else {'hint': hint})
-        )
+        extra = {k: v for k, v in (('hint', hint), ('aug', aug)) if v is not None}
+        out = model(x_t, self.model_time(t).float(), y, text, **extra)
+        # a learned-variance model's (DiT's learn_sigma) second half, its variance, is not trained
+        # here: the VLB term that trained it is not this loss
+        out = out[:, : x0.shape[1]]
         if self.objective == 'flow':
             # velocity dx_t/dt
             target = noise - x0
@@ -250,7 +252,7 @@ class Denoise:
     def loss(self, model, batch, draws, min_snr_gamma=None):
         gamma = self.min_snr_gamma if min_snr_gamma is None else min_snr_gamma
         x0, y, t, noise = batch.x0, batch.y, draws.t, draws.noise
-        return self.diffusion.loss(model, x0, y, t, noise, gamma, batch.text, batch.hint)
+        return self.diffusion.loss(model, x0, y, t, noise, gamma, batch.text, batch.hint, batch.aug)
 
     def eval_loss(self, model, batch, draws):
         """The plain MSE, whatever the training weighting."""

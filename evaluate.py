@@ -1,16 +1,20 @@
 """
 What train.py does at each evaluation, out of its loop: the EMA's val loss, its eval grid of samples
 and their grade (the built-in shapes data), keep-best (best.pt) and early stopping, the checkpoints,
-and the log line (stdout, and Weights & Biases when asked for). Every function reads the run's
-settings from cfg, train.py's config dict (its settings as the run uses them).
+and the log line (stdout, and Weights & Biases when asked for); the profiler's trace. Every function
+reads the run's settings from cfg, train.py's config dict (its settings as the run uses them).
 """
 
+import functools
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
 
 import distill
 from data import draw
@@ -151,3 +155,69 @@ def log(step, **metrics):
     """Numbers to Weights & Biases when it was started; the stdout lines are the log either way."""
     if wandb_run is not None:
         wandb_run.log(metrics, step=step)
+
+
+def write_trace(folder, prof):
+    path = os.path.join(folder, 'trace.json')
+    prof.export_chrome_trace(path)
+    print(f"wrote profiler trace {path}")
+
+
+def start_profiler(dev, folder):
+    """A torch.profiler trace of steps 2-4 (after a step of warm-up) into folder/trace.json."""
+    from torch.profiler import ProfilerActivity, schedule
+
+    activities = [ProfilerActivity.CPU]
+    if dev.type == 'cuda':
+        activities.append(ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(
+        activities=activities,
+        schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+        record_shapes=True,
+        on_trace_ready=functools.partial(write_trace, folder),
+    )
+    prof.start()
+    return prof
+
+
+def duration(seconds):
+    """'1h12m', '5m03s' or '42s'."""
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def log_progress(cfg, run, guard, lr_now, steps, images, dt, flops, peak):
+    """The line every log_interval steps: how far the run is, the mean loss of the updates since
+    the last line, the LR, img/s, MFU (where the peak is known), and the time left at this rate
+    (evaluations not counted); to stdout, and to W&B when it is on."""
+    train_loss = guard.mean_loss()
+    run.history.append((run.step, 'train', train_loss))
+    img_s = images / dt
+    log(run.step, train_loss=train_loss, lr=lr_now, img_s=img_s)
+    mfu = f" | mfu {100 * flops / dt / peak:.1f}%" if peak else ''
+    max_iters = cfg['max_iters']
+    eta = duration((max_iters - run.step) * dt / steps)
+    done = f"{run.step}/{max_iters} ({100 * run.step / max_iters:.0f}%)"
+    line = f"step {done} | loss {train_loss:.4f} | lr {lr_now:.2e} | {img_s:.0f} img/s{mfu}"
+    print(f"{line} | eta {eta}", flush=True)
+
+
+class Progress:
+    """A tqdm bar of the run's steps where stdout and stderr are a terminal (rank 0): while it is
+    up, print()'s lines go above it (through tqdm.write), so the log lines stay whole. Elsewhere (a
+    log file, CI, other ranks) it does nothing."""
+
+    def __init__(self, step, total, master):
+        on = master and sys.stdout.isatty() and sys.stderr.isatty()
+        self.stdout = sys.stdout
+        self.bar = tqdm(total=total, initial=step, unit='step', dynamic_ncols=True, disable=not on)
+        if on:
+            sys.stdout = DummyTqdmFile(self.stdout)
+
+    def update(self):
+        self.bar.update()
+
+    def close(self):
+        self.bar.close()
+        sys.stdout = self.stdout

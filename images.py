@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from checkpoint import atomic_write
 from data import Data
@@ -60,7 +61,10 @@ def sample_images(
     if noise is None:
         noise = torch.randn((len(labels),) + shape, generator=g, device=labels.device)
     out = []
-    for i in range(0, len(labels), batch_size):
+    # a bar of the network's calls where stderr is a terminal (sample.py's grids, train.py's evals)
+    starts = range(0, len(labels), batch_size)
+    bar = tqdm(total=len(starts) * solver['steps'], desc='sampling', leave=False, disable=None)
+    for i in starts:
         part = None if text is None else tuple(a[i : i + batch_size] for a in text)
         h = None if hint is None else hint[i : i + batch_size]
         model_fn = guided(
@@ -77,7 +81,7 @@ def sample_images(
         )
         with autocast or nullcontext():
             x, _ = sample_loop(
-                model_fn, noise[i : i + batch_size], diffusion, generator=g, **solver
+                counted(model_fn, bar), noise[i : i + batch_size], diffusion, generator=g, **solver
             )
         if not torch.isfinite(x).all():
             raise SystemExit(
@@ -85,10 +89,24 @@ def sample_images(
                 "training loss)"
             )
         if vae is not None:
+            # at the latent scaling the model was trained with (a public DiT's: SD's 0.18215), and
             # tiled automatically above the VAE's tile size
-            x = vae.decode(vae.from_latent(x.float()))
+            scale, shift = meta.get('scaling_factor'), meta.get('shift_factor', 0.0)
+            z = vae.from_latent(x.float()) if scale is None else x.float() / scale + shift
+            x = vae.decode(z)
         out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+    bar.close()
     return torch.cat(out)
+
+
+def counted(model_fn, bar):
+    """model_fn, each call ticking the progress bar."""
+
+    def fn(x, t):
+        bar.update()
+        return model_fn(x, t)
+
+    return fn
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,11 +21,14 @@ def run_block(model, block, *args):
     return block(*args)
 
 
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal features of a (float) timestep on a 0..1000 scale, as in DDPM/DiT."""
+def timestep_embedding(t, dim, max_period=10000, shift=0):
+    """Sinusoidal features of a (float) timestep on a 0..1000 scale, as in DDPM/DiT: frequencies
+    max_period^(-k / (dim/2 - shift)); shift 1 is diffusers' DiT (downscale_freq_shift=1)."""
     half = dim // 2
     freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=t.device)
+        / (half - shift)
     )
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -125,6 +128,14 @@ def guidance_embedding(width):
     sinusoidal features of the scale into the condition vector through a zero last layer, so the
     student starts as its teacher's model."""
     return nn.Sequential(nn.Linear(256, width), nn.SiLU(), zero_init(nn.Linear(width, width)))
+
+
+def augment_in(model, aug, dtype):
+    """The augmentation labels' term of the condition vector (augment.py): 0 for a model without
+    the input, and for aug None, which is what sampling passes: no transform applied."""
+    if model.a_embed is None or aug is None:
+        return 0
+    return model.a_embed(aug.to(dtype))
 
 
 def guidance_in(model, scale, t, dtype):

@@ -18,11 +18,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from augment import AUG_DIM
+from repa import encoder_width, projector
 from layers import (
     CrossAttention,
     TextCond,
     control_on,
     guidance_embedding,
+    augment_in,
     guidance_in,
     hint_encoder,
     run_block,
@@ -63,6 +66,18 @@ class DiTConfig:
     control_blocks: int = 0
     # the CFG scale is an input (a guidance-distilled student: one call per step, no uncond half)
     guidance: bool = False
+    # > 0: told what augmentation was applied (augment.py's labels, zero when sampling)
+    aug_dim: int = 0
+    # > 0: REPA's projector (repa.py) to an encoder of this width: trained, saved, never sampled
+    repa_dim: int = 0
+    repa_hidden: int = 2048
+    # public checkpoints (dit_weights.py) as they were trained: the output's second half is a
+    # learned variance (the official DiTs'; samplers use the first half only),
+    learn_sigma: bool = False
+    # the timestep frequencies 10000^(-k / (128 - freq_shift)): 0 the paper's, 1 diffusers' DiT,
+    freq_shift: int = 0
+    # and the MLP's LayerNorm epsilon (the paper's 1e-6; diffusers' DiT: its norm_eps)
+    mlp_norm_eps: float = 1e-6
 
 
 def modulate(x, shift, scale):
@@ -109,7 +124,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(c.n_embd, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(c)
-        self.norm2 = nn.LayerNorm(c.n_embd, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(c.n_embd, elementwise_affine=False, eps=c.mlp_norm_eps)
         hidden = int(c.n_embd * c.mlp_ratio)
         self.mlp = nn.Sequential(
             nn.Linear(c.n_embd, hidden), nn.GELU(approximate='tanh'), nn.Linear(hidden, c.n_embd)
@@ -162,7 +177,8 @@ class DiT(nn.Module):
         self.grad_checkpoint = False
         self.norm_f = nn.LayerNorm(c.n_embd, elementwise_affine=False, eps=1e-6)
         self.adaLN_f = nn.Sequential(nn.SiLU(), nn.Linear(c.n_embd, 2 * c.n_embd))
-        self.head = nn.Linear(c.n_embd, c.patch_size**2 * c.in_channels)
+        self.out_channels = c.in_channels * (2 if c.learn_sigma else 1)
+        self.head = nn.Linear(c.n_embd, c.patch_size**2 * self.out_channels)
         self.init_weights()
         self.g_embed = guidance_embedding(c.n_embd) if c.guidance else None
         # PixArt-delta: trainable copies of the first blocks, each added back through a zero linear
@@ -177,6 +193,12 @@ class DiT(nn.Module):
             self.control.zero = nn.ModuleList(
                 zero_init(nn.Linear(c.n_embd, c.n_embd)) for _ in range(n)
             )
+        # last, so that a model without it is initialised as before; zero: starts as the plain
+        # model; no bias: all-zero labels (nothing applied) are exactly no input, as when sampling
+        self.a_embed = nn.Linear(c.aug_dim, c.n_embd, bias=False) if c.aug_dim else None
+        if self.a_embed is not None:
+            nn.init.zeros_(self.a_embed.weight)
+        self.repa = projector(c.n_embd, c.repa_hidden, c.repa_dim) if c.repa_dim else None
 
     def init_weights(self):
         c = self.config
@@ -204,22 +226,25 @@ class DiT(nn.Module):
         for i, block in enumerate(self.control.blocks):
             block.load_state_dict(self.blocks[i // self.config.share].state_dict())
 
-    def forward(self, x, t, y, text=None, hint=None, control_scale=1.0, guidance=None):
+    def forward(self, x, t, y, text=None, hint=None, control_scale=1.0, guidance=None, aug=None):
         """x: [B, C, H, W] noisy input; t: [B] timestep on a 0..1000 scale; y: [B] class
         (num_classes = null); guidance: a guidance-distilled model's CFG scale [B] (None: 1, no
-        guidance); text: None, or pre-encoded captions (states [B, L, text_dim], mask [B, L] bool,
-        pooled [B, text_dim]); hint: None, or [B, hint_channels, hint_size, hint_size] in [0, 1] for
-        the control branch, whose additions are multiplied by control_scale (a number, or [B]); no
-        hint or a scale of 0 is exactly the base model."""
+        guidance); aug: [B, aug_dim] the augmentation applied (None: none, as when sampling); text:
+        None, or pre-encoded captions (states [B, L, text_dim], mask [B, L] bool, pooled [B,
+        text_dim]); hint: None, or [B, hint_channels, hint_size, hint_size] in [0, 1] for the
+        control branch, whose additions are multiplied by control_scale (a number, or [B]); no hint
+        or a scale of 0 is exactly the base model. -> [B, C, H, W] (learn_sigma: [B, 2C, H, W], the
+        prediction's channels, then the variance's)."""
         c, p, g = self.config, self.config.patch_size, self.grid
         # [B, T, n_embd]
         h = self.patch_embed(x).flatten(2).transpose(1, 2)
         # fp32 here would make the whole residual stream fp32 under bf16 autocast
         h = h + self.pos_embed.to(h.dtype)
         cond = (
-            self.t_embed(timestep_embedding(t, 256).to(h.dtype))
+            self.t_embed(timestep_embedding(t, 256, shift=c.freq_shift).to(h.dtype))
             + self.y_embed(y)
             + guidance_in(self, guidance, t, h.dtype)
+            + augment_in(self, aug, h.dtype)
         )
         ctx = mask = None
         if text is not None:
@@ -240,8 +265,8 @@ class DiT(nn.Module):
         # [B, T, p*p*C]
         h = self.head(modulate(self.norm_f(h), shift, scale))
         # unpatchify
-        h = h.view(-1, g, g, p, p, c.in_channels).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(-1, c.in_channels, g * p, g * p)
+        h = h.view(-1, g, g, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(-1, self.out_channels, g * p, g * p)
 
 
 # -----------------------------------------------------------------------------
@@ -279,6 +304,12 @@ def model_args_from(cfg, shape, num_classes, text_dim=0):
     )
     if text_dim:
         args['text_dim'] = text_dim
+    # told what augmentation was applied (augment.py); without it (the leak control) it is not
+    if cfg.get('augment') and cfg.get('augment_cond', True):
+        args['aug_dim'] = AUG_DIM
+    # REPA's projector, to the encoder's width
+    if cfg.get('repa_encoder'):
+        args.update(repa_dim=encoder_width(cfg['repa_encoder']), repa_hidden=cfg['repa_hidden'])
     if cfg['arch'] == 'dit':
         args.update(
             patch_size=cfg['patch_size'],

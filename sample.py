@@ -10,6 +10,7 @@ Sample from a trained checkpoint with classifier-free guidance, write a PNG grid
     python sample.py --out_dir=out-mask --hint=mask.png --control_scale=0.8  # a control branch
     python sample.py --out_dir=out-mask --hint=val        # the val hints, one per column, shown
     python sample.py --out_dir=out-distill --ckpt_name=student1.pt   # a student: its own steps
+    python sample.py --weights=DiT-XL-2-256x256.pt --out_dir=out-dit   # a public DiT (dit_weights)
 
 Samplers (samplers.py: sample_loop, on the alpha/sigma of diffusion.Diffusion): UniPC 1/2/3 (Zhao
 et al. 2023; the default: order 3 on the 'flowtime' grid below 30 steps, 'logsnr' above, for every
@@ -58,6 +59,9 @@ from samplers import SAMPLERS, default_solver, solver_name
 out_dir = 'out'
 # or 'best.pt', or 'model.safetensors' (the shareable export: EMA weights)
 ckpt_name = 'ckpt.pt'
+# instead of out_dir/ckpt_name: a public DiT (dit_weights.py), an official facebookresearch/DiT
+# .pt, a diffusers DiT folder or hub id; the grid still goes to out_dir
+weights = ''
 # solver steps; NFE = steps (heun: 2*steps-1); CFG's cond+uncond is one batched call;
 # 0 = auto: 20, or a distilled student's own (its checkpoint records its steps and grid)
 steps = 0
@@ -108,6 +112,8 @@ data_dir = ''
 save_dir = ''
 # with save_dir: the classes (or prompts) in turn, deterministic from seed
 num_samples = 0
+# with save_dir: also save_dir.npz, the PNGs as one uint8 [N, H, W, 3] array (ADM's evaluator)
+npz = False
 batch_size = 256
 use_ema = True
 seed = 0
@@ -160,6 +166,8 @@ def check_config():
             f"error: --save_dir={save_dir!r} and --num_samples={num_samples} go together: a "
             "folder, a count > 0"
         )
+    if npz and not save_dir:
+        sys.exit("error: --npz=True writes save_dir.npz: give --save_dir and --num_samples too")
 
 
 def save_samples(generate, asked, labels, meta, folder, info):
@@ -203,6 +211,18 @@ def save_samples(generate, asked, labels, meta, folder, info):
     # one key a line: readable at any N
     atomic_write(manifest, lambda f: f.write(text.encode('utf-8')))
     return manifest
+
+
+def write_npz(folder):
+    """folder.npz: the PNGs samples.json names as one uint8 [N, H, W, 3] array arr_0, the batch
+    format of ADM's evaluator (openai/guided-diffusion, evaluations/evaluator.py)."""
+    with open(os.path.join(folder, 'samples.json'), encoding='utf-8') as f:
+        files = json.load(f)['files']
+    rgb = lambda name: np.asarray(Image.open(os.path.join(folder, name)).convert('RGB'))
+    images = np.stack([rgb(name) for name in files])
+    path = folder.rstrip('/') + '.npz'
+    atomic_write(path, lambda f: np.savez(f, arr_0=images))
+    return path
 
 
 def read_prompts(argv, path, data_dir):
@@ -270,9 +290,10 @@ def main():
     configure(globals(), [a for a in argv if not a.startswith('--prompt=')])
     check_config()
     dev, _, autocast = setup_device(device, dtype)
-    model, diffusion, meta, train_config = load_model(
-        os.path.join(out_dir, ckpt_name), dev, use_ema
-    )
+    if weights:
+        os.makedirs(out_dir, exist_ok=True)
+    source = weights or os.path.join(out_dir, ckpt_name)
+    model, diffusion, meta, train_config = load_model(source, dev, use_ema)
     # a distilled student's record (train.py --distill_steps)
     student = train_config.get('student')
     steps = steps or (student or {}).get('steps') or 20
@@ -390,9 +411,11 @@ def main():
         else:
             asked = [chosen[i % len(chosen)] if chosen else 0 for i in range(num_samples)]
             labels = asked if meta['num_classes'] else [-1] * num_samples
-        info = dict(checkpoint=os.path.join(out_dir, ckpt_name), sampler=how, seed=seed)
+        info = dict(checkpoint=source, sampler=how, seed=seed)
         path = save_samples(generate, asked, labels, meta, save_dir, info)
         print(f"wrote {num_samples} images and {path} ({how}, seed {seed})")
+        if npz:
+            print(f"wrote {write_npz(save_dir)} (ADM's evaluator reads it)")
     else:
         if is_text:
             names = [p for p in read_prompts(argv, prompts, data) for _ in range(per_class)]

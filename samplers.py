@@ -437,7 +437,9 @@ def guided(
             .float()
             .expand(len(x))
         )
-        out = model(xx, both(tt), y, text, **control).float()
+        # a learned-variance model (DiT's learn_sigma) outputs 2C channels: every sampler uses the
+        # prediction's C only; DDPM and DDIM take the fixed posterior variance, not the learned one
+        out = model(xx, both(tt), y, text, **control).float()[:, : x.shape[1]]
         if not use_cfg:
             return out
         cond, uncond = out.chunk(2)

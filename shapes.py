@@ -90,12 +90,9 @@ def _largest_component(mask):
     return lab == np.bincount(lab[mask]).argmax()
 
 
-def read_factors(img):
-    """Read back the factors of a uint8 image [H,W,3] or [3,H,W]: a dict of shape, colour, size (the
-    mask's bounding box, longer side / width), x and y (the box's centre / width, height; 0 =
-    left/top edge) and background (mean grey of the pixels more than 2 px away from the shape /
-    255); None if no shape is readable. Built to grade generated samples, so it tolerates noise and
-    blur but rejects garbage."""
+def shape_mask(img):
+    """A uint8 image [H,W,3] or [3,H,W] -> ([H,W,3], the coloured shape's mask), the mask None if
+    there is no readable shape."""
     img = np.asarray(img, dtype=np.uint8)
     if img.shape[0] == 3 and img.shape[-1] != 3:
         img = img.transpose(1, 2, 0)
@@ -105,13 +102,46 @@ def read_factors(img):
     # outline even if a model renders colours a little washed out; the floor keeps grey bg out
     mask = sat > max(40, 0.5 * np.percentile(sat, 99))
     if mask.sum() < 0.03 * H * W:
-        return None
+        return img, None
     # drop specks of noise away from the shape
     mask = _largest_component(mask)
     ys, xs = np.nonzero(mask)
     if mask.sum() < 0.03 * H * W or np.ptp(xs) >= 0.9 * W or np.ptp(ys) >= 0.9 * H:
         # too small, or fills the frame: a coloured background is no shape
+        return img, None
+    return img, mask
+
+
+def triangle_orientation(img):
+    """Which way a triangle points, 'up' (as the data draws them), 'down', 'left' or 'right': the
+    ideal triangle of each orientation in the shape's bounding box that its mask best overlaps
+    (augmented training must not leak rotations into samples); None if no shape is readable."""
+    _, mask = shape_mask(img)
+    if mask is None:
         return None
+    ys, xs = np.nonzero(mask)
+    m = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    v, u = (np.mgrid[: m.shape[0], : m.shape[1]] + 0.5) / np.array(m.shape)[:, None, None]
+    ideal = dict(
+        up=np.abs(u - 0.5) <= v / 2,
+        down=np.abs(u - 0.5) <= (1 - v) / 2,
+        left=np.abs(v - 0.5) <= u / 2,
+        right=np.abs(v - 0.5) <= (1 - u) / 2,
+    )
+    return max(ideal, key=lambda k: (m & ideal[k]).sum() / (m | ideal[k]).sum())
+
+
+def read_factors(img):
+    """Read back the factors of a uint8 image [H,W,3] or [3,H,W]: a dict of shape, colour, size (the
+    mask's bounding box, longer side / width), x and y (the box's centre / width, height; 0 =
+    left/top edge) and background (mean grey of the pixels more than 2 px away from the shape /
+    255); None if no shape is readable. Built to grade generated samples, so it tolerates noise and
+    blur but rejects garbage."""
+    img, mask = shape_mask(img)
+    if mask is None:
+        return None
+    H, W, _ = img.shape
+    ys, xs = np.nonzero(mask)
     # colour: majority vote of per-pixel nearest reference hue; noise has no clear majority
     hue = np.asarray(Image.fromarray(img).convert('HSV'))[..., 0][mask].astype(int)
     dist = np.abs(hue[:, None] - _REF_HUE[None, :])

@@ -35,8 +35,12 @@ import checkpoint
 import evaluate
 from optim import Guard, make_optimizer
 from configurator import check, configure, resume
+from augment import parse as parse_augment
 from data import Data, batch_indices, draw, read_meta
 import distill
+import repa
+from images import load_vae
+import dit_weights
 from diffusion import Denoise, Diffusion
 from flops import flops_per_image, guess_peak_flops
 from model import input_shape, setup_device
@@ -47,7 +51,8 @@ from model import input_shape, setup_device
 out_dir = 'out'
 data_dir = 'data/shapes'
 # 'scratch', 'resume' (from out_dir/ckpt.pt), or a base checkpoint (ckpt.pt, .safetensors) to
-# fine-tune a control branch on (dataset with hints): its network, not this run's settings
+# fine-tune a control branch on (dataset with hints): its network, not this run's settings; or a
+# public DiT to fine-tune (dit_weights.py: an official .pt, a diffusers folder or hub id)
 init_from = 'scratch'
 # 'dit' or 'unet' (small conv UNet: learns fastest in pixel space on a CPU)
 arch = 'dit'
@@ -78,6 +83,10 @@ distill_iters = ()
 distill_cfg = (1.0, 6.0)
 # the first round's teacher's DDIM steps over the path; 0 = twice the student's; more: closer
 distill_teacher_steps = 0
+# clear the optimiser's moments (and AdamW's step count) at each later round's start, not carry
+# them from the last round's student; resume keeps it exact: a round begins at the same step
+# whether or not the run was resumed there. Off: measured (RESULTS.md, "Optimiser moments")
+distill_reset_optim = False
 # diffusion
 # 'flow' (rectified flow) or 'vp' (DDPM-style)
 objective = 'flow'
@@ -94,6 +103,19 @@ class_dropout = 0.1
 # pixel data: mirror each training image (and its hint) left-right with chance 1/2; latent data
 # always is (prepare.py stores each image's mirror's encoding too)
 random_flip = False
+# EDM's non-leaking augmentation (augment.py), e.g. 'rotate:0.5,hue:0.5': transform:probability
+# [:strength], each applied per example; the network is told what was applied and is sampled
+# with 'nothing', so it draws clean images. '' = off
+augment = ''
+# False: the network is not told (the leak control: it learns to draw augmented images)
+augment_cond = True
+# REPA (repa.py), DiT only: align the tokens after block repa_depth with a frozen transformers
+# vision encoder's patch features (hub id or folder, e.g. facebook/dinov2-base); '' = off
+repa_encoder = ''
+repa_depth = 4
+# the alignment term's weight and the projector MLP's width (the paper's 0.5 and 2048)
+repa_weight = 0.5
+repa_hidden = 2048
 # Min-SNR-gamma loss weighting (e.g. 5.0); 0 = plain MSE
 min_snr_gamma = 0.0
 # 'adamw' or 'adafactor' (transformers' Adafactor: factored second moments, less memory)
@@ -191,9 +213,20 @@ def check_config():
             compile_mode=compile_modes,
         ),
     )
-    if init_from not in ('scratch', 'resume') and not os.path.isfile(init_from):
+    if init_from not in ('scratch', 'resume') and not dit_weights.found(init_from):
         sys.exit(
-            f"error: --init_from={init_from!r} is not 'scratch', 'resume' or a base checkpoint file"
+            f"error: --init_from={init_from!r} is not 'scratch', 'resume', a checkpoint file, or "
+            "a diffusers DiT folder or hub id"
+        )
+    if repa_encoder and (arch != 'dit' or distill_steps or not 1 <= repa_depth <= n_layer):
+        sys.exit(
+            f"error: --repa_encoder: REPA trains a DiT's plain objective, at a block 1.."
+            f"{n_layer} (--repa_depth={repa_depth}, --arch={arch!r}, no distillation)"
+        )
+    if augment and (distill_steps or init_from not in ('scratch', 'resume')):
+        sys.exit(
+            "error: --augment trains from scratch (the network takes what was applied as an "
+            "input): not with distillation or a base checkpoint"
         )
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
         sys.exit(f"error: --beta1={beta1} and --beta2={beta2} must be in [0, 1)")
@@ -271,6 +304,9 @@ def train_step(model, task, data, idx, draws, slices, guard, optimizer, scaler, 
 
 def objective_for(diffusion, model, model_args, ckpt, num_classes, train_data, dev):
     """The objective trained: the plain one, or distillation of the checkpoint (the teacher)."""
+    if not distill_steps and repa_encoder:
+        vae = load_vae(read_meta(data_dir), dev) if train_data.latent else None
+        return repa.wrap(Denoise(diffusion, min_snr_gamma, max_iters), model, config, vae, dev)
     if not distill_steps:
         return Denoise(diffusion, min_snr_gamma, max_iters)
     null_text = train_data.empty if train_data.text else None
@@ -278,51 +314,6 @@ def objective_for(diffusion, model, model_args, ckpt, num_classes, train_data, d
     return distill.Distill(
         diffusion, model, model_args, ckpt, config, num_classes, null_text, compiled
     )
-
-
-def duration(seconds):
-    """'1h12m', '5m03s' or '42s'."""
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def log_progress(run, guard, lr_now, steps, images, dt, flops, peak):
-    """The line every log_interval steps: how far the run is, the mean loss of the updates since
-    the last line, the LR, img/s, MFU (where the peak is known), and the time left at this rate
-    (evaluations not counted); to stdout, and to W&B when it is on."""
-    train_loss = guard.mean_loss()
-    run.history.append((run.step, 'train', train_loss))
-    img_s = images / dt
-    evaluate.log(run.step, train_loss=train_loss, lr=lr_now, img_s=img_s)
-    mfu = f" | mfu {100 * flops / dt / peak:.1f}%" if peak else ''
-    eta = duration((max_iters - run.step) * dt / steps)
-    done = f"{run.step}/{max_iters} ({100 * run.step / max_iters:.0f}%)"
-    line = f"step {done} | loss {train_loss:.4f} | lr {lr_now:.2e} | {img_s:.0f} img/s{mfu}"
-    print(f"{line} | eta {eta}", flush=True)
-
-
-def write_trace(prof):
-    path = os.path.join(out_dir, 'trace.json')
-    prof.export_chrome_trace(path)
-    print(f"wrote profiler trace {path}")
-
-
-def start_profiler(dev):
-    """A torch.profiler trace of steps 2-4 (after a step of warm-up) into out_dir/trace.json."""
-    from torch.profiler import ProfilerActivity, schedule
-
-    activities = [ProfilerActivity.CPU]
-    if dev.type == 'cuda':
-        activities.append(ProfilerActivity.CUDA)
-    prof = torch.profiler.profile(
-        activities=activities,
-        schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
-        record_shapes=True,
-        on_trace_ready=write_trace,
-    )
-    prof.start()
-    return prof
 
 
 def main():
@@ -405,21 +396,28 @@ def main():
         )
     if wandb_project and master:
         evaluate.start_wandb(config)
-    prof = start_profiler(dev) if profile and master else None
+    prof = evaluate.start_profiler(dev, out_dir) if profile and master else None
 
     # the loop
     guard = Guard(dev, ptdtype == torch.float16, config)
     slices = micro_batches(rank, world)
     latent = train_data.latent
     rates = dict(class_dropout=class_dropout, hint_dropout=hint_dropout, flip_pixels=random_flip)
+    # augmentation: drawn with the step's draws, applied where the batch is assembled
+    train_data.augment = rates['augment_spec'] = parse_augment(augment, train_data.latent)
+    train_data.augment_cond = augment_cond
     t_last = time.time()
     steps_since = 0
+    bar = evaluate.Progress(run.step, max_iters, master)
     while run.step < max_iters:
         # a new distillation round: the last round's student is the teacher and the student,
         # and best.pt is this round's best
         if task.begin(run.step, raw_model, ema):
             run.restart_best()
             config.update(task.config(run.step))
+            # a new target from a new teacher: the last round's moments, optionally, forgotten
+            if distill_reset_optim:
+                optimizer.state.clear()
         # the LR schedule and the EMA's start run over the round (a plain run: one round)
         start, end = task.span(run.step)
         lr_now = get_lr(run.step - start, end - start)
@@ -434,6 +432,7 @@ def main():
         if stepped:
             update_ema(ema, raw_model, run.step - start)
         run.step += 1
+        bar.update()
         steps_since += 1
         if prof is not None:
             prof.step()
@@ -447,7 +446,9 @@ def main():
             flops = flops_fwd * task.calls() * steps_since
             # N GPUs: N peaks
             images = steps_since * global_batch
-            log_progress(run, guard, lr_now, steps_since, images, dt, flops, peak * world)
+            evaluate.log_progress(
+                config, run, guard, lr_now, steps_since, images, dt, flops, peak * world
+            )
             steps_since = 0
             t_last = time.time()
         if evaluating:
@@ -456,6 +457,7 @@ def main():
             t_last = time.time()
             if stop:
                 break
+    bar.close()
     if prof is not None:
         prof.stop()
     # the shareable file: EMA weights + settings as JSON metadata, no optimizer, no pickle

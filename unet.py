@@ -20,6 +20,7 @@ from layers import (
     TextCond,
     control_on,
     guidance_embedding,
+    augment_in,
     guidance_in,
     hint_encoder,
     run_block,
@@ -50,6 +51,8 @@ class UNetConfig:
     hint_size: int = 0
     # the CFG scale as an input (as DiTConfig)
     guidance: bool = False
+    # the augmentation labels as an input (as DiTConfig)
+    aug_dim: int = 0
 
 
 def group_norm(ch):
@@ -164,6 +167,11 @@ class UNet(nn.Module):
             self.control.zero = nn.ModuleList(
                 zero_init(nn.Conv2d(w, w, 1)) for w in skip_chs + chs[-1:]
             )
+        # last, so that a model without it is initialised as before; zero: starts as the plain
+        # model; no bias: all-zero labels (nothing applied) are exactly no input, as when sampling
+        self.a_embed = nn.Linear(c.aug_dim, emb, bias=False) if c.aug_dim else None
+        if self.a_embed is not None:
+            nn.init.zeros_(self.a_embed.weight)
 
     def copied(self):
         """The base modules the control branch copies: the encoder and the middle, cross-attention
@@ -195,13 +203,14 @@ class UNet(nn.Module):
             h = h + net.cross(tokens, ctx, mask).transpose(1, 2).reshape(B, C, H, W)
         return net.mid2(h, emb), skips
 
-    def forward(self, x, t, y, text=None, hint=None, control_scale=1.0, guidance=None):
+    def forward(self, x, t, y, text=None, hint=None, control_scale=1.0, guidance=None, aug=None):
         """As DiT.forward; text = (states [B, L, text_dim], mask [B, L], pooled [B, text_dim]) or
         None."""
         emb = (
             self.t_embed(timestep_embedding(t, 256).to(x.dtype))
             + self.y_embed(y)
             + guidance_in(self, guidance, t, x.dtype)
+            + augment_in(self, aug, x.dtype)
         )
         ctx = mask = None
         if text is not None:

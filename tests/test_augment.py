@@ -159,9 +159,90 @@ def test_probability_and_what_is_drawn():
     assert A.draw(torch.Generator(), N, (3, 8, 8), {}, 'cpu')[1] is None
 
 
-def test_bad_settings_are_one_line():
-    one_line_exit(lambda: A.check_spec({'twist': (0.5, 1)}, False), "unknown transform 'twist'")
-    one_line_exit(lambda: A.check_spec({'hue': 0.5}, False), "'hue' needs (probability")
-    one_line_exit(lambda: A.check_spec({'hue': (1.5, 1)}, False), 'probability in [0, 1]')
-    one_line_exit(lambda: A.check_spec({'rotate': (0.5, 1)}, True), 'not meaningful for latent')
-    assert A.check_spec({'translate': (0.5, 0.125)}, True) == {'translate': (0.5, 0.125)}
+def test_the_setting_and_its_bad_values():
+    assert A.parse('rotate:0.5, hue:0.25:0.5', False) == {'rotate': (0.5, 1.0), 'hue': (0.25, 0.5)}
+    assert A.parse('', False) == {} and A.parse('translate:1', True) == {'translate': (1.0, 0.125)}
+    one_line_exit(lambda: A.parse('twist:0.5', False), "unknown transform 'twist'")
+    one_line_exit(lambda: A.parse('hue', False), "'hue' must be hue:probability[:strength]")
+    one_line_exit(lambda: A.parse('hue:1.5', False), 'probability in [0, 1]')
+    one_line_exit(lambda: A.parse('hue:0.5:x', False), "'hue:0.5:x' must be")
+    one_line_exit(lambda: A.parse('rotate:0.5', True), 'not meaningful for latent')
+    one_line_exit(lambda: A.parse('gridmask:0.5:1', False), "'gridmask' strength must be < 1")
+
+
+# -----------------------------------------------------------------------------
+# in training: the batch, the network's input, resume
+
+
+def test_the_batch_is_augmented_as_its_draws_say_and_tells_the_network(tmp_path):
+    from data import Data, draw
+    from diffusion import Diffusion
+    from test_train import run
+
+    d = str(tmp_path / 'shapes')
+    run(['prepare.py', '--num_train=64', '--num_val=8', '--resolution=16', f'--out_dir={d}'])
+    data = Data(d, 'train', torch.device('cpu'))
+    spec = A.parse('rotate:0.5,hue:0.5,noise:0.5', False)
+    data.augment = spec
+    idx = torch.arange(16).numpy()
+    diffusion = Diffusion('flow', 'cosine', 'v', 1000)
+    draws = draw(diffusion, 5, 16, (3, 16, 16), 'cpu', 0, augment_spec=spec)
+    plain = draw(diffusion, 5, 16, (3, 16, 16), 'cpu', 0)
+    # the draws before the augmentation's are the same as without it
+    assert torch.equal(draws.t, plain.t) and torch.equal(draws.noise, plain.noise)
+    batch = data.batch(idx, draws)
+    clean, _ = data.get(idx)
+    want = A.apply(clean, draws.aug, draws.aug_noise, spec)
+    assert torch.equal(batch.x0, want) and torch.equal(batch.aug, draws.aug)
+    assert 0 < draws.aug.ne(0).any(1).float().mean() < 1
+    # the leak control: augmented, but not told
+    data.augment_cond = False
+    assert data.batch(idx, draws).aug is None
+    assert data.batch(idx, plain).aug is None and torch.equal(data.batch(idx, plain).x0, clean)
+
+
+@pytest.mark.parametrize('arch', ['dit', 'unet'])
+def test_the_network_takes_the_labels_and_samples_with_none(arch):
+    from model import build_model
+
+    args = dict(arch=arch, input_size=16, in_channels=3, num_classes=4, n_head=2, aug_dim=A.AUG_DIM)
+    args.update(dict(patch_size=4, n_layer=2, n_embd=32) if arch == 'dit' else dict(channels=16))
+    torch.manual_seed(0)
+    model = build_model(args)
+    # a trained-looking network (the untrained one outputs 0) whose label weights are still zero
+    for name, p in model.named_parameters():
+        if not name.startswith('a_embed'):
+            torch.nn.init.normal_(p, std=0.1)
+    # starts as the plain model
+    x, t, y = torch.randn(4, 3, 16, 16), torch.full((4,), 500.0), torch.arange(4)
+    labels = torch.randn(4, A.AUG_DIM)
+    assert torch.equal(model(x, t, y, aug=labels), model(x, t, y))
+    torch.nn.init.normal_(model.a_embed.weight)
+    assert not torch.allclose(model(x, t, y, aug=labels), model(x, t, y))
+    # sampling passes no labels: the same as "nothing applied"
+    assert torch.equal(model(x, t, y), model(x, t, y, aug=torch.zeros(4, A.AUG_DIM)))
+
+
+def test_resume_is_exact_with_augmentation(tmp_path):
+    from test_train import TINY, assert_same_run, run, weights
+
+    d = str(tmp_path / 'shapes')
+    run(['prepare.py', '--num_train=64', '--num_val=8', '--resolution=16', f'--out_dir={d}'])
+    common = TINY + [
+        f'--data_dir={d}',
+        '--eval_interval=0',
+        '--augment=rotate:0.5,hue:0.5,noise:0.5',
+    ]
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    run(['train.py', f'--out_dir={a}', *common, '--max_iters=6'])
+    run(['train.py', f'--out_dir={b}', *common, '--max_iters=3'])
+    p = run(['train.py', f'--out_dir={b}', '--init_from=resume', '--max_iters=6'])
+    assert 'at step 3' in p.stdout
+    assert_same_run(weights(a), weights(b))
+    assert weights(a)['model_args']['aug_dim'] == A.AUG_DIM
+    # augmentation changes the run (it is applied): not the same weights as without it
+    c = tmp_path / 'c'
+    run(['train.py', f'--out_dir={c}', *common[:-1], '--max_iters=6'])
+    assert not torch.equal(
+        weights(a)['model']['t_embed.0.weight'], weights(c)['model']['t_embed.0.weight']
+    )

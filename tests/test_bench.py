@@ -234,7 +234,7 @@ def test_suite_rewrites_only_its_section(tmp_path):
         and 'old table' not in text
         and 'Measured on a test.' in text
     )
-    assert '| DiT-B/2 | 812.0 | 41.0% | — | — | — | — | `python bench.py --size=B/2` |' in text
+    assert '| DiT-B/2 | 812.0 | 41.0% | — | — | — | — | — | `python bench.py --size=B/2` |' in text
     assert '| DiT-XL/2 | error: CUDA out of memory at batch_size=256 |' in text
     new = str(tmp_path / 'new.md')
     # no file yet: the section is all of it

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench_samplers as bs
+from bench_mixtures import mixture_x0
 from diffusion import Diffusion
 from samplers import sample_loop
 from conftest import require
@@ -35,7 +36,7 @@ def test_one_component_is_the_gaussian_posterior_mean(alpha, sigma):
     mix, x = gaussian(), noise()
     mu, s = mix.mu[0], mix.std[0]
     exact = mu + alpha * s**2 / (alpha**2 * s**2 + sigma**2) * (x - alpha * mu)
-    torch.testing.assert_close(bs.mixture_x0(x, alpha, sigma, mix), exact, rtol=0, atol=1e-12)
+    torch.testing.assert_close(mixture_x0(x, alpha, sigma, mix), exact, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize('alpha, sigma', [(0.99, 0.02), (0.8, 0.2), (0.5, 0.8), (0.01, 1.0)])
@@ -59,7 +60,7 @@ def test_posterior_mean_is_tweedie(alpha, sigma, conditional):
     (grad,) = torch.autograd.grad(logp.logsumexp(1).sum(), x)
     tweedie = (x + sigma**2 * grad) / alpha
     torch.testing.assert_close(
-        bs.mixture_x0(x.detach(), alpha, sigma, mix, labels),
+        mixture_x0(x.detach(), alpha, sigma, mix, labels),
         tweedie.detach(),
         rtol=0,
         atol=1e-9 / alpha,
@@ -177,3 +178,42 @@ def test_bench_tables(monkeypatch, capsys):
     bs.print_ratios(results)
     out = capsys.readouterr().out
     assert 'unipc3 flowtime|logsnr (default)' in out and 'our error / the best diffusers' in out
+
+
+def test_held_out_mixtures_score_on_noise_no_fit_saw(monkeypatch, capsys):
+    """--mixtures: none of the mixtures is the benchmark's own, and each differs from the others;
+    the fit sees two noise batches and the errors are measured on a third; where the fit is not
+    kept the untuned solver is what is scored; the table prints."""
+    require('diffusers')
+    import bench_mixtures as bm
+
+    mixes = [bm.held_out_mixture(i)[0] for i in range(3)]
+    own = bs.make_mixture()
+    shapes = {
+        (m.mu.shape, round(m.std.min().item(), 6), round(m.std.max().item(), 6)) for m in mixes
+    }
+    assert len(shapes) == 3 and all(m.mu.shape != own.mu.shape for m in mixes)
+    torch.testing.assert_close(bm.held_out_mixture(1)[0].mu, mixes[1].mu, rtol=0, atol=0)
+    seen, real = [], bm.tune_solver
+
+    def tune(model_fn, x, x_val, *args, **kw):
+        seen.append((x, x_val))
+        return real(model_fn, x, x_val, *args, **kw)
+
+    monkeypatch.setattr(bm, 'tune_solver', tune)
+    scored, sample = [], bm.sample_loop
+
+    def loop(net, x, *args, **kw):
+        scored.append(x)
+        return sample(net, x, *args, **kw)
+
+    monkeypatch.setattr(bm, 'sample_loop', loop)
+    results, gap = bm.held_out(1, 32, (5,), 200, 10)
+    assert len(seen) == 3 and gap < 1e-3
+    fitted_on = [id(x) for pair in seen for x in pair]
+    assert scored and not any(id(x) in fitted_on for x in scored)
+    cells = [c for cells in results.values() for c in cells]
+    assert all(c['fitted'] == c['untuned'] for c in cells if not c['used'])
+    bm.print_held_out(results, gap, 200, 32)
+    out = capsys.readouterr().out
+    assert 'median  worst (mix)' in out and 'vp-cosine    5' in out

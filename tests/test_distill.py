@@ -511,3 +511,54 @@ def test_a_student_compiles_without_graph_breaks(arch):
     got.pow(2).mean().backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert model.g_embed[0].weight.grad is not None
+
+
+def optimizer_state(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['optimizer']['state']
+
+
+def assert_same_optimizer(a, b):
+    assert a.keys() == b.keys()
+    for i in a:
+        for k in a[i]:
+            torch.testing.assert_close(a[i][k], b[i][k], rtol=0, atol=0, msg=f"state {i}.{k}")
+
+
+def test_reset_optim_clears_the_moments_each_later_round_and_resumes_exactly(
+    data, teacher, tmp_path
+):
+    """distill_reset_optim: rounds of 2 and 3 steps. Round 1 is the carried run's, bit for bit (the
+    reset is at a later round's start); at the end AdamW has counted round 2's 3 steps, not 5, and
+    its moments differ from the carried run's. Killed after the checkpoint at the round boundary
+    (resume: the round starts again, reset) or mid-round (resume: no reset), resumed: the same
+    weights and moments as the uninterrupted run."""
+    args = [
+        f'--init_from={teacher}/ckpt.pt',
+        '--distill_steps=(2, 1)',
+        '--max_iters=5',
+        '--distill_iters=(2, 3)',
+        '--eval_interval=1',
+        '--lr_decay_iters=0',
+    ]
+    carried, reset = tmp_path / 'carried', tmp_path / 'reset'
+    train(data, carried, *args)
+    train(data, reset, *args, '--distill_reset_optim=True')
+    s2 = [torch.load(d / 'student2.pt', weights_only=True) for d in (carried, reset)]
+    assert_same_run(*s2)
+    assert_same_optimizer(s2[0]['optimizer']['state'], s2[1]['optimizer']['state'])
+    kept, cleared = optimizer_state(carried), optimizer_state(reset)
+    assert {s['step'].item() for s in kept.values()} == {5.0}
+    assert {s['step'].item() for s in cleared.values()} == {3.0}
+    assert not torch.equal(kept[0]['exp_avg_sq'], cleared[0]['exp_avg_sq'])
+    # the 3rd ckpt.pt write is step 3's (the last is step 2's, where round 2 starts); the 4th,
+    # step 4's (the last is step 3's, mid-round)
+    for n, last in ((3, 2), (4, 3)):
+        out = tmp_path / f'killed{n}'
+        common = [f'--data_dir={data}', f'--out_dir={out}'] + TINY
+        common += args + ['--distill_reset_optim=True']
+        p = run_with(KILL_MID_WRITE.format(n=n, name='ckpt.pt'), common)
+        assert p.returncode == -signal.SIGKILL and weights(out)['step'] == last
+        p = train(data, out, *args[1:], '--init_from=resume', '--distill_reset_optim=True')
+        assert f'at step {last}' in p.stdout
+        assert_same_run(weights(reset), weights(out))
+        assert_same_optimizer(cleared, optimizer_state(out))

@@ -80,6 +80,8 @@ TINY = {
 # appended only where the command sets the key (--num_samples goes with --save_dir)
 TINY_IF_SET = {'sample.py': {'num_samples': '2'}}
 
+# RESULTS.md's DiT-XL/2 commands begin so
+DIT = 'python sample.py --weights=DiT-XL-2-256x256.pt --out_dir=out-dit'
 # the commands that cannot run here, as the docs write them, each with why
 NOT_RUN = {
     'python -m pytest -q -n auto': "the whole test suite, which includes this test; CI runs it",
@@ -100,6 +102,29 @@ NOT_RUN = {
         "8 GPUs (NCCL) and the faces data"
     ),
     'python bench.py --suite=True': "the GPU suite: DiT-B/2 and XL/2 at batch 256 on CUDA",
+    'python -m pytest -q tests/test_dit_weights.py': "a file of the suite; CI runs it",
+    # RESULTS.md, public DiT checkpoints: DiT-XL/2 (675M parameters) and its VAE are downloads
+    f'{DIT} --classes=207,360,387,974,88,979,417,279 --per_class=4': (
+        "needs DiT-XL-2-256x256.pt (dl.fbaipublicfiles.com) and sd-vae-ft-ema (the hub): a GPU"
+    ),
+    f'{DIT} --cfg_scale=1.5 --save_dir=out-dit/samples --num_samples=50000 --npz=True': (
+        "50,000 DiT-XL/2 samples: a GPU and the downloads above"
+    ),
+    f'{DIT} --cfg_scale=1.5 --sampler=ddpm --steps=250 --spacing=linspace --save_dir=out-dit/ddpm '
+    '--num_samples=50000 --npz=True': "50,000 DiT-XL/2 samples of 250 steps: a GPU and downloads",
+    'python guided-diffusion/evaluations/evaluator.py VIRTUAL_imagenet256_labeled.npz '
+    'out-dit/samples.npz': "ADM's evaluator: a clone, TensorFlow, its reference batch, samples",
+    'python prepare.py --dataset=path/to/imagenet/train --resolution=256 '
+    '--vae=stabilityai/sd-vae-ft-ema --out_dir=data/imagenet': (
+        "ImageNet's train folder and the VAE from the hub"
+    ),
+    'python train.py --init_from=DiT-XL-2-256x256.pt --data_dir=data/imagenet --out_dir=out-dit-ft '
+    '--objective=vp --schedule=linear --prediction=eps --lr=1e-5 --max_iters=2000': (
+        "fine-tunes DiT-XL/2 on data/imagenet: a GPU and downloads"
+    ),
+    'python checkpoint.py out-dit-ft/ckpt.pt --to=diffusers out-dit-ft/diffusers': (
+        "needs out-dit-ft, the GPU fine-tune's checkpoint"
+    ),
     'python serve.py --out_dir=out-shapes': (
         "a server that runs until stopped: tests/test_serve.py starts it on tiny models and sends "
         "the README's curl line"

@@ -520,14 +520,14 @@ def test_the_log_says_how_far_and_how_long(data, tmp_path):
     the rate since the last line; duration's format."""
     import re
 
-    import train as train_mod
+    import evaluate
 
     p = train(data, tmp_path / 'o', '--max_iters=4', '--log_interval=2', '--eval_interval=0')
     lines = [line for line in p.stdout.splitlines() if re.match(r'step \d+/', line)]
     pattern = r'step (\d)/4 \((\d+)%\) \| loss [\d.]+ \| lr [\d.e+-]+ \| \d+ img/s \| eta (\S+)$'
     got = [re.match(pattern, line).groups() for line in lines]
     assert [g[:2] for g in got] == [('2', '50'), ('4', '100')] and got[1][2] == '0s', lines
-    assert [train_mod.duration(s) for s in (42.4, 303, 4320)] == ['42s', '5m03s', '1h12m']
+    assert [evaluate.duration(s) for s in (42.4, 303, 4320)] == ['42s', '5m03s', '1h12m']
 
 
 def test_random_flip_mirrors_pixels_where_drawn(data):
@@ -547,3 +547,41 @@ def test_random_flip_mirrors_pixels_where_drawn(data):
     got = train_data.batch(idx, flipped).x0
     for i, f in enumerate(flipped.flip.tolist()):
         assert torch.equal(got[i], x0[i].flip(-1) if f else x0[i])
+
+
+def test_a_terminal_gets_a_progress_bar_and_whole_log_lines(data, tmp_path):
+    """Under a terminal (a pty) the run shows tqdm bars, of its steps and of its eval samples'
+    network calls, and every log line still arrives whole; piped (every other test), none."""
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+
+    args = TINY + [f'--data_dir={data}', f'--out_dir={tmp_path}', '--max_iters=4']
+    args += ['--log_interval=2', '--eval_interval=4']
+    env = {k: v for k, v in ENV.items() if k != 'TQDM_DISABLE'}
+    leader, follower = pty.openpty()
+    # a terminal 120 columns wide (a new pty has none: tqdm would draw a bar of width 0)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack('HHHH', 40, 120, 0, 0))
+    p = subprocess.Popen(
+        [sys.executable, 'train.py', *args], cwd=ROOT, env=env, stdout=follower, stderr=follower
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert p.wait() == 0
+    text = b''.join(chunks).decode(errors='replace')
+    lines = text.replace('\r', '\n').splitlines()
+    assert any('step/s' in x or 's/step' in x for x in lines), text
+    assert any(x.startswith('sampling:') for x in lines), text
+    # each log line whole on its line (after whatever the bar left on the terminal's line)
+    whole = r'step 2/4 \(50%\) \| loss [\d.]+ \| lr \S+ \| \d+ img/s \| eta \d+s$'
+    assert any(re.search(whole, x) for x in lines), text
