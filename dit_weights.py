@@ -451,7 +451,8 @@ def notes(model, meta):
         out.append(
             "note: diffusers' DiT spaces its timestep frequencies by 1/127, this model by 1/128 "
             f"(the paper's): diffusers' output differs from ours by up to {gap:.3g} (output rms "
-            f"{rms:.3g}) on a probe; a model read from diffusers exports exactly"
+            f"{rms:.3g}) on a probe; one trained with --freq_shift=1, or read from diffusers, "
+            "exports exactly"
         )
     if c.num_classes != 1000 and meta.get('kind') == 'latents':
         out.append(

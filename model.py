@@ -310,6 +310,9 @@ def model_args_from(cfg, shape, num_classes, text_dim=0):
     # REPA's projector, to the encoder's width
     if cfg.get('repa_encoder'):
         args.update(repa_dim=encoder_width(cfg['repa_encoder']), repa_hidden=cfg['repa_hidden'])
+    # diffusers' DiT frequencies (only when asked: default model_args stay as they were)
+    if cfg.get('freq_shift'):
+        args['freq_shift'] = cfg['freq_shift']
     if cfg['arch'] == 'dit':
         args.update(
             patch_size=cfg['patch_size'],

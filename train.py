@@ -62,6 +62,9 @@ n_layer = 12
 # DiT heads; a UNet uses the most <= n_head that divide its lowest level's width
 n_head = 6
 n_embd = 384
+# DiT timestep frequencies 10000^(-k / (128 - freq_shift)): 0 the paper's; 1 diffusers' DiT, whose
+# export (checkpoint.py --to=diffusers) then computes exactly what ours does
+freq_shift = 0
 # DiT: each block's weights used for this many consecutive layers (1 = no sharing)
 share_blocks = 1
 # recompute each block's activations in backward: less memory, ~30% more compute

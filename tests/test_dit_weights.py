@@ -519,3 +519,27 @@ def test_trained_here_samples_in_diffusers_as_ours(tmp_path):
             guided(model, diffusion, y, 12, 4.0), noise, diffusion, steps, 'ddim', spacing='leading'
         )[0]
     assert close(x, ours)
+
+
+def test_trained_from_scratch_with_diffusers_frequencies_exports_exactly(shapes16, tmp_path):
+    """--freq_shift=1 trains diffusers' DiT function from the start: its export computes exactly
+    what ours does, with no note; the default (the paper's frequencies) exports with the note."""
+    d = require('diffusers')
+    args = ['train.py', f'--data_dir={shapes16}'] + TINY + VP + ['--max_iters=2']
+    run(args + [f'--out_dir={tmp_path}/paper'])
+    run(args + [f'--out_dir={tmp_path}/run', '--freq_shift=1'])
+    p = run(['checkpoint.py', f'{tmp_path}/paper/ckpt.pt', '--to=diffusers', f'{tmp_path}/e0'])
+    assert '1/127' in p.stdout
+    # the trained weights, made of order 1 (2 steps leave the adaLN-Zero outputs near 0)
+    path = tmp_path / 'run' / 'ckpt.pt'
+    model, _, _, _ = checkpoint.load_model(str(path), CPU)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt['ema'] = randomize(model).state_dict()
+    torch.save(ckpt, path)
+    p = run(['checkpoint.py', str(path), '--to=diffusers', f'{tmp_path}/e'])
+    assert '1/127' not in p.stdout
+    theirs = d.DiTTransformer2DModel.from_pretrained(tmp_path / 'e' / 'transformer').eval()
+    x, t, y = probe(3, 16, 12)
+    ours = model(x, t, y).detach()
+    assert ours.abs().max() > 0.1
+    assert (ours - diffusers_out(theirs, x, t, y)).abs().max().item() < 1e-5
