@@ -1,8 +1,9 @@
-"""serve.py end to end on tiny models: a class model, its control branch and a text model, each
-trained a few steps. The images a request gets are sample_images' for its seed, batched or not; one
-call at a time on the model; a corpus of hostile requests each answered 4xx with one line and the
-server still serving; concurrent clients all answered with memory flat; and the page in a real
-headless Chromium (Debian's chromium + chromium-driver, installed by .ci/run)."""
+"""serve.py end to end on tiny models: a class model, its control branch, a text model and a
+distilled student, each trained a few steps. The images a request gets are sample_images' for its
+seed, batched or not; one call at a time on the model; a corpus of hostile requests each answered
+4xx with one line and the server still serving; concurrent clients all answered with memory flat;
+and the page in a real headless Chromium (Debian's chromium + chromium-driver, installed by
+.ci/run)."""
 
 import base64
 import http.client
@@ -51,7 +52,11 @@ def models(tmp_path_factory):
         + [f'--text_encoder={encoder}', '--text_max_len=8']
     )
     train(captions, text, '--max_iters=2', '--eval_interval=0')
-    return dict(base=base, control=control, text=text)
+    # a 1-step guidance-distilled student of the class model
+    student = str(tmp_path_factory.mktemp('student'))
+    distil = [f'--init_from={base}/ckpt.pt', '--distill_steps=(1,)', '--distill_cfg=(1.0, 5.0)']
+    train(data, student, *distil, '--max_iters=2', '--eval_interval=0')
+    return dict(base=base, control=control, text=text, student=student)
 
 
 def load(out):
@@ -99,6 +104,21 @@ def test_a_request_gets_sample_images_for_its_seed_batched_or_not(models):
         assert torch.equal(alone[0], direct), name
         assert alone[0].shape == (2, 3, SIZE, SIZE)
         assert not torch.equal(alone[0], alone[1][:2])
+
+
+def test_a_student_samples_its_own_grid_at_its_cfg_scales(models):
+    m = load(models['student'])
+    info = m.info()
+    assert info['student_steps'] == 1 and info['defaults'] == dict(steps=1, cfg=4.0)
+    assert info['limits']['cfg'] == [1.0, 5.0]
+    job = m.parse(b'{"class": 2, "n": 2, "seed": 3}')
+    solver, how = m.solver(1)
+    assert solver['sampler'] == 'ddim' and how == 'its own grid'
+    labels = torch.full((2,), 2)
+    direct = sample_images(m.model, m.diffusion, labels, m.meta, 4.0, seed=3, steps=1, **solver)
+    assert torch.equal(m.generate([job]), direct)
+    with pytest.raises(serve.BadRequest, match="'cfg' must be a number from 1 to 5"):
+        m.parse(b'{"class": 2, "cfg": 6}')
 
 
 def test_parse_fills_defaults_and_names_what_is_wrong(models):
