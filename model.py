@@ -193,11 +193,10 @@ class DiT(nn.Module):
             self.control.zero = nn.ModuleList(
                 zero_init(nn.Linear(c.n_embd, c.n_embd)) for _ in range(n)
             )
-        # last, so that a model without it is initialised as before; zero: starts as the plain
-        # model; no bias: all-zero labels (nothing applied) are exactly no input, as when sampling
+        # last, so that a model without it is initialised as before; no bias: all-zero labels
+        # (nothing applied) are exactly no input, as when sampling; the default init, as EDM's
+        # map_augment (zero-initialised, it was barely used after 1,200 steps: RESULTS.md)
         self.a_embed = nn.Linear(c.aug_dim, c.n_embd, bias=False) if c.aug_dim else None
-        if self.a_embed is not None:
-            nn.init.zeros_(self.a_embed.weight)
         self.repa = projector(c.n_embd, c.repa_hidden, c.repa_dim) if c.repa_dim else None
 
     def init_weights(self):

@@ -167,11 +167,10 @@ class UNet(nn.Module):
             self.control.zero = nn.ModuleList(
                 zero_init(nn.Conv2d(w, w, 1)) for w in skip_chs + chs[-1:]
             )
-        # last, so that a model without it is initialised as before; zero: starts as the plain
-        # model; no bias: all-zero labels (nothing applied) are exactly no input, as when sampling
+        # last, so that a model without it is initialised as before; no bias: all-zero labels
+        # (nothing applied) are exactly no input, as when sampling; the default init, as EDM's
+        # map_augment (zero-initialised, it was barely used after 1,200 steps: RESULTS.md)
         self.a_embed = nn.Linear(c.aug_dim, emb, bias=False) if c.aug_dim else None
-        if self.a_embed is not None:
-            nn.init.zeros_(self.a_embed.weight)
 
     def copied(self):
         """The base modules the control branch copies: the encoder and the middle, cross-attention

@@ -76,6 +76,18 @@ TINY = {
         '--quality_nfes=(2,)',
         '--tune_max_steps=0',
     ],
+    'bench_augment.py': [
+        '--num_train=48',
+        '--per_class=2',
+        '--train_args=--max_iters=2 --eval_grade_per_class=0 --unet_channels=8',
+    ],
+    'bench_repa.py': [
+        '--max_iters=2',
+        '--eval_interval=2',
+        '--repa_hidden=16',
+        '--dit_args=--arch=dit --patch_size=4 --n_layer=2 --n_embd=32 --n_head=2 --batch_size=8 '
+        '--eval_batches=1 --eval_grade_per_class=2 --compile=False --warmup_iters=1',
+    ],
 }
 # appended only where the command sets the key (--num_samples goes with --save_dir)
 TINY_IF_SET = {'sample.py': {'num_samples': '2'}}
