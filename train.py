@@ -170,6 +170,8 @@ keep_best = 'val_loss'
 device = 'auto'
 # 'auto' (bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU), or explicit (CPU bf16 too)
 dtype = 'auto'
+# dtype 'auto' on a CPU with bf16 instructions (AVX-512 BF16, AMX): bf16 autocast, not fp32
+cpu_bf16 = False
 # torch.compile; used on CUDA only (on CPU it costs more than it saves here)
 compile = True
 # or 'max-autotune' (slower compile, tuned kernels), 'reduce-overhead' (CUDA graphs)
@@ -327,7 +329,7 @@ def main():
 
     # processes and devices: one, or one of torchrun's (DDP)
     ddp = int(os.environ.get('RANK', -1)) != -1
-    dev, ptdtype, autocast = setup_device(device, dtype)
+    dev, ptdtype, autocast = setup_device(device, dtype, cpu_bf16)
     if ddp:
         dist.init_process_group(backend='nccl' if dev.type == 'cuda' else 'gloo')
         if dev.type == 'cuda':
