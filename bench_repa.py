@@ -120,9 +120,8 @@ def main():
     repa_args = [f'--repa_encoder={NAME}', f'--repa_depth={repa_depth}']
     repa_args += [f'--repa_weight={repa_weight}', f'--repa_hidden={repa_hidden}']
     runs = [start('plain', []), start('repa', repa_args)]
-    for p in filter(None, runs):
-        if p.wait():
-            raise SystemExit(f"error: a run failed: see {p.args[-1]} and its log in {out_dir}")
+    if any(p.wait() for p in filter(None, runs)):
+        raise SystemExit(f"error: a training run failed: see its log in {out_dir}/*.log")
     plain, aligned = (
         curve(open(os.path.join(out_dir, f'{n}.log')).read()) for n in ('plain', 'repa')
     )

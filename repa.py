@@ -100,13 +100,8 @@ class Repa:
     calls it as it calls any objective; everything but loss is the inner one's."""
 
     def __init__(self, inner, model, encoder, depth, weight, vae=None):
-        self.inner, self.encoder, self.depth, self.weight, self.vae = (
-            inner,
-            encoder,
-            depth,
-            weight,
-            vae,
-        )
+        self.inner, self.encoder, self.vae = inner, encoder, vae
+        self.depth, self.weight = depth, weight
         self.raw = model
         self.grid = model.grid
         self.tokens = []
