@@ -171,18 +171,29 @@ def held_out_mixture(i, seed=0):
 
 
 def score_cell(net, mix, batches, refs, diffusion, nfe, iters, peers, at_sigma):
-    """One objective, mixture and NFE: the RMS errors on the third batch (never fitted to or
-    checked on) of the default solver untuned, fitted (on the first batch, kept only where it beats
-    the untuned solver on the second: else the untuned solver is what runs, as in sample.py), and
-    the best of the diffusers configurations peers; and how many of the fitted and untuned end
-    points land in another component than the reference's (one such sample can dominate the RMS)."""
-    x_fit, x_val, x = batches
-    ref_fit, ref_val, ref = refs
+    """One objective, mixture and NFE: the RMS errors on the third batch (never fitted to, selected
+    or checked on) of the default solver untuned, fitted (on the first batch, its iterate selected
+    on the second and kept only where it wins on the fourth, fit_verdict: else the untuned solver
+    is what runs, as in sample.py), and the best of the diffusers configurations peers; and how
+    many of the fitted and untuned end points land in another component than the reference's (one
+    such sample can dominate the RMS)."""
+    x_fit, x_val, x, x_check = batches
+    ref_fit, ref_val, ref, ref_check = refs
     d = default_solver(diffusion.objective, nfe)
     solver = (d['sampler'], d['order'], d['spacing'])
     untuned = sample_loop(net, x, diffusion, nfe, *solver)[0]
     matrix, info = tune_solver(
-        net, x_fit, x_val, diffusion, nfe, *solver, ref_fit, ref_val, iters=iters
+        net,
+        x_fit,
+        x_val,
+        diffusion,
+        nfe,
+        *solver,
+        ref_fit,
+        ref_val,
+        iters=iters,
+        x_check=x_check,
+        ref_check=ref_check,
     )
     fitted = untuned
     if info['used']:
@@ -193,22 +204,30 @@ def score_cell(net, mix, batches, refs, diffusion, nfe, iters, peers, at_sigma):
     ]
     best = min(theirs, default=(math.nan, '-'))
     k = component(ref, mix)
-    cell = dict(used=info['used'], peer=best[0], peer_name=best[1])
+    cell = dict(used=info['used'], why=info['why'], peer=best[0], peer_name=best[1])
     for key, out in (('untuned', untuned), ('fitted', fitted)):
         cell[key], cell[f"{key}_off"] = rms(out, ref), (component(out, mix) != k).sum().item()
     return cell
 
 
-def score_mixture(name, mix, w, num_samples, nfes, ref_steps, iters, seed, peers, at_sigma):
+def score_mixture(name, mix, w, num_samples, nfes, ref_steps, iters, seed, peers, at_sigma, check):
     """-> ({nfe: score_cell's}, the reference's change from ref_steps / 2 steps) for one objective
-    and mixture; three noise batches of num_samples drawn from seed."""
+    and mixture; three noise batches of num_samples drawn from seed (fit, select, score), then the
+    check batch of check * num_samples."""
     diffusion = Diffusion(*OBJECTIVES[name])
     alpha, sigma = start(diffusion)
     labels = torch.arange(num_samples) % (int(mix.labels.max()) + 1)
     g = torch.Generator().manual_seed(seed)
     dims = mix.mu.shape[1]
-    batches = [torch.randn(num_samples, dims, generator=g, dtype=torch.float64) for _ in range(3)]
-    refs = [reference(x, alpha, sigma, mix, labels, w, ref_steps) for x in batches]
+    batches = [
+        torch.randn(k * num_samples, dims, generator=g, dtype=torch.float64)
+        for k in (1, 1, 1, check)
+    ]
+    # the check batch goes through tune_solver's model in batches of num_samples
+    refs = [
+        reference(x, alpha, sigma, mix, labels.repeat(len(x) // num_samples), w, ref_steps)
+        for x in batches
+    ]
     gap = rms(refs[2], reference(batches[2], alpha, sigma, mix, labels, w, ref_steps // 2))
     net = exact_net(diffusion, mix, labels, w)
     cells = {
@@ -217,9 +236,12 @@ def score_mixture(name, mix, w, num_samples, nfes, ref_steps, iters, seed, peers
     return cells, gap
 
 
-def held_out(mixtures, num_samples, nfes, ref_steps, iters, seed=0, at_sigma=False, peers=True):
+def held_out(
+    mixtures, num_samples, nfes, ref_steps, iters, seed=0, at_sigma=False, peers=True, check=4
+):
     """-> ({(objective, nfe): [score_cell's, one a mixture]}, the reference's largest change);
-    prints each mixture as it goes. peers: with diffusers' configurations (False: none)."""
+    prints each mixture as it goes. peers: with diffusers' configurations (False: none); check: the
+    check batch in num_samples."""
     results, gaps = {}, []
     for i in range(mixtures):
         mix, w, about = held_out_mixture(i, seed)
@@ -228,7 +250,17 @@ def held_out(mixtures, num_samples, nfes, ref_steps, iters, seed=0, at_sigma=Fal
             configs = diffusers_configs(*OBJECTIVES[name]) if peers else []
             noise_seed = seed + 2000 + i
             cells, gap = score_mixture(
-                name, mix, w, num_samples, nfes, ref_steps, iters, noise_seed, configs, at_sigma
+                name,
+                mix,
+                w,
+                num_samples,
+                nfes,
+                ref_steps,
+                iters,
+                noise_seed,
+                configs,
+                at_sigma,
+                check,
             )
             gaps.append(gap)
             for n, cell in cells.items():
@@ -243,13 +275,14 @@ def summary(cells, num, den):
     return f"{statistics.median(ratios):7.2f}{ratios[worst]:7.2f} (#{worst + 1})"
 
 
-def print_held_out(results, gap, ref_steps, num_samples):
+def print_held_out(results, gap, ref_steps, num_samples, check=4):
     """Per objective and NFE: the median and worst cell over the mixtures of fitted / best
     diffusers, untuned / best diffusers and fitted / untuned; then the cells short of the goals."""
     n = num_samples
     print(
         f"\nheld-out noise: each solver scored on {n} noise samples that no fit saw (fitted on "
-        f"{n} others, kept only where it beat the untuned solver on {n} more)"
+        f"{n} others, its iterate selected on {n} more, kept only where it beat the untuned solver"
+        f" on {check * n} more: samplers.fit_verdict)"
     )
     cols = ('fitted / diffusers', 'untuned / diffusers', 'fitted / untuned')
     print(f"{'':<10}{'NFE':>4}" + ''.join(f"  {c:>19}" for c in cols) + "  fit kept")

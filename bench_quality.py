@@ -11,6 +11,7 @@ import time
 import torch
 
 from checkpoint import load_model
+from fitted import CHECK
 from images import sample_images, shapes_reference
 from model import input_shape, setup_device
 from samplers import default_solver, guided, solver_name, tune_solver
@@ -63,8 +64,9 @@ def quality_table(ckpt_dir, cfg_scale, per_class, nfes, tune_max_steps, tune_ite
     g = torch.Generator(dev).manual_seed(seed + 1_000_003)
     tune_labels = torch.arange(meta['num_classes'], device=dev).repeat(4)
     shape = (len(tune_labels),) + tuple(input_shape(meta))
-    # and the noise it is checked on
+    # the noise its iterate is selected on, and that it is checked on (fitted.CHECK batches)
     x_tune, x_val = (torch.randn(shape, generator=g, device=dev) for _ in range(2))
+    x_check = torch.randn((CHECK * shape[0],) + shape[1:], generator=g, device=dev)
     model_fn = guided(
         model.requires_grad_(False), diffusion, tune_labels, meta['num_classes'], cfg_scale
     )
@@ -75,7 +77,9 @@ def quality_table(ckpt_dir, cfg_scale, per_class, nfes, tune_max_steps, tune_ite
             continue
         t0, d = time.time(), default_solver(diffusion.objective, n)
         solver = (d['sampler'], d['order'], d['spacing'])
-        matrix, _ = tune_solver(model_fn, x_tune, x_val, diffusion, n, *solver, iters=tune_iters)
+        matrix, _ = tune_solver(
+            model_fn, x_tune, x_val, diffusion, n, *solver, iters=tune_iters, x_check=x_check
+        )
         cells.append(cell(n, spacing=d['spacing'], matrix=matrix))
         # kept if cut short
         print(f"  (tuned the {n}-step solver in {time.time() - t0:.0f} s: {cells[-1]})", flush=True)

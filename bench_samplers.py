@@ -83,8 +83,10 @@ tune_max_steps = 10
 # instead: the held-out table over this many other mixtures (bench_mixtures.py): the default solver
 # untuned, fitted and the best diffusers configuration, each scored on noise no fit saw
 mixtures = 0
-# held-out: each of its three noise batches (fit, check, score), and its NFEs
+# held-out: each of its three noise batches (fit, select, score), and its NFEs; the fit is
+# checked on mixture_check times as many more (samplers.fit_verdict)
 mixture_samples = 512
+mixture_check = 4
 mixture_nfes = (5, 10, 20)
 # with mixtures: instead, one warp of the default's grid per objective and NFE chosen on as many
 # other mixtures, scored on these (a transferable default after "Align Your Steps"; not kept)
@@ -145,10 +147,20 @@ def run_tuned(net, x, diffusion, nfe, tune):
     if nfe > tune_max_nfe:
         return None
     d = default_solver(diffusion.objective, nfe)
-    model, x_fit, ref, x_val, ref_val = tune()
+    model, (x_fit, x_val, x_check), (ref, ref_val, ref_check) = tune()
     solver = (d['sampler'], d['order'], d['spacing'])
     matrix, _ = tune_solver(
-        model, x_fit, x_val, diffusion, nfe, *solver, ref, ref_val, iters=tune_iters
+        model,
+        x_fit,
+        x_val,
+        diffusion,
+        nfe,
+        *solver,
+        ref,
+        ref_val,
+        iters=tune_iters,
+        x_check=x_check,
+        ref_check=ref_check,
     )
     return sample_loop(net, x, diffusion, nfe, spacing=d['spacing'], matrix=matrix)[0]
 
@@ -193,17 +205,14 @@ def bench(name, w, mix, x, labels):
     ]
 
     @functools.lru_cache(maxsize=1)
-    # the fit's labels' exact model, its noise and the noise it is checked on (neither the
-    # benchmark's), and their exact end points
+    # the fit's labels' exact model, its noise, the noise its iterate is selected on and that it
+    # is checked on (none the benchmark's), and their exact end points
     def tune():
         g = torch.Generator().manual_seed(seed + 2)
-        x_fit, x_val = (
-            torch.randn(tune_samples, x.shape[1], generator=g, dtype=x.dtype) for _ in range(2)
-        )
+        xs = [torch.randn(tune_samples, x.shape[1], generator=g, dtype=x.dtype) for _ in range(3)]
         labels_tune = torch.arange(tune_samples) % classes
-        ref = reference(x_fit, alpha, sigma, mix, labels_tune, w, ref_steps)
-        ref_val = reference(x_val, alpha, sigma, mix, labels_tune, w, ref_steps)
-        return exact_net(diffusion, mix, labels_tune, w), x_fit, ref, x_val, ref_val
+        refs = [reference(z, alpha, sigma, mix, labels_tune, w, ref_steps) for z in xs]
+        return exact_net(diffusion, mix, labels_tune, w), xs, refs
 
     runs.insert(
         1,
@@ -297,6 +306,8 @@ def check_config():
             'std_max',
             'num_samples',
             'ref_steps',
+            'mixture_samples',
+            'mixture_check',
         ),
     )
     if std_nfe not in nfes or cfg_scale == 1:
@@ -329,9 +340,16 @@ def main():
         return warp_table(mixtures, mixture_samples, mixture_nfes, ref_steps, seed)
     if mixtures:
         results, gap = held_out(
-            mixtures, mixture_samples, mixture_nfes, ref_steps, tune_iters, seed, diffusers_at_sigma
+            mixtures,
+            mixture_samples,
+            mixture_nfes,
+            ref_steps,
+            tune_iters,
+            seed,
+            diffusers_at_sigma,
+            check=mixture_check,
         )
-        print_held_out(results, gap, ref_steps, mixture_samples)
+        print_held_out(results, gap, ref_steps, mixture_samples, mixture_check)
         print(f"\n({time.time() - t0:.0f} s)")
         return results
     mix = make_mixture(dims, components, classes, std_min, std_max, seed)

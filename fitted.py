@@ -1,6 +1,7 @@
 """
-Solvers fitted to a checkpoint (sample.py --tune=True): fitted on one batch of noise, checked on
-another (samplers.tune_solver keeps a fit only where it beats the untuned solver there), and kept in
+Solvers fitted to a checkpoint (sample.py --tune=True): fitted on one batch of noise, the best
+iterate selected on a second and checked against the untuned solver on a third (samplers.tune_solver
+keeps a fit only where it wins there, fit_verdict), and kept in
 out_dir/grids.json with the digest of the weights they were fitted to, so that a fit is used for
 those weights only: not for best.pt, a student, or the same ckpt.pt after more training.
 
@@ -16,6 +17,9 @@ import torch
 
 from checkpoint import atomic_write
 from samplers import guided, tune_solver
+
+# the check batch, in fit batches: a fit that sends 1 sample in 500 to another mode is seen
+CHECK = 4
 
 
 def weights_digest(model):
@@ -73,14 +77,18 @@ def fit_for(grids, key, digest, where):
 
 def tune_and_save(model, diffusion, labels, text, null_text, shape, solver, key, grids, args):
     """Fit the solver to these weights (samplers.tune_solver) for the conditions (labels, text,
-    null_text) at args' cfg_scale, on len(labels) noise samples, checked on as many others; record
-    it in args' out_dir/grids.json (atomically) with the weights' digest and both errors. args:
+    null_text) at args' cfg_scale, on len(labels) noise samples, selected on as many others and
+    checked on CHECK times as many more; record it in args' out_dir/grids.json (atomically) with the
+    weights' digest, the untuned and fitted errors and the verdict. args:
     sample.py's settings (seed, steps, cfg_scale, tune_iters, out_dir, ckpt_name, autocast).
     -> the solver settings to sample with: the fit's, or none if it did not win."""
     dev = labels.device
-    # noise that the samples are not drawn from: one batch to fit on, one to check it on
+    # noise that the samples are not drawn from: one batch to fit on, one to select the iterate on,
+    # and a larger one to check it on (rare samples in another mode set the error: fit_verdict)
     g = torch.Generator(dev).manual_seed(args['seed'] + 1_000_003)
-    x, x_val = (torch.randn((len(labels),) + shape, generator=g, device=dev) for _ in range(2))
+    x, x_val, x_check = (
+        torch.randn((k * len(labels),) + shape, generator=g, device=dev) for k in (1, 1, CHECK)
+    )
     model = model.requires_grad_(False)
     nc, w = model.config.num_classes, args['cfg_scale']
     model_fn = guided(
@@ -95,14 +103,25 @@ def tune_and_save(model, diffusion, labels, text, null_text, shape, solver, key,
     )
     with args['autocast']:
         matrix, info = tune_solver(
-            model_fn, x, x_val, diffusion, steps, sampler, order, spacing, iters=args['tune_iters']
+            model_fn,
+            x,
+            x_val,
+            diffusion,
+            steps,
+            sampler,
+            order,
+            spacing,
+            iters=args['tune_iters'],
+            x_check=x_check,
         )
-    verdict = 'kept' if info['used'] else 'not better on held-out noise: the untuned solver is used'
+    verdict = 'kept' if info['used'] else 'the untuned solver is used'
     print(
-        f"tuned {key}: RMS error vs a converged solve, fit noise {info['start_error']:.4f} -> "
-        f"{info['error']:.4f}, held-out noise {info['val_start_error']:.4f} -> "
-        f"{info['val_error']:.4f} ({len(labels)} samples each, {info['iters']} steps, "
-        f"{time.time() - t0:.0f} s): {verdict}"
+        f"tuned {key}: RMS error vs a converged solve, untuned -> fitted: fit noise "
+        f"{info['start_error']:.4f} -> {info['error']:.4f}, selection noise "
+        f"{info['val_start_error']:.4f} -> {info['val_error']:.4f} ({len(labels)} samples each), "
+        f"held-out noise {info['check_start_error']:.4f} -> {info['check_error']:.4f} "
+        f"({len(x_check)} samples; {info['iters']} steps, {time.time() - t0:.0f} s): {verdict}: "
+        f"{info['why']}"
     )
     t = diffusion.sampling_schedule(steps, spacing)[0].tolist()
     info.pop('val_errors')

@@ -75,7 +75,8 @@ order = 0
 spacing = 'auto'
 # first fit the solver to this checkpoint (samplers.tune_solver), save it to grids.json
 tune = False
-# noise samples the solver is fitted on (classes in turn)
+# noise samples the solver is fitted on (classes in turn); its iterate is selected on as many
+# others, and it is kept only where it wins on 4x as many more (fitted.CHECK, samplers.fit_verdict)
 tune_batch = 48
 # its gradient steps: ~3 * tune_iters * steps model calls on tune_batch samples
 tune_iters = 200

@@ -182,8 +182,8 @@ def test_bench_tables(monkeypatch, capsys):
 
 def test_held_out_mixtures_score_on_noise_no_fit_saw(monkeypatch, capsys):
     """--mixtures: none of the mixtures is the benchmark's own, and each differs from the others;
-    the fit sees two noise batches and the errors are measured on a third; where the fit is not
-    kept the untuned solver is what is scored; the table prints."""
+    the fit sees three noise batches (fit, select, check) and the errors are measured on a fourth;
+    where the fit is not kept the untuned solver is what is scored; the table prints."""
     require('diffusers')
     import bench_mixtures as bm
 
@@ -197,7 +197,7 @@ def test_held_out_mixtures_score_on_noise_no_fit_saw(monkeypatch, capsys):
     seen, real = [], bm.tune_solver
 
     def tune(model_fn, x, x_val, *args, **kw):
-        seen.append((x, x_val))
+        seen.append((x, x_val, kw['x_check']))
         return real(model_fn, x, x_val, *args, **kw)
 
     monkeypatch.setattr(bm, 'tune_solver', tune)
@@ -210,7 +210,7 @@ def test_held_out_mixtures_score_on_noise_no_fit_saw(monkeypatch, capsys):
     monkeypatch.setattr(bm, 'sample_loop', loop)
     results, gap = bm.held_out(1, 32, (5,), 200, 10)
     assert len(seen) == 3 and gap < 1e-3
-    fitted_on = [id(x) for pair in seen for x in pair]
+    fitted_on = [id(x) for batches in seen for x in batches]
     assert scored and not any(id(x) in fitted_on for x in scored)
     cells = [c for cells in results.values() for c in cells]
     assert all(c['fitted'] == c['untuned'] for c in cells if not c['used'])

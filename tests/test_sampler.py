@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from diffusion import Diffusion
-from samplers import sample_loop, sample_unipc, solver_matrix, threshold_x0, tune_solver
+from samplers import (
+    fit_verdict,
+    sample_loop,
+    sample_unipc,
+    solver_matrix,
+    threshold_x0,
+    tune_solver,
+)
 from bench_gaussian import gaussian_x0
 from conftest import one_line_exit, require
 
@@ -507,17 +514,18 @@ def test_solver_matrix_refusals_are_one_line():
 @pytest.mark.usefixtures('one_thread')
 @pytest.mark.parametrize('objective', ['vp', 'flow'])
 def test_tune_solver_beats_its_start_on_held_out_noise(objective):
-    """Fitted on 256 noise samples against a converged solve and checked on 256 others, the 5-step
-    solver starts exactly as the default (UniPC-3, flowtime), is kept (it wins on the checked
-    noise), and at least halves the error on 256 samples it saw neither in fitting nor checking."""
+    """Fitted on 256 noise samples against a converged solve, selected on 256 others and checked on
+    512 more, the 5-step solver starts exactly as the default (UniPC-3, flowtime), is kept (it wins
+    on the checked noise), and at least halves the error on 256 samples it saw in none of them."""
     diffusion = Diffusion(objective, 'linear', 'eps')
     model, steps = mixture_net(diffusion), 5
-    x, x_val, held_out = (
-        torch.randn(256, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-        for s in (0, 1, 2)
+    x, x_val, held_out, x_check = (
+        torch.randn(n, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        for s, n in ((0, 256), (1, 256), (2, 256), (3, 512))
     )
-    C, info = tune_solver(model, x, x_val, diffusion, steps, iters=150)
+    C, info = tune_solver(model, x, x_val, diffusion, steps, iters=150, x_check=x_check)
     assert info['used'] and info['val_error'] < info['val_start_error']
+    assert info['check_error'] < info['check_start_error'] and info['check_ratio_hi'] < 1
     # the reference is converged
     assert info['ref_change'] < 0.02 * info['start_error']
 
@@ -549,7 +557,8 @@ def test_tune_solver_keeps_its_best_on_held_out_noise_not_its_last(objective):
         torch.randn(4, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
         for s in (0, 1)
     )
-    C, info = tune_solver(model, x, x_val, diffusion, 5, iters=60, lr=3e-2)
+    # checked on the selection noise itself: this test is of the selection, not of the check
+    C, info = tune_solver(model, x, x_val, diffusion, 5, iters=60, lr=3e-2, x_check=x_val)
     val = info['val_errors']
     # the case this test is for: the last iterate is clearly worse than an earlier one
     assert val[-1] > 1.1 * min(val) and info['used']
@@ -569,10 +578,61 @@ def test_tune_solver_falls_back_where_fitting_does_not_win(objective):
         torch.randn(64, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
         for s in (0, 1)
     )
-    C, info = tune_solver(mixture_net(diffusion), x, x_val, diffusion, 5, iters=10, lr=1.0)
+    C, info = tune_solver(
+        mixture_net(diffusion), x, x_val, diffusion, 5, iters=10, lr=1.0, x_check=x_val
+    )
     assert min(info['val_errors'][1:]) > info['val_errors'][0]
     assert not info['used'] and torch.equal(C, solver_matrix(diffusion, 5))
     assert info['val_error'] == info['val_start_error']
+
+
+@pytest.mark.usefixtures('one_thread')
+@pytest.mark.parametrize('objective', ['vp', 'flow'])
+def test_tune_solver_rejects_a_fit_that_loses_on_its_check_noise(objective):
+    """A fit that wins on the noise its iterate was selected on but loses on the check noise (here:
+    the samples of a pool on which this very fit is worse than the untuned solver) is not kept: the
+    untuned solver's matrix comes back, exactly, and both check errors are recorded."""
+    diffusion = Diffusion(objective, 'linear', 'eps')
+    model = mixture_net(diffusion)
+    x, x_val, pool = (
+        torch.randn(n, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        for s, n in ((0, 8), (1, 8), (2, 512))
+    )
+    fit = lambda x_check: tune_solver(
+        model, x, x_val, diffusion, 5, iters=40, lr=1e-2, x_check=x_check
+    )
+    # checked on its selection noise, it wins
+    C, info = fit(x_val)
+    assert info['used'] and info['val_error'] < info['val_start_error']
+    ref = sample_loop(model, pool, diffusion, 200, 'unipc', 3, 'logsnr')[0]
+    err = lambda m: sample_loop(model, pool, diffusion, 5, spacing='flowtime', matrix=m)[0] - ref
+    worse = err(C).pow(2).sum(1) > err(solver_matrix(diffusion, 5)).pow(2).sum(1)
+    assert worse.sum() >= 8
+    # the same fit (the same noise, the same steps), checked where it loses
+    C2, info2 = fit(pool[worse][:8])
+    assert info2['val_error'] == info['val_error'] and info2['val_error'] < info2['val_start_error']
+    assert info2['check_error'] > info2['check_start_error'] and not info2['used']
+    assert torch.equal(C2, solver_matrix(diffusion, 5)) and 'not below 1' in info2['why']
+
+
+def test_fit_verdict_wants_a_sure_win_that_one_bad_sample_would_not_undo():
+    """fit_verdict, on per-sample squared errors (fitted, untuned) from the same noise: a clear win
+    is kept; a win by chance (half the samples better, half worse by as much) is not; nor a sure
+    win on the bulk that is smaller than one sample as bad as the worst seen (one sample in
+    another mode, the same in both)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(400, generator=g, dtype=torch.float64) + 0.5
+    assert fit_verdict(0.5 * base, base)[0]
+    coin = torch.where(torch.arange(400) % 2 == 0, 0.9, 1.1).double()
+    kept, why, stats = fit_verdict(coin * base, base)
+    assert not kept and stats['check_ratio_hi'] >= 1 and 'not below 1' in why
+    start, fit = base.clone(), 0.95 * base
+    start[7] = fit[7] = 40.0
+    kept, why, stats = fit_verdict(fit, start)
+    assert not kept and stats['check_ratio_hi'] < 1 and 'one more sample' in why
+    # the same without the sample in another mode: kept
+    start[7] = fit[7] = 1.0
+    assert fit_verdict(fit, start)[0]
 
 
 @pytest.mark.parametrize(
