@@ -321,26 +321,27 @@ def solver_matrix(diffusion, steps, sampler='unipc', order=3, spacing='flowtime'
     return torch.cat(points[1:] + [end])
 
 
-def fit_verdict(err, err_start, resamples=1000, level=0.95):
+def fit_verdict(err, err_start, far=0.0, resamples=1000, level=0.95):
     """Whether a fitted solver is kept, from the per-sample squared errors on noise used neither to
     fit nor to select it: err the fit's, err_start the untuned solver's, from the same noise. Kept
     only where (1) the ratio of their RMS errors is below 1 at the `level` upper bound of a paired
     bootstrap over the samples, and (2) its win would survive one more sample as bad as the worst
-    seen: a few samples sent to another mode set the RMS where the error is small (20 NFE), and a
-    mean over this batch cannot see a rate of 1 in 500. -> (kept, why, stats)."""
+    seen or as `far` (the squared error of a sample sent elsewhere in the data): a fit that sends 1
+    sample in len(err) to another mode can show none here, and where the error is small (20 NFE)
+    such a sample sets the RMS of a later batch. -> (kept, why, stats)."""
     n = len(err)
     ratio = (err.sum() / err_start.sum()).sqrt().item()
     # fixed resamples: the same fit gets the same verdict
     idx = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(0))
     hi = (err[idx].sum(1) / err_start[idx].sum(1)).sqrt().quantile(level).item()
-    worst = torch.maximum(err.max(), err_start.max())
+    worst = max(err.max().item(), err_start.max().item(), far)
     one_more = ((err.sum() + worst) / err_start.sum()).sqrt().item()
     tail = (err.max() / err_start.max()).sqrt().item()
     stats = dict(check_ratio=ratio, check_ratio_hi=hi, check_one_more=one_more, check_tail=tail)
     if hi >= 1:
         why = f"error ratio {ratio:.2f}, its {level:.0%} bound {hi:.2f} not below 1"
     elif one_more >= 1:
-        why = f"error ratio {ratio:.2f}, {one_more:.2f} with one more sample as bad as the worst"
+        why = f"error ratio {ratio:.2f}, {one_more:.2f} with one more sample far off"
     else:
         return True, f"error ratio {ratio:.2f}, its {level:.0%} bound {hi:.2f}", stats
     return False, why, stats
@@ -434,7 +435,10 @@ def tune_solver(
         err_start, err = (
             mse(solve(x_check, steps, spacing=spacing, matrix=m), ref_check) for m in (start, best)
         )
-    used, why, stats = fit_verdict(err, err_start)
+    # a sample in another mode is off by about the distance between two end points
+    used, why, stats = fit_verdict(
+        err, err_start, 2 * ref_check.double().flatten(1).var(0).mean().item()
+    )
     if not kept:
         used, why = False, 'no iterate beat the untuned solver on the selection noise'
 
