@@ -336,8 +336,7 @@ def fit_verdict(err, err_start, far=0.0, resamples=1000, level=0.95):
     hi = (err[idx].sum(1) / err_start[idx].sum(1)).sqrt().quantile(level).item()
     worst = max(err.max().item(), err_start.max().item(), far)
     one_more = ((err.sum() + worst) / err_start.sum()).sqrt().item()
-    tail = (err.max() / err_start.max()).sqrt().item()
-    stats = dict(check_ratio=ratio, check_ratio_hi=hi, check_one_more=one_more, check_tail=tail)
+    stats = dict(check_ratio=ratio, check_ratio_hi=hi, check_one_more=one_more)
     if hi >= 1:
         why = f"error ratio {ratio:.2f}, its {level:.0%} bound {hi:.2f} not below 1"
     elif one_more >= 1:
@@ -370,15 +369,13 @@ def tune_solver(
     through the model so that the end points from the noise x land on ref, the same ODE solved
     finely (default: UniPC-3, 2*ref_steps log-SNR steps). After "Bespoke Non-Stationary Solvers"
     (Shaul et al. 2024); the times stay the grid's. It starts from the solver it is given, exactly.
-    Every iterate is scored on x_val (ref_val: its converged solve) and the best there is selected;
-    that one is then checked against the start on x_check (ref_check), noise used for neither, of a
-    multiple of x's size (a larger batch sees rarer failures), and kept only where fit_verdict says
-    it wins there ('used'; the minimum over the iterates on x_val is biased low: x_val cannot judge
-    it); else the start is returned. Adam, lr with cosine decay, iters steps: ~4 * iters * steps
-    model calls on a batch of x's size. Returns (matrix, info: the fit's RMS errors on each batch
-    beside the start's, the verdict and why)."""
+    The iterate best on x_val (ref_val: its converged solve) is selected, then checked against the
+    start on x_check (ref_check; a multiple of x's size: a larger batch sees rarer failures) and
+    kept only where fit_verdict says it wins there ('used'; the best of many iterates on x_val is
+    biased low there); else the start is returned. Adam, lr with cosine decay, iters steps: ~4 *
+    iters * steps model calls on x's size. Returns (matrix, info: each batch's RMS errors, start
+    and fit, and the verdict and why)."""
     rms = lambda a, b: (a.double() - b.double()).pow(2).mean().sqrt()
-    # per sample: the mean squared error over its elements
     mse = lambda a, b: (a.double() - b.double()).pow(2).flatten(1).mean(1)
     if len(x_check) % len(x) or len(x_val) != len(x):
         raise SystemExit(
@@ -435,13 +432,11 @@ def tune_solver(
         err_start, err = (
             mse(solve(x_check, steps, spacing=spacing, matrix=m), ref_check) for m in (start, best)
         )
-    # a sample in another mode is off by about the distance between two end points
-    used, why, stats = fit_verdict(
-        err, err_start, 2 * ref_check.double().flatten(1).var(0).mean().item()
-    )
+        # a sample in another mode is off by about the distance between two end points
+        far = 2 * ref_check.double().flatten(1).var(0).mean().item()
+    used, why, stats = fit_verdict(err, err_start, far)
     if not kept:
         used, why = False, 'no iterate beat the untuned solver on the selection noise'
-
     info = dict(start_error=errors[0], error=errors[kept], val_start_error=val_errors[0])
     info.update(val_error=val_errors[kept], check_start_error=err_start.mean().sqrt().item())
     info.update(check_error=err.mean().sqrt().item(), used=used, why=why, **stats)
