@@ -43,6 +43,7 @@ from bench_mixtures import (
     print_held_out,
     reference,
     rms,
+    shared_table,
     start,
     warp_table,
 )
@@ -91,6 +92,10 @@ mixture_nfes = (5, 10, 20)
 # with mixtures: instead, one warp of the default's grid per objective and NFE chosen on as many
 # other mixtures, scored on these (a transferable default after "Align Your Steps"; not kept)
 warp = False
+# with mixtures: instead, one solver matrix per objective and NFE fitted over shared_train other
+# mixtures at once and scored on these (bench_mixtures.shared_table; tune_iters its steps)
+shared = False
+shared_train = 24
 device = 'auto'
 # -----------------------------------------------------------------------------
 
@@ -308,6 +313,7 @@ def check_config():
             'ref_steps',
             'mixture_samples',
             'mixture_check',
+            'shared_train',
         ),
     )
     if std_nfe not in nfes or cfg_scale == 1:
@@ -338,6 +344,10 @@ def main():
     torch.set_num_threads(1)
     if mixtures and warp:
         return warp_table(mixtures, mixture_samples, mixture_nfes, ref_steps, seed)
+    if mixtures and shared:
+        nfes = [n for n in mixture_nfes if n <= tune_max_nfe]
+        shared_table(mixtures, mixture_samples, nfes, ref_steps, tune_iters, seed, shared_train)
+        return print(f"\n({time.time() - t0:.0f} s)")
     if mixtures:
         results, gap = held_out(
             mixtures,

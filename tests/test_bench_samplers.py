@@ -217,3 +217,30 @@ def test_held_out_mixtures_score_on_noise_no_fit_saw(monkeypatch, capsys):
     bm.print_held_out(results, gap, 200, 32)
     out = capsys.readouterr().out
     assert 'median  worst (mix)' in out and 'vp-cosine    5' in out
+
+
+def test_shared_matrix_keeps_the_iterate_that_wins_on_other_mixtures():
+    """bench_mixtures.fit_shared: fitted on some mixtures, the matrix it returns is the iterate
+    with the lowest worst error ratio on others (recomputed here); one that never goes below the
+    untuned solver there (lr 0) gives back the untuned matrix itself."""
+    import bench_mixtures as bm
+    from samplers import default_solver, solver_matrix
+
+    diffusion = Diffusion(*bm.OBJECTIVES['flow'])
+    train = bm.problems('flow', 2, 5000, 9000, 0, 32, 200)
+    select = bm.problems('flow', 2, 6000, 9500, 0, 32, 200)
+    held = bm.problems('flow', 1, 0, 2000, 2, 32, 200)
+    # three disjoint sets of mixtures
+    assert len({p[1].shape[1] for p in train + select + held}) == 5
+    d = default_solver('flow', 5)
+    start = solver_matrix(diffusion, 5, d['sampler'], d['order'], d['spacing'])
+
+    def err(p, matrix):
+        out = sample_loop(p[0], p[1], diffusion, 5, spacing=d['spacing'], matrix=matrix)[0]
+        return (out - p[2]).pow(2).mean().sqrt().item()
+
+    matrix, worst = bm.fit_shared(diffusion, 5, train, select, 50)
+    assert worst < 1 and not torch.equal(matrix, start)
+    assert worst == pytest.approx(max(err(p, matrix) / err(p, start) for p in select), rel=1e-9)
+    same, worst = bm.fit_shared(diffusion, 5, train, select, 50, lr=0.0)
+    assert worst == 1.0 and torch.equal(same, start)
