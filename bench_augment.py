@@ -15,6 +15,7 @@ is sampled (per_class a class, 20 steps, CFG 4) and scored on what a small-data 
   (shapes.triangle_orientation): rotations leak into samples where this drops.
 
     python bench_augment.py     # 3 runs of config/shapes.py side by side on 2 CPU cores
+    python bench_augment.py --score=out-augment-9600     # one trained run's row
 
 A run already in out_dir is reused, not retrained: delete it after changing a setting.
 """
@@ -41,6 +42,8 @@ out_dir = 'out-augment'
 augment = 'rotate:0.5,hue:0.5'
 # train.py overrides for all three runs, e.g. "--max_iters=2400"
 train_args = ''
+# instead of the three runs: score this trained run's folder alone (e.g. one trained longer)
+score = ''
 per_class = 40
 copy_ratio = 0.5
 seed = 0
@@ -109,11 +112,14 @@ def main():
     val_x, real_x, real_y = val.x[:n], val.x[n : 2 * n], val.y[n : 2 * n]
     reference = (factor_matrix(val.x), val.y)
     rows = [('real', scores(real_x, real_y, train_x, val_x, reference))]
-    runs = [start(name, extra) for name, extra in RUNS]
-    if any(p.wait() for p in filter(None, runs)):
-        raise SystemExit(f"error: a training run failed (its output is above): see {out_dir}")
-    for name, _ in RUNS:
-        out = os.path.join(out_dir, name.replace(' ', '-'))
+    folders = {name: os.path.join(out_dir, name.replace(' ', '-')) for name, _ in RUNS}
+    if score:
+        folders = {os.path.basename(os.path.normpath(score)): score}
+    else:
+        runs = [start(name, extra) for name, extra in RUNS]
+        if any(p.wait() for p in filter(None, runs)):
+            raise SystemExit(f"error: a training run failed (its output is above): see {out_dir}")
+    for name, out in folders.items():
         model, diffusion, meta, _ = load_model(os.path.join(out, 'ckpt.pt'), torch.device('cpu'))
         labels = torch.arange(meta['num_classes']).repeat_interleave(per_class)
         images = sample_images(model, diffusion, labels, meta, 4.0, seed=seed, steps=20).numpy()
@@ -122,9 +128,10 @@ def main():
         f"{num_train} training images; {per_class} samples a class (20 steps, CFG 4); copies: "
         f"nearest training image < {copy_ratio:g} x nearest of {n} val images"
     )
-    print(f"{'':<12}{'accuracy':>9}{'factor FD':>11}{'copies':>8}{'upright':>9}")
+    width = max(12, *(len(name) + 1 for name, _ in rows))
+    print(f"{'':<{width}}{'accuracy':>9}{'factor FD':>11}{'copies':>8}{'upright':>9}")
     for name, (acc, fd, copied, up) in rows:
-        print(f"{name:<12}{100 * acc:>8.1f}%{fd:>11.4f}{100 * copied:>7.1f}%{100 * up:>8.1f}%")
+        print(f"{name:<{width}}{100 * acc:>8.1f}%{fd:>11.4f}{100 * copied:>7.1f}%{100 * up:>8.1f}%")
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ start.
     python bench_samplers.py                         # the tables (80 s on 2 busy CPU cores)
     python bench_samplers.py --diffusers_at_sigma=True --cfg_scale=5.0
     python bench_samplers.py --mixtures=6 --tune_iters=200   # held out: 6 other mixtures
+    python bench_samplers.py --mixtures=6 --shared=True      # one matrix fitted on 24 others
 
 The tables are on one mixture, the one the default was chosen on; --mixtures=N scores the default
 solver untuned and fitted to each model (samplers.tune_solver), and the best diffusers

@@ -75,6 +75,7 @@ TINY = {
         '--quality_per_class=2',
         '--quality_nfes=(2,)',
         '--tune_max_steps=0',
+        '--shared_train=2',
     ],
     'bench_augment.py': [
         '--num_train=48',
