@@ -104,6 +104,8 @@ def scores(images, labels, train_x, val_x, reference):
 def main():
     configure(globals(), sys.argv[1:])
     check(globals(), positive=('num_train', 'per_class', 'copy_ratio'))
+    if score and not os.path.exists(os.path.join(score, 'ckpt.pt')):
+        raise SystemExit(f"error: --score={score} has no ckpt.pt: name a train.py out_dir")
     prepare()
     train_x = Data(data_dir, 'train', torch.device('cpu')).x
     val = Data(data_dir, 'val', torch.device('cpu'))

@@ -322,6 +322,8 @@ def check_config():
             f"error: --std_nfe={std_nfe} must be one of --nfes={nfes}, and "
             f"--cfg_scale={cfg_scale:g} not 1"
         )
+    if (warp or shared) and not mixtures:
+        sys.exit("error: --warp and --shared score on held-out mixtures: add --mixtures=6")
 
 
 def main():

@@ -242,3 +242,11 @@ def test_resume_is_exact_with_augmentation(tmp_path):
     assert not torch.equal(
         weights(a)['model']['t_embed.0.weight'], weights(c)['model']['t_embed.0.weight']
     )
+
+
+def test_bench_augment_score_names_a_folder_without_a_checkpoint(tmp_path, monkeypatch):
+    import bench_augment
+
+    monkeypatch.setattr(sys, 'argv', ['bench_augment.py'])
+    monkeypatch.setattr(bench_augment, 'score', str(tmp_path))
+    one_line_exit(bench_augment.main, f"--score={tmp_path} has no ckpt.pt")

@@ -244,3 +244,13 @@ def test_shared_matrix_keeps_the_iterate_that_wins_on_other_mixtures():
     assert worst == pytest.approx(max(err(p, matrix) / err(p, start) for p in select), rel=1e-9)
     same, worst = bm.fit_shared(diffusion, 5, train, select, 50, lr=0.0)
     assert worst == 1.0 and torch.equal(same, start)
+
+
+def test_shared_and_warp_need_held_out_mixtures(monkeypatch):
+    from conftest import one_line_exit
+
+    for key in ('shared', 'warp'):
+        monkeypatch.setattr(bs, key, True)
+        monkeypatch.setattr(bs, 'mixtures', 0)
+        one_line_exit(bs.check_config, '--mixtures=6')
+        monkeypatch.setattr(bs, key, False)
