@@ -9,6 +9,7 @@ differ from the benchmark's own in dimension, component count, weights, stds and
     python bench_samplers.py --mixtures=6
 """
 
+import json
 import math
 import statistics
 
@@ -441,11 +442,15 @@ def fit_shared(diffusion, nfe, train, select, iters, lr=1e-3, beta=5.0):
     return best, best_worst
 
 
-def shared_table(mixtures, num_samples, nfes, ref_steps, iters, seed=0, train=24, peers=True):
+def shared_table(
+    mixtures, num_samples, nfes, ref_steps, iters, seed=0, train=24, peers=True, out=''
+):
     """Per objective and NFE: the matrix fit_shared fits on `train` mixtures (drawn from seed +
     5000, their first noise batch), selected on as many others (seed + 6000), and scored on the
     `mixtures` held-out mixtures' scoring batches (held_out's): its error / the untuned default's
-    and / the best diffusers configuration's, median and worst. -> {(objective, nfe): matrix}."""
+    and / the best diffusers configuration's, median and worst. out: a JSON file to write them to
+    ({"objective nfe": {"t": the grid's times, "matrix": rows, "select_worst": ratio}}).
+    -> {(objective, nfe): matrix}."""
     print(
         f"one solver matrix per objective and NFE fitted on {train} mixtures, selected on {train}"
         f" others, scored on {mixtures} held-out ({num_samples} noise samples each)"
@@ -453,7 +458,7 @@ def shared_table(mixtures, num_samples, nfes, ref_steps, iters, seed=0, train=24
     cols = ('shared / untuned', 'shared / diffusers', 'untuned / diffusers')
     print(f"{'':<10}{'NFE':>4}  select" + ''.join(f"  {c:>19}" for c in cols))
     print(f"{'':<16}{'worst':>6}" + f"  {'median':>7}{'worst':>7} (mix)" * 3)
-    table = {}
+    table, saved = {}, {}
     for name in OBJECTIVES:
         diffusion = Diffusion(*OBJECTIVES[name])
         fit_on = problems(name, train, seed + 5000, seed + 9000, 0, num_samples, ref_steps)
@@ -464,6 +469,8 @@ def shared_table(mixtures, num_samples, nfes, ref_steps, iters, seed=0, train=24
             matrix, worst = fit_shared(diffusion, n, fit_on, select, iters)
             table[(name, n)] = matrix
             d = default_solver(diffusion.objective, n)
+            t = diffusion.sampling_schedule(n, d['spacing'])[0].tolist()
+            saved[f"{name} {n}"] = dict(t=t, matrix=matrix.tolist(), select_worst=worst)
             cells = []
             for net, x, ref in test:
                 untuned = rms(sample_loop(net, x, diffusion, n)[0], ref)
@@ -483,4 +490,7 @@ def shared_table(mixtures, num_samples, nfes, ref_steps, iters, seed=0, train=24
                 for a, b in (('shared', 'untuned'), ('shared', 'peer'), ('untuned', 'peer'))
             )
             print(f"{name:<10}{n:>4}  {worst:6.2f}{line}", flush=True)
+    if out:
+        with open(out, 'w', encoding='utf-8') as f:
+            json.dump(saved, f, indent=1)
     return table

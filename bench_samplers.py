@@ -97,6 +97,8 @@ warp = False
 # mixtures at once and scored on these (bench_mixtures.shared_table; tune_iters its steps)
 shared = False
 shared_train = 24
+# with shared: write the matrices (and their grids) to this JSON file
+shared_out = ''
 device = 'auto'
 # -----------------------------------------------------------------------------
 
@@ -349,7 +351,8 @@ def main():
         return warp_table(mixtures, mixture_samples, mixture_nfes, ref_steps, seed)
     if mixtures and shared:
         nfes = [n for n in mixture_nfes if n <= tune_max_nfe]
-        shared_table(mixtures, mixture_samples, nfes, ref_steps, tune_iters, seed, shared_train)
+        args = (mixtures, mixture_samples, nfes, ref_steps, tune_iters, seed, shared_train)
+        shared_table(*args, out=shared_out)
         return print(f"\n({time.time() - t0:.0f} s)")
     if mixtures:
         results, gap = held_out(

@@ -254,3 +254,22 @@ def test_shared_and_warp_need_held_out_mixtures(monkeypatch):
         monkeypatch.setattr(bs, 'mixtures', 0)
         one_line_exit(bs.check_config, '--mixtures=6')
         monkeypatch.setattr(bs, key, False)
+
+
+def test_shared_table_writes_what_it_fitted(tmp_path, capsys):
+    """bench_mixtures.shared_table --shared_out: each objective's matrix and the grid it runs on,
+    read back equal to what it returned and printed a row for."""
+    import json
+
+    import bench_mixtures as bm
+
+    out = tmp_path / 'shared.json'
+    table = bm.shared_table(1, 16, (5,), 100, 25, train=2, peers=False, out=str(out))
+    saved = json.loads(out.read_text())
+    assert sorted(saved) == sorted(f"{name} 5" for name in bm.OBJECTIVES)
+    for (name, n), matrix in table.items():
+        fit = saved[f"{name} {n}"]
+        assert torch.equal(torch.tensor(fit['matrix'], dtype=torch.float64), matrix)
+        t = Diffusion(*bm.OBJECTIVES[name]).sampling_schedule(n, 'flowtime')[0]
+        assert fit['t'] == t.tolist() and 0 < fit['select_worst'] <= 1
+    assert capsys.readouterr().out.count('    5  ') == 3
