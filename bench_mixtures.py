@@ -448,8 +448,8 @@ def shared_table(
     """Per objective and NFE: the matrix fit_shared fits on `train` mixtures (drawn from seed +
     5000, their first noise batch), selected on as many others (seed + 6000), and scored on the
     `mixtures` held-out mixtures' scoring batches (held_out's): its error / the untuned default's
-    and / the best diffusers configuration's, median and worst. out: a JSON file to write them to
-    ({"objective nfe": {"t": the grid's times, "matrix": rows, "select_worst": ratio}}).
+    and / the best diffusers configuration's, median and worst. out: a JSON file to write those
+    that won on select to ({"objective nfe": {"t": times, "matrix": rows, "select_worst": ratio}}).
     -> {(objective, nfe): matrix}."""
     print(
         f"one solver matrix per objective and NFE fitted on {train} mixtures, selected on {train}"
@@ -470,7 +470,8 @@ def shared_table(
             table[(name, n)] = matrix
             d = default_solver(diffusion.objective, n)
             t = diffusion.sampling_schedule(n, d['spacing'])[0].tolist()
-            saved[f"{name} {n}"] = dict(t=t, matrix=matrix.tolist(), select_worst=worst)
+            if worst < 1:
+                saved[f"{name} {n}"] = dict(t=t, matrix=matrix.tolist(), select_worst=worst)
             cells = []
             for net, x, ref in test:
                 untuned = rms(sample_loop(net, x, diffusion, n)[0], ref)

@@ -262,14 +262,21 @@ def test_shared_table_writes_what_it_fitted(tmp_path, capsys):
     import json
 
     import bench_mixtures as bm
+    from samplers import solver_matrix
 
     out = tmp_path / 'shared.json'
     table = bm.shared_table(1, 16, (5,), 100, 25, train=2, peers=False, out=str(out))
     saved = json.loads(out.read_text())
-    assert sorted(saved) == sorted(f"{name} 5" for name in bm.OBJECTIVES)
+    assert saved and set(saved) <= {f"{name} 5" for name in bm.OBJECTIVES}
     for (name, n), matrix in table.items():
-        fit = saved[f"{name} {n}"]
+        diffusion = Diffusion(*bm.OBJECTIVES[name])
+        fit = saved.get(f"{name} {n}")
+        # only a matrix that won on the selection mixtures is written; the others are untuned
+        if fit is None:
+            untuned = solver_matrix(diffusion, n, 'unipc', 3, 'flowtime')
+            assert torch.equal(matrix, untuned)
+            continue
         assert torch.equal(torch.tensor(fit['matrix'], dtype=torch.float64), matrix)
-        t = Diffusion(*bm.OBJECTIVES[name]).sampling_schedule(n, 'flowtime')[0]
-        assert fit['t'] == t.tolist() and 0 < fit['select_worst'] <= 1
+        t = diffusion.sampling_schedule(n, 'flowtime')[0]
+        assert fit['t'] == t.tolist() and 0 < fit['select_worst'] < 1
     assert capsys.readouterr().out.count('    5  ') == 3
