@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import one_error_line
+from conftest import one_error_line, python
 from data import read_meta
 from hints import canny
 from images import control_scores
@@ -38,9 +38,7 @@ def run(args, patch=''):
     code = (
         f"import sys\nsys.argv = {['sample.py'] + args!r}\n{patch}\nimport sample\nsample.main()\n"
     )
-    return subprocess.run(
-        [sys.executable, '-c', code], cwd=ROOT, env=ENV, capture_output=True, text=True
-    )
+    return python(['-c', code], ROOT, ENV)
 
 
 def shape_masks(n=4, size=16):
@@ -73,13 +71,7 @@ def control_model(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('grade')
     data, out = tmp / 'shapes-mask', tmp / 'out'
     prep = ['prepare.py', '--hint=mask', '--num_train=24', '--num_val=12', '--resolution=16']
-    p = subprocess.run(
-        [sys.executable] + prep + [f'--out_dir={data}'],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    p = python(prep + [f'--out_dir={data}'], ROOT, ENV)
     assert p.returncode == 0, p.stderr
     meta = read_meta(str(data))
     args = dict(

@@ -12,7 +12,6 @@ silently, and so does a listed one that the docs no longer have."""
 
 import ast
 import importlib.metadata
-import json
 import os
 import re
 import shlex
@@ -24,6 +23,8 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ('README.md', 'RESULTS.md')
@@ -80,7 +81,9 @@ TINY = {
     'bench_augment.py': [
         '--num_train=48',
         '--per_class=2',
-        '--train_args=--max_iters=2 --eval_grade_per_class=0 --unet_channels=8',
+        # each command trains three runs: their final eval samples 2 steps, not config's 20
+        '--train_args=--max_iters=2 --eval_grade_per_class=0 --unet_channels=8 --batch_size=8 '
+        '--eval_batches=1 --sample_steps=2',
     ],
     'bench_repa.py': [
         '--max_iters=2',
@@ -143,37 +146,6 @@ NOT_RUN = {
         "the README's curl line"
     ),
 }
-
-# Runs `python script.py ...` as python would, but forked from a process that imported torch once:
-# the import is most of a tiny command's time. Each command imports the repository's own modules
-# afresh. Reads one job a line ({argv, out, err, timeout}), writes its exit status a line.
-SERVER = """
-import json, os, runpy, signal, sys, traceback
-import numpy, PIL.Image, torch, torch._dynamo
-for line in sys.stdin:
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        signal.alarm(job['timeout'])
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(os.open(job['out'], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
-        os.dup2(os.open(job['err'], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-        sys.argv, sys.path[0], rc = job['argv'], os.getcwd(), 0
-        try:
-            runpy.run_path(sys.argv[0], run_name='__main__')
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else e.code is not None
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            rc = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(int(rc))
-    status = os.waitpid(pid, 0)[1]
-    print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
-"""
 
 # a fence line: ``` or ```lang
 FENCE = re.compile(r'^```(\w*)$')
@@ -302,14 +274,14 @@ def make_image_folder(path):
         f.write('a red square')
 
 
-def run_python(server, argv, cwd):
-    """One `python script.py ...` through the fork server: (exit status, stdout, stderr)."""
-    job = dict(argv=argv, out=str(cwd / 'stdout'), err=str(cwd / 'stderr'), timeout=TIMEOUT)
-    server.stdin.write(json.dumps(job) + '\n')
-    server.stdin.flush()
-    # the server died: no status
-    rc = json.loads(server.stdout.readline() or 'null')
-    return rc, open(job['out']).read(), open(job['err']).read()
+def run_python(argv, cwd, env):
+    """One `python script.py ...` through conftest's fork server: (exit status, stdout, stderr); a
+    run past TIMEOUT is -14, as SIGALRM's."""
+    try:
+        p = python(argv, cwd, env, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        return -14, e.stdout, e.stderr
+    return p.returncode, p.stdout, p.stderr
 
 
 def test_documented_commands_run(tmp_path):
@@ -325,50 +297,38 @@ def test_documented_commands_run(tmp_path):
     make_image_folder(tmp_path / 'path' / 'to' / 'folder')
     # tiny tensors: one thread is as fast, and does not fight the other test worker
     env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
-    server = subprocess.Popen(
-        [sys.executable, '-c', SERVER],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     done, failed, times = set(), [], []
-    try:
-        for where, kind, text in all_commands():
-            if text in NOT_RUN or text in done:
-                continue
-            done.add(text)
-            argv = ['python', f"block{len(done)}.py"] if kind == 'python' else shlex.split(text)
-            if kind == 'python':
-                (tmp_path / argv[1]).write_text(text)
-            elif argv[0] == 'pip':
-                check_pip(where, argv)
-                continue
-            else:
-                argv = tiny(argv)
-            t0 = time.time()
-            if argv[0] == 'python':
-                rc, out, err = run_python(server, argv[1:], tmp_path)
-            else:
-                torchrun = [sys.executable, '-m', 'torch.distributed.run']
-                p = subprocess.run(
-                    torchrun + argv[1:],
-                    cwd=tmp_path,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=TIMEOUT,
-                )
-                rc, out, err = p.returncode, p.stdout, p.stderr
-            times.append((time.time() - t0, text.splitlines()[0]))
-            if rc != 0:
-                tail = '\n'.join((err or out).strip().splitlines()[-15:])
-                why = f'timed out ({TIMEOUT} s)' if rc == -14 else f'exited {rc}'
-                failed.append(f"{where}: `{text.splitlines()[0]}` {why}:\n{tail}")
-    finally:
-        server.stdin.close()
-        server.wait(timeout=60)
+    for where, kind, text in all_commands():
+        if text in NOT_RUN or text in done:
+            continue
+        done.add(text)
+        argv = ['python', f"block{len(done)}.py"] if kind == 'python' else shlex.split(text)
+        if kind == 'python':
+            (tmp_path / argv[1]).write_text(text)
+        elif argv[0] == 'pip':
+            check_pip(where, argv)
+            continue
+        else:
+            argv = tiny(argv)
+        t0 = time.time()
+        if argv[0] == 'python':
+            rc, out, err = run_python(argv[1:], tmp_path, env)
+        else:
+            torchrun = [sys.executable, '-m', 'torch.distributed.run']
+            p = subprocess.run(
+                torchrun + argv[1:],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+            )
+            rc, out, err = p.returncode, p.stdout, p.stderr
+        times.append((time.time() - t0, text.splitlines()[0]))
+        if rc != 0:
+            tail = '\n'.join((err or out).strip().splitlines()[-15:])
+            why = f'timed out ({TIMEOUT} s)' if rc == -14 else f'exited {rc}'
+            failed.append(f"{where}: `{text.splitlines()[0]}` {why}:\n{tail}")
     for t, text in sorted(times, reverse=True):
         print(f"{t:5.1f} s  {text}")
     print(f"{len(times)} commands in {sum(t for t, _ in times):.0f} s")

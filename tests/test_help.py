@@ -2,21 +2,18 @@
 its default and the comment above it; and an unknown key's one error line names the nearest key."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from configurator import configure, setting_comments
+from conftest import python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
 
 
 def run(*args):
-    return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
-    )
+    return python(args, ROOT, ENV, timeout=120)
 
 
 # (script, its docstring's first words, a setting as --help shows it, words of its comment)

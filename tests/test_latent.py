@@ -3,8 +3,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -14,15 +12,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vae import AutoencoderKL, VAEConfig
+from conftest import python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1', TQDM_DISABLE='1')
 
 
 def run(args):
-    p = subprocess.run(
-        [sys.executable] + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
-    )
+    p = python(args, ROOT, ENV, timeout=300)
     assert p.returncode == 0, f"{args}\n{p.stdout}\n{p.stderr}"
     return p
 
@@ -208,13 +205,7 @@ def test_non_finite_example_is_skipped_and_counted(setup, tmp_path):
     lat[:] = np.nan
     lat.flush()
     del lat
-    q = subprocess.run(
-        [sys.executable] + args + ['--max_bad_steps=3', '--log_interval=1'],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    q = python(args + ['--max_bad_steps=3', '--log_interval=1'], ROOT, ENV)
     assert (
         q.returncode != 0
         and '3 non-finite gradients in a row by step 3' in q.stderr

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import metrics
-from conftest import require
+from conftest import python, require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # nothing here may reach the network
@@ -306,14 +306,7 @@ def test_a_missing_encoder_is_one_line(tmp_path):
 
 
 def run_metrics(*args):
-    p = subprocess.run(
-        [sys.executable, 'metrics.py', *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = python(['metrics.py', *args], ROOT, ENV, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     return p.stdout
 
@@ -424,14 +417,7 @@ def test_bad_inputs_are_one_line_errors(folders, dino_path, tmp_path):
     )
     # a later --key= overrides an earlier one
     argv = [f'--samples={out} --reference={data} {case}' for case in cases]
-    p = subprocess.run(
-        [sys.executable, '-c', driver, *argv],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = python(['-c', driver, *argv], ROOT, ENV, timeout=300)
     exits = [line for line in p.stdout.splitlines() if line.startswith('EXIT')]
     assert len(exits) == len(cases), p.stdout + p.stderr
     for line, want in zip(exits, cases.values()):

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import prepare
 import shapes
-from conftest import one_error_line
+from conftest import one_error_line, python
 
 
 # keep progress bars out of the stderr we check
@@ -23,13 +23,7 @@ ENV = dict(os.environ, TQDM_DISABLE='1')
 
 
 def run(*args):
-    return subprocess.run(
-        [sys.executable, 'prepare.py', *map(str, args)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    return python(['prepare.py', *args], ROOT, ENV)
 
 
 def load(out, split):

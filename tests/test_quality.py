@@ -4,7 +4,6 @@ real is small, a collapsed sampler at the same accuracy is clearly worse), sampl
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -18,12 +17,12 @@ sys.path.insert(0, ROOT)
 import sample
 import shapes
 import train
-from conftest import one_error_line
+from conftest import one_error_line, python
 from test_train import ENV, TINY
 
 
 def run(args, check=True):
-    p = subprocess.run([sys.executable] + args, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    p = python(args, ROOT, ENV)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed:\n{p.stdout}\n{p.stderr}")
     return p
@@ -218,9 +217,7 @@ def run_patched(module, patch, args):
         f"import sys\nsys.argv = {[module + '.py'] + args!r}\n{textwrap.dedent(patch)}\n"
         f"import {module}\n{configure}{module}.main()\n"
     )
-    return subprocess.run(
-        [sys.executable, '-c', code], cwd=ROOT, env=ENV, capture_output=True, text=True
-    )
+    return python(['-c', code], ROOT, ENV)
 
 
 def test_grade_prints_accuracy_and_factor_fd(trained, data, tmp_path):

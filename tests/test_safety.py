@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 import textwrap
 
@@ -22,7 +21,7 @@ import checkpoint
 import prepare
 import sample
 import train
-from conftest import one_error_line, one_line_exit
+from conftest import one_error_line, one_line_exit, python
 from data import Data
 from model import setup_device
 
@@ -47,9 +46,7 @@ TINY = [
 
 
 def run(args, **kw):
-    return subprocess.run(
-        [sys.executable] + args, cwd=ROOT, env=ENV, capture_output=True, text=True, **kw
-    )
+    return python(args, ROOT, ENV, **kw)
 
 
 def snapshot(folder):

@@ -3,7 +3,6 @@ model trained on them (DiT and UNet), prompts sampled into a grid; CFG with the 
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -22,6 +21,7 @@ from sample import read_prompts
 from test_text import make_bert
 
 from data import Data
+from conftest import python
 
 ENV = dict(os.environ, TQDM_DISABLE='1')
 TINY = [
@@ -44,7 +44,7 @@ TINY = [
 
 
 def run(args, check=True):
-    p = subprocess.run([sys.executable] + args, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    p = python(args, ROOT, ENV)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed:\n{p.stdout}\n{p.stderr}")
     return p

@@ -4,7 +4,6 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -16,19 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import encode
 import prepare
+from conftest import python
 
 ENV = dict(os.environ, TQDM_DISABLE='1')
 WORDS = "a red green blue yellow circle square triangle".split()
 
 
 def run(*args):
-    return subprocess.run(
-        [sys.executable, 'prepare.py', *map(str, args)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    return python(['prepare.py', *args], ROOT, ENV)
 
 
 def make_bert(folder):

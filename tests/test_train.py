@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import one_error_line
+from conftest import one_error_line, python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1', TQDM_DISABLE='1')
@@ -37,9 +37,7 @@ TINY = [
 
 
 def run(args, check=True, **kw):
-    p = subprocess.run(
-        [sys.executable] + args, cwd=ROOT, env=ENV, capture_output=True, text=True, **kw
-    )
+    p = python(args, ROOT, ENV, **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed:\n{p.stdout}\n{p.stderr}")
     return p
@@ -100,9 +98,7 @@ def run_with(patch, args):
         f"import runpy, sys\nsys.argv = {['train.py'] + args!r}\n{textwrap.dedent(patch)}\n"
         f"runpy.run_path('train.py', run_name='__main__')\n"
     )
-    return subprocess.run(
-        [sys.executable, '-c', code], cwd=ROOT, env=ENV, capture_output=True, text=True
-    )
+    return python(['-c', code], ROOT, ENV)
 
 
 KILL_MID_WRITE = """

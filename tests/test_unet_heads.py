@@ -3,14 +3,13 @@ README's own-images command (train.py's DiT default n_head=6 with --arch=unet --
 builds, and the shapes demo's UNet (n_head=4) is exactly what it was."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
 from model import UNet, build_model, model_args_from
+from conftest import python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
@@ -58,9 +57,7 @@ def test_readme_own_images_command_trains(tmp_path):
         img = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
         Image.fromarray(img).save(folder / f'{i}.png')
     data, out = tmp_path / 'data', tmp_path / 'out-folder'
-    run = lambda *a: subprocess.run(
-        [sys.executable, *a], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
-    )
+    run = lambda *a: python(a, ROOT, ENV, timeout=300)
     p = run('prepare.py', f'--dataset={folder}', f'--out_dir={data}', '--resolution=16')
     assert p.returncode == 0, p.stderr
     p = run(
