@@ -9,7 +9,6 @@ differ from the benchmark's own in dimension, component count, weights, stds and
     python bench_samplers.py --mixtures=6
 """
 
-import json
 import math
 import statistics
 
@@ -17,7 +16,7 @@ import torch
 
 from bench_diffusers import diffusers_configs, run_diffusers
 from diffusion import Diffusion
-from samplers import default_solver, sample_loop, solver_matrix, tune_solver
+from samplers import default_solver, sample_loop, tune_solver
 
 OBJECTIVES = {
     'vp-linear': ('vp', 'linear', 'eps'),
@@ -171,20 +170,21 @@ def held_out_mixture(i, seed=0):
     return mix, w, about
 
 
-def score_cell(net, mix, batches, refs, diffusion, nfe, iters, peers, at_sigma):
+def score_cell(nets, mix, batches, refs, diffusion, nfe, iters, peers, at_sigma):
     """One objective, mixture and NFE: the RMS errors on the third batch (never fitted to, selected
     or checked on) of the default solver untuned, fitted (on the first batch, its iterate selected
     on the second and kept only where it wins on the fourth, fit_verdict: else the untuned solver
     is what runs, as in sample.py), and the best of the diffusers configurations peers; and how
     many of the fitted and untuned end points land in another component than the reference's (one
-    such sample can dominate the RMS)."""
-    x_fit, x_val, x, x_check = batches
+    such sample can dominate the RMS). nets: the exact network for the scoring batch's labels and
+    for the fitting batch's."""
+    (net, net_fit), (x_fit, x_val, x, x_check) = nets, batches
     ref_fit, ref_val, ref, ref_check = refs
     d = default_solver(diffusion.objective, nfe)
     solver = (d['sampler'], d['order'], d['spacing'])
     untuned = sample_loop(net, x, diffusion, nfe, *solver)[0]
     matrix, info = tune_solver(
-        net,
+        net_fit,
         x_fit,
         x_val,
         diffusion,
@@ -211,10 +211,13 @@ def score_cell(net, mix, batches, refs, diffusion, nfe, iters, peers, at_sigma):
     return cell
 
 
-def score_mixture(name, mix, w, num_samples, nfes, ref_steps, iters, seed, peers, at_sigma, check):
+def score_mixture(
+    name, mix, w, num_samples, nfes, ref_steps, iters, seed, peers, at_sigma, check, fit=1
+):
     """-> ({nfe: score_cell's}, the reference's change from ref_steps / 2 steps) for one objective
     and mixture; three noise batches of num_samples drawn from seed (fit, select, score), then the
-    check batch of check * num_samples."""
+    check batch of check * num_samples; with fit > 1, the fit and select batches are then drawn
+    again, fit * num_samples each (the score and check batches stay those of fit = 1)."""
     diffusion = Diffusion(*OBJECTIVES[name])
     alpha, sigma = start(diffusion)
     labels = torch.arange(num_samples) % (int(mix.labels.max()) + 1)
@@ -224,25 +227,38 @@ def score_mixture(name, mix, w, num_samples, nfes, ref_steps, iters, seed, peers
         torch.randn(k * num_samples, dims, generator=g, dtype=torch.float64)
         for k in (1, 1, 1, check)
     ]
+    if fit > 1:
+        batches[:2] = [
+            torch.randn(fit * num_samples, dims, generator=g, dtype=torch.float64) for _ in range(2)
+        ]
     # the check batch goes through tune_solver's model in batches of num_samples
     refs = [
         reference(x, alpha, sigma, mix, labels.repeat(len(x) // num_samples), w, ref_steps)
         for x in batches
     ]
     gap = rms(refs[2], reference(batches[2], alpha, sigma, mix, labels, w, ref_steps // 2))
-    net = exact_net(diffusion, mix, labels, w)
+    nets = [exact_net(diffusion, mix, labels.repeat(k), w) for k in (1, fit)]
     cells = {
-        n: score_cell(net, mix, batches, refs, diffusion, n, iters, peers, at_sigma) for n in nfes
+        n: score_cell(nets, mix, batches, refs, diffusion, n, iters, peers, at_sigma) for n in nfes
     }
     return cells, gap
 
 
 def held_out(
-    mixtures, num_samples, nfes, ref_steps, iters, seed=0, at_sigma=False, peers=True, check=4
+    mixtures,
+    num_samples,
+    nfes,
+    ref_steps,
+    iters,
+    seed=0,
+    at_sigma=False,
+    peers=True,
+    check=4,
+    fit=1,
 ):
     """-> ({(objective, nfe): [score_cell's, one a mixture]}, the reference's largest change);
-    prints each mixture as it goes. peers: with diffusers' configurations (False: none); check: the
-    check batch in num_samples."""
+    prints each mixture as it goes. peers: with diffusers' configurations (False: none); check and
+    fit: the check batch and the fit and select batches in num_samples."""
     results, gaps = {}, []
     for i in range(mixtures):
         mix, w, about = held_out_mixture(i, seed)
@@ -262,6 +278,7 @@ def held_out(
                 configs,
                 at_sigma,
                 check,
+                fit,
             )
             gaps.append(gap)
             for n, cell in cells.items():
@@ -276,14 +293,14 @@ def summary(cells, num, den):
     return f"{statistics.median(ratios):7.2f}{ratios[worst]:7.2f} (#{worst + 1})"
 
 
-def print_held_out(results, gap, ref_steps, num_samples, check=4):
+def print_held_out(results, gap, ref_steps, num_samples, check=4, fit=1):
     """Per objective and NFE: the median and worst cell over the mixtures of fitted / best
     diffusers, untuned / best diffusers and fitted / untuned; then the cells short of the goals."""
     n = num_samples
     print(
         f"\nheld-out noise: each solver scored on {n} noise samples that no fit saw (fitted on "
-        f"{n} others, its iterate selected on {n} more, kept only where it beat the untuned solver"
-        f" on {check * n} more: samplers.fit_verdict)"
+        f"{fit * n} others, its iterate selected on {fit * n} more, kept only where it beat the "
+        f"untuned solver on {check * n} more: samplers.fit_verdict)"
     )
     cols = ('fitted / diffusers', 'untuned / diffusers', 'fitted / untuned')
     print(f"{'':<10}{'NFE':>4}" + ''.join(f"  {c:>19}" for c in cols) + "  fit kept")
@@ -309,189 +326,3 @@ def print_held_out(results, gap, ref_steps, num_samples, check=4):
         f"{ref_steps // 2} steps, {smallest / gap:.0f}x less than the smallest error "
         f"({smallest:.1e})"
     )
-
-
-# -----------------------------------------------------------------------------
-# A transferable grid, in the spirit of "Align Your Steps" (Sabour et al. 2024): one warp of the
-# default's grid per objective and NFE, chosen over training mixtures, scored on the held-out ones
-
-WARPS = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75)
-
-
-def warped_grid(diffusion, steps, gamma):
-    """The default's 'flowtime' grid u_i = 1 - i / steps warped to 1 - (i / steps)^gamma (gamma 1:
-    the default; < 1: more steps at low noise), as times; None where vp's times would not
-    decrease (u so close to 1 that the schedule's last step is reached twice)."""
-    u = 1 - (torch.arange(steps, dtype=torch.float64) / steps) ** gamma
-    t = u if diffusion.objective == 'flow' else diffusion.t_from_edm_sigma(u / (1 - u))
-    t[0] = 1.0 if diffusion.objective == 'flow' else diffusion.T - 1.0
-    t = t.tolist()
-    return t if all(a > b for a, b in zip(t, t[1:])) else None
-
-
-def warp_errors(name, mix, w, x, nfes, ref_steps):
-    """{(nfe, gamma): RMS error} of UniPC-3 on each warped grid, one mixture and noise batch."""
-    diffusion = Diffusion(*OBJECTIVES[name])
-    alpha, sigma = start(diffusion)
-    labels = torch.arange(len(x)) % (int(mix.labels.max()) + 1)
-    ref = reference(x, alpha, sigma, mix, labels, w, ref_steps)
-    net = exact_net(diffusion, mix, labels, w)
-    errors = {}
-    for n in nfes:
-        for gamma in WARPS:
-            t = warped_grid(diffusion, n, gamma)
-            out = sample_loop(net, x, diffusion, n, 'unipc', 3, t)[0] if t else None
-            errors[(n, gamma)] = rms(out, ref) if t else math.inf
-    return errors
-
-
-def batch(mix, num_samples, seed, which):
-    """The which-th noise batch drawn from seed (score_mixture's: 0 fit, 1 check, 2 score)."""
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(which + 1):
-        x = torch.randn(num_samples, mix.mu.shape[1], generator=g, dtype=torch.float64)
-    return x
-
-
-def warp_table(mixtures, num_samples, nfes, ref_steps, seed=0):
-    """Per objective and NFE, the warp with the lowest geometric mean of error / the default's over
-    `mixtures` training mixtures (drawn from seed + 5000), and its error / the default's on the
-    held-out mixtures' scoring batches (those of held_out): median and worst."""
-    print(f"grid warp 1 - (i / steps)^gamma, gamma in {WARPS}, chosen on {mixtures} other mixtures")
-    print(f"{'':<10}{'NFE':>4}  gamma  train: mean  worst  held out: median  worst (mix)")
-    for name in OBJECTIVES:
-        train, test = [], []
-        for i in range(mixtures):
-            mix, w, _ = held_out_mixture(i, seed + 5000)
-            x = batch(mix, num_samples, seed + 9000 + i, 0)
-            train.append(warp_errors(name, mix, w, x, nfes, ref_steps))
-            mix, w, _ = held_out_mixture(i, seed)
-            x = batch(mix, num_samples, seed + 2000 + i, 2)
-            test.append(warp_errors(name, mix, w, x, nfes, ref_steps))
-        for n in nfes:
-            ratios = lambda errs, g: [e[(n, g)] / e[(n, 1.0)] for e in errs]
-            mean = {g: statistics.geometric_mean(ratios(train, g)) for g in WARPS}
-            best = min(mean, key=mean.get)
-            held = ratios(test, best)
-            worst = max(range(len(held)), key=lambda i: held[i])
-            print(
-                f"{name:<10}{n:>4}  {best:5.2f}  {mean[best]:11.2f}{max(ratios(train, best)):7.2f}"
-                f"  {statistics.median(held):16.2f}{held[worst]:7.2f} (#{worst + 1})"
-            )
-
-
-# -----------------------------------------------------------------------------
-# A transferable solver, "Align Your Steps" for the coefficients: one matrix per objective and NFE
-# (the default solver's, as tune_solver fits it to one model) fitted over many training mixtures at
-# once, its iterate selected on other mixtures, then scored on the held-out ones
-
-
-def problems(name, count, seed, noise_seed, which, num_samples, ref_steps):
-    """count (exact network, noise, reference end points) of the mixtures drawn from seed: the
-    which-th noise batch of each (batch)."""
-    diffusion = Diffusion(*OBJECTIVES[name])
-    alpha, sigma = start(diffusion)
-    out = []
-    for i in range(count):
-        mix, w, _ = held_out_mixture(i, seed)
-        x = batch(mix, num_samples, noise_seed + i, which)
-        labels = torch.arange(num_samples) % (int(mix.labels.max()) + 1)
-        ref = reference(x, alpha, sigma, mix, labels, w, ref_steps)
-        out.append((exact_net(diffusion, mix, labels, w), x, ref))
-    return out
-
-
-def fit_shared(diffusion, nfe, train, select, iters, lr=1e-3, beta=5.0):
-    """The default solver's matrix (solver_matrix) fitted to every train problem at once. The loss
-    is the mean over them of log(MSE / the untuned MSE), averaged with a soft maximum of the same
-    (logsumexp(beta * .) / beta), so that no mixture is given up for the others. Adam with cosine
-    decay, as tune_solver; every 25 steps the iterate is scored on the select problems, and the one
-    whose worst error ratio there is lowest is kept (the untuned matrix, if none is below 1).
-    -> (matrix, its worst ratio on select)."""
-    d = default_solver(diffusion.objective, nfe)
-    start_c = solver_matrix(diffusion, nfe, d['sampler'], d['order'], d['spacing'])
-    mask = torch.ones_like(start_c).tril(1)
-
-    def mse(p, matrix):
-        out = sample_loop(p[0], p[1], diffusion, nfe, spacing=d['spacing'], matrix=matrix)[0]
-        return (out - p[2]).pow(2).mean()
-
-    with torch.no_grad():
-        base = [mse(p, start_c) for p in train + select]
-    base_train, base_select = base[: len(train)], base[len(train) :]
-    C = start_c.clone().requires_grad_(True)
-    opt = torch.optim.Adam([C], lr=lr)
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
-    best, best_worst = start_c, 1.0
-    for i in range(iters + 1):
-        if i % 25 == 0 and i:
-            with torch.no_grad():
-                worst = max(
-                    (mse(p, C * mask) / b).sqrt().item() for p, b in zip(select, base_select)
-                )
-            if worst < best_worst:
-                best, best_worst = (C * mask).detach().clone(), worst
-        if i == iters:
-            break
-        logs = torch.stack([(mse(p, C * mask) / b).log() for p, b in zip(train, base_train)])
-        loss = 0.5 * logs.mean() + 0.5 * torch.logsumexp(beta * logs, 0) / beta
-        (C.grad,) = torch.autograd.grad(loss, C)
-        torch.nn.utils.clip_grad_norm_([C], 1.0)
-        opt.step()
-        decay.step()
-    return best, best_worst
-
-
-def shared_table(
-    mixtures, num_samples, nfes, ref_steps, iters, seed=0, train=24, peers=True, out=''
-):
-    """Per objective and NFE: the matrix fit_shared fits on `train` mixtures (drawn from seed +
-    5000, their first noise batch), selected on as many others (seed + 6000), and scored on the
-    `mixtures` held-out mixtures' scoring batches (held_out's): its error / the untuned default's
-    and / the best diffusers configuration's, median and worst. out: a JSON file to write those
-    that won on select to ({"objective nfe": {"t": times, "matrix": rows, "select_worst": ratio}}).
-    -> {(objective, nfe): matrix}."""
-    print(
-        f"one solver matrix per objective and NFE fitted on {train} mixtures, selected on {train}"
-        f" others, scored on {mixtures} held-out ({num_samples} noise samples each)"
-    )
-    cols = ('shared / untuned', 'shared / diffusers', 'untuned / diffusers')
-    print(f"{'':<10}{'NFE':>4}  select" + ''.join(f"  {c:>19}" for c in cols))
-    print(f"{'':<16}{'worst':>6}" + f"  {'median':>7}{'worst':>7} (mix)" * 3)
-    table, saved = {}, {}
-    for name in OBJECTIVES:
-        diffusion = Diffusion(*OBJECTIVES[name])
-        fit_on = problems(name, train, seed + 5000, seed + 9000, 0, num_samples, ref_steps)
-        select = problems(name, train, seed + 6000, seed + 9500, 0, num_samples, ref_steps)
-        test = problems(name, mixtures, seed, seed + 2000, 2, num_samples, ref_steps)
-        configs = diffusers_configs(*OBJECTIVES[name]) if peers else []
-        for n in nfes:
-            matrix, worst = fit_shared(diffusion, n, fit_on, select, iters)
-            table[(name, n)] = matrix
-            d = default_solver(diffusion.objective, n)
-            t = diffusion.sampling_schedule(n, d['spacing'])[0].tolist()
-            if worst < 1:
-                saved[f"{name} {n}"] = dict(t=t, matrix=matrix.tolist(), select_worst=worst)
-            cells = []
-            for net, x, ref in test:
-                untuned = rms(sample_loop(net, x, diffusion, n)[0], ref)
-                shared = sample_loop(net, x, diffusion, n, spacing=d['spacing'], matrix=matrix)
-                theirs = [
-                    rms(run_diffusers(net, x, diffusion, n, c, kw)[0], ref) for _, c, kw in configs
-                ]
-                cells.append(
-                    dict(
-                        shared=rms(shared[0], ref),
-                        untuned=untuned,
-                        peer=min(theirs, default=math.nan),
-                    )
-                )
-            line = ''.join(
-                f"  {summary(cells, a, b)}"
-                for a, b in (('shared', 'untuned'), ('shared', 'peer'), ('untuned', 'peer'))
-            )
-            print(f"{name:<10}{n:>4}  {worst:6.2f}{line}", flush=True)
-    if out:
-        with open(out, 'w', encoding='utf-8') as f:
-            json.dump(saved, f, indent=1)
-    return table

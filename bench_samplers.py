@@ -44,10 +44,9 @@ from bench_mixtures import (
     print_held_out,
     reference,
     rms,
-    shared_table,
     start,
-    warp_table,
 )
+from bench_transfer import shared_table, warp_table
 from bench_quality import quality_table
 from configurator import check
 from diffusion import Diffusion
@@ -89,12 +88,15 @@ mixtures = 0
 # checked on mixture_check times as many more (samplers.fit_verdict)
 mixture_samples = 512
 mixture_check = 4
+# held-out: the fit and select batches, in mixture_samples (1 overfits: at 10 NFE a fit to 512
+# samples lost on fresh noise where one to 2048 won; RESULTS.md); mixture_check a multiple of it
+mixture_fit = 4
 mixture_nfes = (5, 10, 20)
 # with mixtures: instead, one warp of the default's grid per objective and NFE chosen on as many
 # other mixtures, scored on these (a transferable default after "Align Your Steps"; not kept)
 warp = False
 # with mixtures: instead, one solver matrix per objective and NFE fitted over shared_train other
-# mixtures at once and scored on these (bench_mixtures.shared_table; tune_iters its steps)
+# mixtures at once and scored on these (bench_transfer.shared_table; tune_iters its steps)
 shared = False
 shared_train = 24
 # with shared: write the matrices (and their grids) to this JSON file
@@ -316,6 +318,7 @@ def check_config():
             'ref_steps',
             'mixture_samples',
             'mixture_check',
+            'mixture_fit',
             'shared_train',
         ),
     )
@@ -323,6 +326,11 @@ def check_config():
         sys.exit(
             f"error: --std_nfe={std_nfe} must be one of --nfes={nfes}, and "
             f"--cfg_scale={cfg_scale:g} not 1"
+        )
+    if mixture_check % mixture_fit:
+        sys.exit(
+            f"error: --mixture_check={mixture_check} must be a multiple of "
+            f"--mixture_fit={mixture_fit}: the check batch goes through the fit's batches"
         )
     if (warp or shared) and not mixtures:
         sys.exit("error: --warp and --shared score on held-out mixtures: add --mixtures=6")
@@ -364,8 +372,9 @@ def main():
             seed,
             diffusers_at_sigma,
             check=mixture_check,
+            fit=mixture_fit,
         )
-        print_held_out(results, gap, ref_steps, mixture_samples, mixture_check)
+        print_held_out(results, gap, ref_steps, mixture_samples, mixture_check, mixture_fit)
         print(f"\n({time.time() - t0:.0f} s)")
         return results
     mix = make_mixture(dims, components, classes, std_min, std_max, seed)

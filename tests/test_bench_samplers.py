@@ -208,25 +208,29 @@ def test_held_out_mixtures_score_on_noise_no_fit_saw(monkeypatch, capsys):
         return sample(net, x, *args, **kw)
 
     monkeypatch.setattr(bm, 'sample_loop', loop)
-    results, gap = bm.held_out(1, 32, (5,), 200, 10)
+    # fit and select on batches twice the scoring batch's size, checked on as many
+    results, gap = bm.held_out(1, 32, (5,), 200, 10, check=2, fit=2)
     assert len(seen) == 3 and gap < 1e-3
+    assert all(len(x) == len(x_val) == len(x_check) == 64 for x, x_val, x_check in seen)
+    assert all(len(x) == 32 for x in scored)
     fitted_on = [id(x) for batches in seen for x in batches]
     assert scored and not any(id(x) in fitted_on for x in scored)
     cells = [c for cells in results.values() for c in cells]
     assert all(c['fitted'] == c['untuned'] for c in cells if not c['used'])
-    bm.print_held_out(results, gap, 200, 32)
+    bm.print_held_out(results, gap, 200, 32, check=2, fit=2)
     out = capsys.readouterr().out
-    assert 'median  worst (mix)' in out and 'vp-cosine    5' in out
+    assert 'median  worst (mix)' in out and 'vp-cosine    5' in out and 'fitted on 64' in out
 
 
 def test_shared_matrix_keeps_the_iterate_that_wins_on_other_mixtures():
-    """bench_mixtures.fit_shared: fitted on some mixtures, the matrix it returns is the iterate
+    """bench_transfer.fit_shared: fitted on some mixtures, the matrix it returns is the iterate
     with the lowest worst error ratio on others (recomputed here); one that never goes below the
     untuned solver there (lr 0) gives back the untuned matrix itself."""
-    import bench_mixtures as bm
+    import bench_mixtures
+    import bench_transfer as bm
     from samplers import default_solver, solver_matrix
 
-    diffusion = Diffusion(*bm.OBJECTIVES['flow'])
+    diffusion = Diffusion(*bench_mixtures.OBJECTIVES['flow'])
     train = bm.problems('flow', 2, 5000, 9000, 0, 32, 200)
     select = bm.problems('flow', 2, 6000, 9500, 0, 32, 200)
     held = bm.problems('flow', 1, 0, 2000, 2, 32, 200)
@@ -249,6 +253,11 @@ def test_shared_matrix_keeps_the_iterate_that_wins_on_other_mixtures():
 def test_shared_and_warp_need_held_out_mixtures(monkeypatch):
     from conftest import one_line_exit
 
+    # the check batch goes through the fit's batches: a multiple of them
+    monkeypatch.setattr(bs, 'mixture_check', 3)
+    one_line_exit(bs.check_config, '--mixture_check=3', '--mixture_fit=4')
+    monkeypatch.setattr(bs, 'mixture_check', 4)
+
     for key in ('shared', 'warp'):
         monkeypatch.setattr(bs, key, True)
         monkeypatch.setattr(bs, 'mixtures', 0)
@@ -257,15 +266,16 @@ def test_shared_and_warp_need_held_out_mixtures(monkeypatch):
 
 
 def test_shared_table_writes_what_it_fitted(tmp_path, capsys):
-    """bench_mixtures.shared_table --shared_out: each objective's matrix and the grid it runs on,
+    """bench_transfer.shared_table --shared_out: each objective's matrix and the grid it runs on,
     read back equal to what it returned and printed a row for."""
     import json
 
     import bench_mixtures as bm
+    from bench_transfer import shared_table
     from samplers import solver_matrix
 
     out = tmp_path / 'shared.json'
-    table = bm.shared_table(1, 16, (5,), 100, 25, train=2, peers=False, out=str(out))
+    table = shared_table(1, 16, (5,), 100, 25, train=2, peers=False, out=str(out))
     saved = json.loads(out.read_text())
     assert saved and set(saved) <= {f"{name} 5" for name in bm.OBJECTIVES}
     for (name, n), matrix in table.items():
